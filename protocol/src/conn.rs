@@ -362,11 +362,9 @@ mod tests {
 
     /// Feeds `input` through a server WsConn in chunks, like an engine keeping an unfinished frame's bytes.
     /// Returns (messages, events other than messages, bytes written to out, error).
-    pub(crate) fn run(
-        input: &[u8],
-        chunk: usize,
-        limits: &Limits,
-    ) -> (Vec<(MessageKind, Vec<u8>)>, Vec<Event>, Vec<u8>, Option<ProtocolError>) {
+    type Run = (Vec<(MessageKind, Vec<u8>)>, Vec<Event>, Vec<u8>, Option<ProtocolError>);
+
+    pub(crate) fn run(input: &[u8], chunk: usize, limits: &Limits) -> Run {
         let mut c = WsConn::server();
         let mut pending: Vec<u8> = Vec::new();
         let mut msgs = Vec::new();
@@ -457,7 +455,10 @@ mod tests {
         buf.extend(masked(true, OpCode::Close, b"\x03\xe9"));
         let l = Limits::default();
         assert_eq!(c.handle_read(&mut buf, &l, &mut out).unwrap(), Step::Consumed(10));
-        assert_eq!(c.handle_read(&mut buf[10..], &l, &mut out).unwrap(), Step::Event(8, Event::Closed { code: Some(1001) }));
+        assert_eq!(
+            c.handle_read(&mut buf[10..], &l, &mut out).unwrap(),
+            Step::Event(8, Event::Closed { code: Some(1001) })
+        );
         assert!(out.is_empty());
         assert_eq!(c.state(), State::Closed);
     }
@@ -496,7 +497,8 @@ mod tests {
     #[test]
     fn invalid_utf8_fails_before_frame_ends() {
         // Autobahn 6.4.x: the frame announces 20 bytes, but the 5th already makes the text invalid.
-        let mut frame = masked(true, OpCode::Text, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited");
+        let mut frame =
+            masked(true, OpCode::Text, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80edited");
         frame.truncate(6 + 13);
         let mut c = WsConn::server();
         let mut out = Vec::new();

@@ -132,14 +132,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, ProtocolError> {
     } else {
         None
     };
-    Ok(Some(FrameHeader {
-        fin,
-        rsv,
-        opcode,
-        mask,
-        header_len: pos as u8,
-        payload_len,
-    }))
+    Ok(Some(FrameHeader { fin, rsv, opcode, mask, header_len: pos as u8, payload_len }))
 }
 
 #[cfg(test)]
@@ -228,9 +221,6 @@ mod tests {
         assert_eq!(parse_header(&[0x09, 0x00]), Err(ProtocolError::FragmentedControl));
         assert_eq!(parse_header(&[0x89, 126]), Err(ProtocolError::ControlTooLong));
         assert_eq!(parse_header(&[0x88, 127]), Err(ProtocolError::ControlTooLong));
-        assert_eq!(
-            parse_header(&[0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0]),
-            Err(ProtocolError::BadLength)
-        );
+        assert_eq!(parse_header(&[0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0]), Err(ProtocolError::BadLength));
     }
 }
