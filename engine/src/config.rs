@@ -1,0 +1,207 @@
+//! Configuration: embedded defaults, overridden by a TOML file (`--config`), then by `THRONG_*` environment
+//! variables and command-line flags (clap reads both; a flag beats its variable).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Which I/O driver the shards run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    Auto,
+    /// io_uring; start-up fails if it is unavailable.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags; every one can also come from `THRONG_<NAME>` or the TOML file.
+#[derive(Debug, Parser)]
+#[command(name = "throng", version, about = "Throng: a thread-per-core WebSocket connection engine")]
+pub struct Cli {
+    /// TOML configuration file; its keys are the long flag names with '_' for '-'
+    /// (e.g. `ping_interval = 25`). Flags and THRONG_* variables override it.
+    #[arg(long, env = "THRONG_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on. [default: 0.0.0.0:8080]
+    #[arg(long, env = "THRONG_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Number of shards (threads, one pinned per core). [default: number of cores]
+    #[arg(long, env = "THRONG_SHARDS")]
+    pub shards: Option<usize>,
+    /// I/O driver: auto (io_uring if available, else epoll), uring or epoll. [default: auto]
+    #[arg(long, env = "THRONG_DRIVER", value_enum)]
+    pub driver: Option<DriverChoice>,
+    /// Most connections held at once, over all shards; upgrades beyond it get 503.
+    /// [default: what the open-file limit allows]
+    #[arg(long, env = "THRONG_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds between server pings to an otherwise silent connection (jittered by up to 10%). [default: 25]
+    #[arg(long, env = "THRONG_PING_INTERVAL")]
+    pub ping_interval: Option<f64>,
+    /// Seconds without any inbound traffic (pongs count) after which a connection is closed. [default: 60]
+    #[arg(long, env = "THRONG_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<f64>,
+    /// Seconds a client has to complete its HTTP upgrade request. [default: 10]
+    #[arg(long, env = "THRONG_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<f64>,
+    /// Seconds a graceful shutdown (SIGTERM/SIGINT) waits for clients to answer the 1001 close. [default: 10]
+    #[arg(long, env = "THRONG_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<f64>,
+    /// Largest WebSocket message accepted, in bytes (summed over fragments); larger ones close with 1009.
+    /// [default: 65536]
+    #[arg(long, env = "THRONG_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Most bytes queued for one client before it is closed as a slow consumer (4008). [default: 1048576]
+    #[arg(long, env = "THRONG_MAX_BACKLOG_BYTES")]
+    pub max_backlog_bytes: Option<usize>,
+    /// Serve the `/echo` endpoint (echoes every message; for conformance tests and benchmarks).
+    /// [default: true]
+    #[arg(long, env = "THRONG_ECHO")]
+    pub echo: Option<bool>,
+    /// Log format: text or json. [default: text]
+    #[arg(long, env = "THRONG_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file's shape: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    shards: Option<usize>,
+    driver: Option<DriverChoice>,
+    max_connections: Option<usize>,
+    ping_interval: Option<f64>,
+    idle_timeout: Option<f64>,
+    handshake_timeout: Option<f64>,
+    drain_timeout: Option<f64>,
+    max_message_size: Option<usize>,
+    max_backlog_bytes: Option<usize>,
+    echo: Option<bool>,
+    log_format: Option<LogFormat>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Shard count.
+    pub shards: usize,
+    /// Requested driver.
+    pub driver: DriverChoice,
+    /// Connection limit over all shards; `None` means as many as the open-file limit allows.
+    pub max_connections: Option<usize>,
+    /// Server ping interval.
+    pub ping_interval: Duration,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Handshake timeout.
+    pub handshake_timeout: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Largest message in bytes.
+    pub max_message_size: usize,
+    /// Slow-consumer bound in bytes.
+    pub max_backlog_bytes: usize,
+    /// Whether `/echo` is served.
+    pub echo: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        bail!("{name} must be a positive number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Config {
+    /// Resolves flags, environment and the optional TOML file into a configuration.
+    pub fn load(cli: Cli) -> anyhow::Result<Self> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cfg = Self {
+            listen: cli.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
+            shards: cli.shards.or(file.shards).unwrap_or(cores),
+            driver: cli.driver.or(file.driver).unwrap_or(DriverChoice::Auto),
+            max_connections: cli.max_connections.or(file.max_connections),
+            ping_interval: secs("ping_interval", cli.ping_interval.or(file.ping_interval).unwrap_or(25.0))?,
+            idle_timeout: secs("idle_timeout", cli.idle_timeout.or(file.idle_timeout).unwrap_or(60.0))?,
+            handshake_timeout: secs(
+                "handshake_timeout",
+                cli.handshake_timeout.or(file.handshake_timeout).unwrap_or(10.0),
+            )?,
+            drain_timeout: secs("drain_timeout", cli.drain_timeout.or(file.drain_timeout).unwrap_or(10.0))?,
+            max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(64 * 1024),
+            max_backlog_bytes: cli.max_backlog_bytes.or(file.max_backlog_bytes).unwrap_or(1 << 20),
+            echo: cli.echo.or(file.echo).unwrap_or(true),
+            log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        };
+        if cfg.shards == 0 || cfg.shards > 1024 {
+            bail!("shards must be between 1 and 1024, got {}", cfg.shards);
+        }
+        if cfg.max_message_size == 0 || cfg.max_message_size > u32::MAX as usize {
+            bail!("max_message_size must be between 1 and {}", u32::MAX);
+        }
+        if cfg.max_backlog_bytes < 1024 {
+            bail!("max_backlog_bytes must be at least 1024");
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("throng-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        std::fs::write(&path, "ping_interval = 5\nshards = 3\ndriver = \"epoll\"\n").unwrap();
+        let cli = Cli::try_parse_from(["throng", "--config", path.to_str().unwrap(), "--shards", "2"]).unwrap();
+        let c = Config::load(cli).unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.ping_interval, Duration::from_secs(5));
+        assert_eq!(c.driver, DriverChoice::Epoll);
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        let cli = Cli::try_parse_from(["throng", "--config", path.to_str().unwrap()]).unwrap();
+        assert!(Config::load(cli).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let cli = Cli::try_parse_from(["throng", "--ping-interval=-1"]).unwrap();
+        assert!(Config::load(cli).is_err());
+        let cli = Cli::try_parse_from(["throng", "--shards", "0"]).unwrap();
+        assert!(Config::load(cli).is_err());
+    }
+}

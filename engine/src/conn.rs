@@ -1,0 +1,565 @@
+//! Connections: the per-connection state in the shard's slab, the task that waits for readability, the read
+//! path (pooled buffer, frames parsed and unmasked in place), the bounded write queue, and timers.
+//!
+//! Read path: a connection's task waits for readiness holding no buffer, then reads into the shard's
+//! scratch buffer and parses frames there. Only an unfinished frame's bytes are kept, in `Conn::pending`,
+//! and the next read appends to them directly. An idle connection therefore holds no read buffer.
+//!
+//! Write path: replies produced while handling one read are gathered in the shard's `out` buffer and written
+//! straight from it; only what the socket does not take is copied into the connection's queue of `Bytes`.
+//! The queue is bounded in bytes; past the bound the client is a slow consumer and is closed with 4008.
+//! A writer task exists only while the queue is non-empty and the socket is full.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, Bytes};
+use monoio::net::TcpStream;
+use throng_protocol::conn::{Event, MessageData, MessageKind, Step, WsConn};
+use throng_protocol::frame::{close, OpCode};
+use throng_protocol::handshake::{self, Request, Status};
+
+use crate::http;
+use crate::metrics::ShardMetrics;
+use crate::shard::{Ctx, Inner, Shard};
+use crate::sys::{self, Recv};
+use crate::timer::TimerKey;
+
+/// A connection's address: slab index plus generation, so a stale key (a timer or task outliving its
+/// connection, the slot reused by a newer one) is recognised instead of acting on the wrong client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    /// Slab index.
+    pub idx: u32,
+    /// Generation of the connection stored there.
+    pub gen: u32,
+}
+
+/// What a connection is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request.
+    Handshake,
+    /// Upgraded to the `/echo` endpoint.
+    Echo,
+    /// Sending a plain HTTP response, then closing.
+    HttpResponse,
+    /// We sent a close frame (or decided to close) and wait for the peer or the close timeout.
+    Closing,
+}
+
+/// Bits of [`Conn::flags`].
+mod flag {
+    /// A writer task is waiting for the socket to become writable.
+    pub const WRITER: u8 = 1;
+    /// Shut the socket down once the queue is flushed.
+    pub const CLOSE_AFTER_FLUSH: u8 = 2;
+    /// Accepted over `max_connections`: the request is answered with 503.
+    pub const OVER_CAPACITY: u8 = 4;
+}
+
+/// Per-connection state. Budget: [`Conn::SIZE_BUDGET`] bytes, checked at compile time.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket, shared with the connection's task (and its writer task while one runs).
+    pub stream: Rc<TcpStream>,
+    /// WebSocket protocol state (48 bytes).
+    pub ws: WsConn,
+    /// Bytes of an unfinished request or frame; empty (no allocation) between messages.
+    pub pending: Vec<u8>,
+    /// Frames the socket has not taken yet; empty (no allocation) unless the client reads slower than we write.
+    pub outq: VecDeque<Bytes>,
+    /// Bytes in `outq`, for the slow-consumer bound.
+    pub queued: u32,
+    /// The socket's fd, for the direct syscalls.
+    pub fd: RawFd,
+    /// Generation (see [`ConnKey`]).
+    pub gen: u32,
+    /// Tick of the last inbound read: ordinary traffic only stores this, it never touches the timer wheel.
+    pub last_rx: u32,
+    /// The connection's one timer: handshake deadline, next ping, or close deadline.
+    pub timer: Option<TimerKey>,
+    /// What the connection is doing.
+    pub phase: Phase,
+    /// See [`flag`].
+    pub flags: u8,
+}
+
+impl Conn {
+    /// Per-connection size budget in bytes.
+    pub const SIZE_BUDGET: usize = 192;
+}
+
+const _: () = assert!(std::mem::size_of::<Conn>() <= Conn::SIZE_BUDGET);
+
+/// How long a connection we are closing may take to answer before its socket is shut down.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Outcome of handling a readiness event.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    /// Keep waiting for readability.
+    Continue,
+    /// The socket is finished with (EOF, error or shut down): end the task.
+    End,
+}
+
+/// The task of one accepted connection: registers it, then loops on readability until the socket ends.
+pub async fn run(shard: Rc<Shard>, stream: TcpStream, _peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let stream = Rc::new(stream);
+    let open = shard.shared.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
+    ShardMetrics::inc(&shard.metrics.connections);
+    let key = {
+        let mut inner = shard.inner.borrow_mut();
+        let gen = inner.next_gen;
+        inner.next_gen = inner.next_gen.wrapping_add(1).max(1);
+        let over = open > shard.shared.config.max_connections.unwrap_or(usize::MAX);
+        let idx = inner.conns.insert(Conn {
+            stream: stream.clone(),
+            ws: WsConn::server(),
+            pending: Vec::new(),
+            outq: VecDeque::new(),
+            queued: 0,
+            fd,
+            gen,
+            last_rx: shard.now.get() as u32,
+            timer: None,
+            phase: Phase::Handshake,
+            flags: if over { flag::OVER_CAPACITY } else { 0 },
+        });
+        let key = ConnKey { idx: idx as u32, gen };
+        let deadline = shard.now.get() + Shard::ticks(shard.shared.config.handshake_timeout);
+        let t = inner.ctx.wheel.insert(deadline, key);
+        inner.conns[idx].timer = Some(t);
+        key
+    };
+    loop {
+        if stream.readable(false).await.is_err() {
+            break;
+        }
+        if on_readable(&shard, key) == Flow::End {
+            break;
+        }
+    }
+    remove(&shard, key);
+}
+
+fn remove(shard: &Shard, key: ConnKey) {
+    let mut inner = shard.inner.borrow_mut();
+    if inner.conns.get(key.idx as usize).is_some_and(|c| c.gen == key.gen) {
+        let c = inner.conns.remove(key.idx as usize);
+        if let Some(t) = c.timer {
+            inner.ctx.wheel.cancel(t);
+        }
+        shard.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        ShardMetrics::dec(&shard.metrics.connections);
+    }
+}
+
+fn get(conns: &mut slab::Slab<Conn>, key: ConnKey) -> Option<&mut Conn> {
+    conns.get_mut(key.idx as usize).filter(|c| c.gen == key.gen)
+}
+
+/// Reads everything available, handles it, writes the replies.
+fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
+    let mut guard = shard.inner.borrow_mut();
+    let Inner { conns, scratch, ctx, .. } = &mut *guard;
+    let Some(conn) = get(conns, key) else {
+        return Flow::End;
+    };
+    conn.last_rx = shard.now.get() as u32;
+    // Bounded so one busy connection cannot starve the others on this shard.
+    for _ in 0..16 {
+        let res = if conn.pending.is_empty() {
+            match sys::recv(conn.fd, scratch) {
+                Ok(Recv::Data(n)) => {
+                    ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
+                    let used = process(shard, key, conn, &mut scratch[..n], ctx);
+                    if let Some(used) = used {
+                        conn.pending.extend_from_slice(&scratch[used..n]);
+                    }
+                    used.map(|_| n)
+                }
+                Ok(Recv::WouldBlock) => break,
+                Ok(Recv::Eof) | Err(_) => None,
+            }
+        } else {
+            // Append to the unfinished frame's bytes (reading straight into them, not via scratch).
+            let old = conn.pending.len();
+            let want = (conn.pending.capacity() - old).max(scratch.len());
+            conn.pending.resize(old + want, 0);
+            match sys::recv(conn.fd, &mut conn.pending[old..]) {
+                Ok(Recv::Data(n)) => {
+                    ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
+                    conn.pending.truncate(old + n);
+                    let mut pending = std::mem::take(&mut conn.pending);
+                    let used = process(shard, key, conn, &mut pending, ctx);
+                    if let Some(used) = used {
+                        pending.drain(..used);
+                        // An idle connection keeps no buffer.
+                        if pending.is_empty() {
+                            pending = Vec::new();
+                        }
+                        conn.pending = pending;
+                    }
+                    used.map(|_| scratch.len().min(n))
+                }
+                Ok(Recv::WouldBlock) => {
+                    conn.pending.truncate(old);
+                    break;
+                }
+                Ok(Recv::Eof) | Err(_) => None,
+            }
+        };
+        if !ctx.out.is_empty() {
+            send(shard, key, conn, ctx);
+        } else if conn.outq.is_empty() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+            sys::shutdown(conn.fd);
+        }
+        match res {
+            None => return Flow::End,
+            // A short read means the socket is drained for now.
+            Some(n) if n < scratch.len() => break,
+            Some(_) => {}
+        }
+    }
+    Flow::Continue
+}
+
+/// Handles the bytes in `buf`. Returns how many were consumed (the rest is an unfinished request or frame
+/// to keep), or `None` when the connection must end now.
+fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx: &mut Ctx) -> Option<usize> {
+    let mut off = 0;
+    if conn.phase == Phase::Handshake {
+        match handshake::parse_request(buf, handshake::DEFAULT_MAX_HEADER_BYTES) {
+            Ok(None) => return Some(0),
+            Ok(Some(req)) => {
+                off = req.header_len;
+                let phase = on_request(shard, conn, &req, ctx);
+                conn.phase = phase;
+                if phase != Phase::Echo {
+                    return Some(buf.len());
+                }
+                ShardMetrics::inc(&shard.metrics.upgrades_total);
+            }
+            Err(e) => {
+                ShardMetrics::inc(&shard.metrics.http_rejected_total);
+                handshake::write_rejection(&mut ctx.out, e.status(), &e.to_string());
+                conn.phase = Phase::HttpResponse;
+                conn.flags |= flag::CLOSE_AFTER_FLUSH;
+                return Some(buf.len());
+            }
+        }
+    }
+    match conn.phase {
+        Phase::Echo | Phase::Closing => {}
+        // Anything after a plain HTTP request is ignored: the response is sent and the socket closed.
+        Phase::HttpResponse | Phase::Handshake => return Some(buf.len()),
+    }
+    while off < buf.len() {
+        match conn.ws.handle_read(&mut buf[off..], &shard.limits, &mut ctx.out) {
+            Ok(Step::NeedMore) => {
+                // Reserve room for the whole frame so the next reads land in one buffer without regrowth.
+                if let Ok(Some(h)) = throng_protocol::frame::parse_header(&buf[off..]) {
+                    let frame = h.frame_len() as usize;
+                    if frame > buf.len() - off && conn.pending.capacity() < frame {
+                        conn.pending.reserve_exact(frame);
+                    }
+                }
+                break;
+            }
+            Ok(Step::Consumed(n)) => off += n,
+            Ok(Step::Event(n, ev)) => {
+                let base = off;
+                off += n;
+                match ev {
+                    Event::Message { kind, data } => {
+                        ShardMetrics::inc(&shard.metrics.messages_in_total);
+                        let op = match kind {
+                            MessageKind::Text => OpCode::Text,
+                            MessageKind::Binary => OpCode::Binary,
+                        };
+                        match data {
+                            MessageData::InPlace(r) => {
+                                conn.ws.encode_frame(&mut ctx.out, true, op, &buf[base + r.start..base + r.end])
+                            }
+                            MessageData::Assembled(v) => conn.ws.encode_frame(&mut ctx.out, true, op, &v),
+                        }
+                        ShardMetrics::inc(&shard.metrics.frames_out_total);
+                        // Keep replies to a burst of input bounded before writing them.
+                        if ctx.out.len() >= 256 * 1024 {
+                            send(shard, key, conn, ctx);
+                        }
+                    }
+                    Event::Ping(_) | Event::Pong(_) => {}
+                    Event::Closed { .. } => {
+                        conn.flags |= flag::CLOSE_AFTER_FLUSH;
+                        conn.phase = Phase::Closing;
+                        return Some(buf.len());
+                    }
+                }
+            }
+            Err(e) => {
+                let m = &shard.metrics;
+                ShardMetrics::inc(match e.close_code() {
+                    close::INVALID_PAYLOAD => &m.invalid_utf8_total,
+                    close::TOO_BIG => &m.too_big_total,
+                    _ => &m.protocol_errors_total,
+                });
+                conn.flags |= flag::CLOSE_AFTER_FLUSH;
+                conn.phase = Phase::Closing;
+                return Some(buf.len());
+            }
+        }
+    }
+    Some(off)
+}
+
+/// Decides what to do with a complete HTTP request: upgrade, plain response, or rejection.
+fn on_request(shard: &Rc<Shard>, conn: &mut Conn, req: &Request<'_>, ctx: &mut Ctx) -> Phase {
+    let out = &mut ctx.out;
+    let reject = |out: &mut Vec<u8>, status: Status, reason: &str| {
+        ShardMetrics::inc(&shard.metrics.http_rejected_total);
+        handshake::write_rejection(out, status, reason);
+    };
+    if req.is_websocket_upgrade() || req.path == "/echo" || req.path == "/ws" {
+        if let Err(e) = req.validate_upgrade() {
+            reject(out, e.status(), e.reason());
+        } else if req.path != "/echo" || !shard.shared.config.echo {
+            reject(out, Status::NotFound, "no WebSocket endpoint at this path");
+        } else if shard.shared.draining.load(Ordering::Relaxed) {
+            reject(out, Status::ServiceUnavailable, "server is shutting down");
+        } else if conn.flags & flag::OVER_CAPACITY != 0 {
+            ShardMetrics::inc(&shard.metrics.over_capacity_total);
+            reject(out, Status::ServiceUnavailable, "server at max_connections");
+        } else {
+            let key = req.ws_key.unwrap_or_default();
+            handshake::write_switching_protocols(out, key.as_bytes(), None);
+            if let Some(t) = conn.timer {
+                let deadline = next_heartbeat(ctx, shard.now.get(), conn.last_rx, &shard.shared.config);
+                ctx.wheel.reset(t, deadline);
+            }
+            return Phase::Echo;
+        }
+    } else {
+        http::respond(shard, req, out);
+    }
+    conn.flags |= flag::CLOSE_AFTER_FLUSH;
+    Phase::HttpResponse
+}
+
+/// When a connection's next heartbeat is due: a ping at `ping_interval` (jittered down by up to 10% so
+/// that connections opened together do not ping together), or the idle deadline if that is sooner.
+fn next_heartbeat(ctx: &mut Ctx, now: u64, last_rx: u32, cfg: &crate::config::Config) -> u64 {
+    let ping = Shard::ticks(cfg.ping_interval);
+    let mut x = ctx.rng;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    ctx.rng = x;
+    let jitter = u64::from(x) % (ping / 10).max(1);
+    let idle_at = u64::from(last_rx) + Shard::ticks(cfg.idle_timeout);
+    (now + ping - jitter).min(idle_at).max(now + 1)
+}
+
+/// Writes `ctx.out` to the connection (directly when nothing is queued), queueing what the socket does not
+/// take, and clears it.
+fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
+    if conn.outq.is_empty() {
+        match sys::send_vectored(conn.fd, &[IoSlice::new(&ctx.out)]) {
+            Ok(n) => {
+                ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
+                if n < ctx.out.len() {
+                    let rest = Bytes::copy_from_slice(&ctx.out[n..]);
+                    enqueue(shard, key, conn, rest, ctx);
+                }
+            }
+            Err(_) => {
+                ShardMetrics::inc(&shard.metrics.io_errors_total);
+                sys::shutdown(conn.fd);
+            }
+        }
+    } else {
+        let all = Bytes::copy_from_slice(&ctx.out);
+        enqueue(shard, key, conn, all, ctx);
+    }
+    ctx.out.clear();
+    if conn.outq.is_empty() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+        sys::shutdown(conn.fd);
+    }
+}
+
+/// Queues a frame; closes the connection as a slow consumer when its backlog would pass the bound.
+fn enqueue(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, b: Bytes, ctx: &mut Ctx) {
+    if conn.phase == Phase::Echo && conn.queued as usize + b.len() > shard.shared.config.max_backlog_bytes {
+        slow_consumer(shard, conn, ctx);
+    } else {
+        conn.queued += b.len() as u32;
+        conn.outq.push_back(b);
+    }
+    if conn.flags & flag::WRITER == 0 && !conn.outq.is_empty() {
+        conn.flags |= flag::WRITER;
+        ShardMetrics::inc(&shard.metrics.write_waits_total);
+        monoio::spawn(writer(shard.clone(), key, conn.stream.clone()));
+    }
+}
+
+/// Closes a client that does not read fast enough: everything queued that has not started going out is
+/// dropped, a 4008 close frame is queued behind what has, and the socket is shut down once that is sent
+/// (or after [`CLOSE_GRACE`]).
+fn slow_consumer(shard: &Rc<Shard>, conn: &mut Conn, ctx: &mut Ctx) {
+    ShardMetrics::inc(&shard.metrics.slow_consumers_total);
+    // The front buffer may be partly written: keep it whole so the stream stays frame-aligned.
+    conn.outq.truncate(1);
+    conn.queued = conn.outq.front().map_or(0, |b| b.len() as u32);
+    let mut frame = Vec::with_capacity(64);
+    conn.ws.close(close::SLOW_CONSUMER, "slow consumer: backlog over max_backlog_bytes", &mut frame);
+    conn.queued += frame.len() as u32;
+    conn.outq.push_back(Bytes::from(frame));
+    conn.phase = Phase::Closing;
+    conn.flags |= flag::CLOSE_AFTER_FLUSH;
+    if let Some(t) = conn.timer {
+        ctx.wheel.reset(t, shard.now.get() + Shard::ticks(CLOSE_GRACE));
+    }
+}
+
+/// Writes as much of the queue as the socket takes, with one `sendmsg` per batch of up to 64 buffers.
+/// Returns true when the queue is empty.
+fn flush_queue(shard: &Shard, conn: &mut Conn) -> std::io::Result<bool> {
+    while !conn.outq.is_empty() {
+        let mut iov: [IoSlice<'_>; 64] = [IoSlice::new(&[]); 64];
+        let mut n_iov = 0;
+        for (slot, b) in iov.iter_mut().zip(conn.outq.iter()) {
+            *slot = IoSlice::new(b);
+            n_iov += 1;
+        }
+        let mut n = sys::send_vectored(conn.fd, &iov[..n_iov])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
+        conn.queued -= n as u32;
+        while n > 0 {
+            let Some(front) = conn.outq.front_mut() else { break };
+            if front.len() <= n {
+                n -= front.len();
+                conn.outq.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    conn.outq = VecDeque::new();
+    Ok(true)
+}
+
+/// Waits for writability and flushes, until the queue is empty or the connection is gone.
+async fn writer(shard: Rc<Shard>, key: ConnKey, stream: Rc<TcpStream>) {
+    loop {
+        let ready = stream.writable(false).await;
+        let mut inner = shard.inner.borrow_mut();
+        let Some(conn) = get(&mut inner.conns, key) else { return };
+        let flushed = match ready {
+            Ok(()) => flush_queue(&shard, conn),
+            Err(e) => Err(e),
+        };
+        match flushed {
+            Ok(false) => continue,
+            Ok(true) => {
+                conn.flags &= !flag::WRITER;
+                if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+                    sys::shutdown(conn.fd);
+                }
+                return;
+            }
+            Err(_) => {
+                conn.flags &= !flag::WRITER;
+                sys::shutdown(conn.fd);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends a close frame from the shard's side (idle timeout, drain) and arms the close deadline.
+fn close_from_server(shard: &Rc<Shard>, inner: &mut Inner, key: ConnKey, code: u16, reason: &str) {
+    let Inner { conns, ctx, .. } = inner;
+    let Some(conn) = get(conns, key) else { return };
+    match conn.phase {
+        Phase::Echo => {
+            conn.ws.close(code, reason, &mut ctx.out);
+            conn.phase = Phase::Closing;
+            let deadline = shard.now.get() + Shard::ticks(CLOSE_GRACE);
+            match conn.timer {
+                Some(t) => {
+                    ctx.wheel.reset(t, deadline);
+                }
+                None => conn.timer = Some(ctx.wheel.insert(deadline, key)),
+            }
+            send(shard, key, conn, ctx);
+        }
+        Phase::Handshake | Phase::HttpResponse => sys::shutdown(conn.fd),
+        Phase::Closing => {}
+    }
+}
+
+/// Runs every timer due at `now`: handshake timeouts, pings, idle timeouts and close deadlines.
+pub fn fire_timers(shard: &Rc<Shard>, now: u64) {
+    let mut guard = shard.inner.borrow_mut();
+    let inner = &mut *guard;
+    while let Some((t, key)) = inner.ctx.wheel.poll(now) {
+        let Some(conn) = get(&mut inner.conns, key) else { continue };
+        if conn.timer != Some(t) {
+            continue;
+        }
+        conn.timer = None;
+        match conn.phase {
+            Phase::Handshake => {
+                ShardMetrics::inc(&shard.metrics.handshake_timeouts_total);
+                sys::shutdown(conn.fd);
+            }
+            Phase::HttpResponse | Phase::Closing => sys::shutdown(conn.fd),
+            Phase::Echo => {
+                let idle = Shard::ticks(shard.shared.config.idle_timeout);
+                if now.saturating_sub(u64::from(conn.last_rx)) >= idle {
+                    ShardMetrics::inc(&shard.metrics.idle_timeouts_total);
+                    close_from_server(shard, inner, key, close::NORMAL, "idle timeout");
+                } else {
+                    ShardMetrics::inc(&shard.metrics.pings_sent_total);
+                    let Inner { conns, ctx, .. } = &mut *inner;
+                    let conn = &mut conns[key.idx as usize];
+                    conn.ws.encode_frame(&mut ctx.out, true, OpCode::Ping, b"");
+                    send(shard, key, conn, ctx);
+                    let deadline = next_heartbeat(ctx, now, conn.last_rx, &shard.shared.config);
+                    conn.timer = Some(ctx.wheel.insert(deadline, key));
+                }
+            }
+        }
+    }
+}
+
+/// Begins a graceful drain on this shard: stops accepting; every upgraded connection gets a 1001 close,
+/// the others are shut down.
+pub fn start_drain(shard: &Rc<Shard>) {
+    sys::shutdown(shard.listener_fd.get());
+    let mut guard = shard.inner.borrow_mut();
+    let inner = &mut *guard;
+    let keys: Vec<ConnKey> = inner.conns.iter().map(|(i, c)| ConnKey { idx: i as u32, gen: c.gen }).collect();
+    for key in keys {
+        close_from_server(shard, inner, key, close::GOING_AWAY, "server shutting down");
+    }
+}
+
+/// Shuts every remaining socket down (the drain timeout passed).
+pub fn abort_all(shard: &Shard) {
+    for (_, c) in shard.inner.borrow().conns.iter() {
+        sys::shutdown(c.fd);
+    }
+}

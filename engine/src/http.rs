@@ -1,0 +1,83 @@
+//! Plain HTTP requests on the WebSocket port: `/health`, `/metrics` (Prometheus text) and `/stats` (JSON).
+//! Each response is followed by closing the connection.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+use throng_protocol::handshake::{self, Request, Status};
+
+use crate::metrics::{self, ShardMetrics};
+use crate::shard::Shard;
+use crate::sys;
+
+/// Writes the response to a non-upgrade request into `out`.
+pub fn respond(shard: &Shard, req: &Request<'_>, out: &mut Vec<u8>) {
+    ShardMetrics::inc(&shard.metrics.http_requests_total);
+    if req.method != "GET" && req.method != "HEAD" {
+        ShardMetrics::inc(&shard.metrics.http_rejected_total);
+        handshake::write_rejection(out, Status::MethodNotAllowed, "only GET is served here");
+        return;
+    }
+    let head = req.method == "HEAD";
+    let (ctype, body) = match req.path {
+        "/health" => {
+            if shard.shared.draining.load(Relaxed) {
+                ShardMetrics::inc(&shard.metrics.http_rejected_total);
+                handshake::write_rejection(out, Status::ServiceUnavailable, "draining");
+                return;
+            }
+            ("text/plain", "ok".to_string())
+        }
+        "/metrics" => {
+            let rss = sys::rss_bytes().unwrap_or(0);
+            let uptime = shard.shared.started.elapsed().as_secs();
+            let extra = [
+                ("rss_bytes", "Resident set size of the process.", rss),
+                ("uptime_seconds", "Seconds since start.", uptime),
+            ];
+            ("text/plain; version=0.0.4", metrics::prometheus(&shard.shared.metrics, &extra))
+        }
+        "/stats" => ("application/json", stats(shard)),
+        _ => {
+            ShardMetrics::inc(&shard.metrics.http_rejected_total);
+            handshake::write_rejection(out, Status::NotFound, "unknown path");
+            return;
+        }
+    };
+    let body = if head { &[][..] } else { body.as_bytes() };
+    handshake::write_response(out, Status::Ok, ctype, &[("Cache-Control", "no-store")], body, false);
+}
+
+/// `/stats`: connections, memory and per-shard counters as one JSON object.
+fn stats(shard: &Shard) -> String {
+    let s = &shard.shared;
+    let mut o = String::with_capacity(1024);
+    let _ = write!(
+        o,
+        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"per_shard\":[",
+        env!("CARGO_PKG_VERSION"),
+        s.driver_name,
+        s.metrics.len(),
+        s.started.elapsed().as_secs(),
+        s.open_connections.load(Relaxed),
+        sys::rss_bytes().unwrap_or(0),
+        s.draining.load(Relaxed),
+    );
+    for (i, m) in s.metrics.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        o.push('{');
+        let mut first = true;
+        m.each(|name, _, _, v| {
+            if !first {
+                o.push(',');
+            }
+            first = false;
+            let _ = write!(o, "\"{name}\":{v}");
+        });
+        o.push('}');
+    }
+    o.push_str("]}");
+    o
+}
