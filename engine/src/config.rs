@@ -42,7 +42,7 @@ pub struct Cli {
     /// Address and port to listen on. [default: 0.0.0.0:8080]
     #[arg(long, env = "THRONG_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Number of shards (threads, one pinned per core). [default: number of cores]
+    /// Number of shards (threads, one pinned per core), 1 to 64. [default: number of cores]
     #[arg(long, env = "THRONG_SHARDS")]
     pub shards: Option<usize>,
     /// I/O driver: auto (io_uring if available, else epoll), uring or epoll. [default: auto]
@@ -75,6 +75,11 @@ pub struct Cli {
     /// [default: true]
     #[arg(long, env = "THRONG_ECHO")]
     pub echo: Option<bool>,
+    /// Capacity, in messages, of each shard's inbound ring from the other shards. When a ring is full the
+    /// sender keeps messages in an overflow queue of the same size; past that, deliveries for that shard
+    /// are dropped and its subscribers get a `gap` marker (see docs). [default: 65536]
+    #[arg(long, env = "THRONG_RING_CAPACITY")]
+    pub ring_capacity: Option<usize>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "THRONG_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -95,7 +100,94 @@ struct FileConfig {
     max_message_size: Option<usize>,
     max_backlog_bytes: Option<usize>,
     echo: Option<bool>,
+    ring_capacity: Option<usize>,
     log_format: Option<LogFormat>,
+    /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
+    #[serde(default)]
+    namespace: std::collections::BTreeMap<String, NamespaceFile>,
+}
+
+/// One `[namespace.NAME]` table of the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceFile {
+    history_size: Option<usize>,
+    history_ttl: Option<f64>,
+    presence: Option<bool>,
+    client_publish: Option<bool>,
+    slow_consumer: Option<SlowConsumerPolicy>,
+}
+
+/// What happens to a subscriber whose unsent backlog passes `max_backlog_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 4008.
+    Close,
+    /// Drop the oldest unsent messages of the channel and send a `gap` marker so the client recovers.
+    DropOldest,
+}
+
+/// Settings of one channel namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Namespace {
+    /// Namespace name (`""` for channels without one).
+    pub name: String,
+    /// Messages kept per channel for recovery and `history`.
+    pub history_size: usize,
+    /// How long a message stays in history.
+    pub history_ttl: Duration,
+    /// Whether presence is tracked.
+    pub presence: bool,
+    /// Whether clients may publish (the backend always may).
+    pub client_publish: bool,
+    /// Slow-consumer policy.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+impl Namespace {
+    fn defaults(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            presence: true,
+            client_publish: true,
+            slow_consumer: SlowConsumerPolicy::Close,
+        }
+    }
+}
+
+/// The namespaces channels may use. With none configured every namespace is open with the defaults
+/// (history 100 messages / 300 s, presence on, client publish on, close slow consumers); once any is
+/// configured only those exist, plus `user` (personal channels) and the default namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Namespaces {
+    /// Configured namespaces, by name (`""` is the default namespace).
+    pub list: Vec<Namespace>,
+    /// True when no namespace was configured: unknown names get the defaults.
+    pub open: bool,
+}
+
+impl Namespaces {
+    /// The index of a namespace's settings, or `None` when it does not exist.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.list.iter().position(|n| n.name == name)
+    }
+
+    /// Settings for `name`, or `None` when the namespace does not exist.
+    pub fn get(&self, name: &str) -> Option<&Namespace> {
+        self.find(name).map(|i| &self.list[i])
+    }
+
+    /// Settings for `name`, falling back to the defaults when namespaces are open.
+    pub fn resolve(&self, name: &str) -> Option<Namespace> {
+        match self.get(name) {
+            Some(n) => Some(n.clone()),
+            None if self.open || name == "user" => Some(Namespace::defaults(name)),
+            None => None,
+        }
+    }
 }
 
 /// The resolved configuration.
@@ -123,8 +215,12 @@ pub struct Config {
     pub max_backlog_bytes: usize,
     /// Whether `/echo` is served.
     pub echo: bool,
+    /// Inter-shard ring capacity in messages.
+    pub ring_capacity: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// Channel namespaces.
+    pub namespaces: Namespaces,
 }
 
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -160,19 +256,54 @@ impl Config {
             max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(64 * 1024),
             max_backlog_bytes: cli.max_backlog_bytes.or(file.max_backlog_bytes).unwrap_or(1 << 20),
             echo: cli.echo.or(file.echo).unwrap_or(true),
+            ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(65536),
             log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            namespaces: namespaces(&file.namespace)?,
         };
-        if cfg.shards == 0 || cfg.shards > 1024 {
-            bail!("shards must be between 1 and 1024, got {}", cfg.shards);
+        if cfg.shards == 0 || cfg.shards > 64 {
+            bail!("shards must be between 1 and 64, got {}", cfg.shards);
         }
         if cfg.max_message_size == 0 || cfg.max_message_size > u32::MAX as usize {
             bail!("max_message_size must be between 1 and {}", u32::MAX);
+        }
+        if cfg.ring_capacity < 2 {
+            bail!("ring_capacity must be at least 2");
         }
         if cfg.max_backlog_bytes < 1024 {
             bail!("max_backlog_bytes must be at least 1024");
         }
         Ok(cfg)
     }
+}
+
+fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyhow::Result<Namespaces> {
+    let mut list = Vec::new();
+    for (name, f) in file {
+        let key = if name == "default" { "" } else { name.as_str() };
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@=/-".contains(&b)) {
+            bail!("namespace {name:?}: names use [A-Za-z0-9_.@=/-]");
+        }
+        let d = Namespace::defaults(key);
+        let ttl = match f.history_ttl {
+            Some(v) => secs(&format!("namespace.{name}.history_ttl"), v)?,
+            None => d.history_ttl,
+        };
+        list.push(Namespace {
+            name: key.to_string(),
+            history_size: f.history_size.unwrap_or(d.history_size),
+            history_ttl: ttl,
+            presence: f.presence.unwrap_or(d.presence),
+            client_publish: f.client_publish.unwrap_or(d.client_publish),
+            slow_consumer: f.slow_consumer.unwrap_or(d.slow_consumer),
+        });
+    }
+    let open = list.is_empty();
+    for implicit in ["", "user"] {
+        if !list.iter().any(|n| n.name == implicit) {
+            list.push(Namespace::defaults(implicit));
+        }
+    }
+    Ok(Namespaces { list, open })
 }
 
 #[cfg(test)]
@@ -192,6 +323,18 @@ mod tests {
         assert_eq!(c.driver, DriverChoice::Epoll);
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        std::fs::write(
+            &path,
+            "[namespace.chat]\nhistory_size = 5\nslow_consumer = \"drop_oldest\"\n[namespace.default]\npresence = false\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["throng", "--config", path.to_str().unwrap()]).unwrap();
+        let c = Config::load(cli).unwrap();
+        let chat = c.namespaces.resolve("chat").unwrap();
+        assert_eq!((chat.history_size, chat.slow_consumer), (5, SlowConsumerPolicy::DropOldest));
+        assert!(!c.namespaces.resolve("").unwrap().presence);
+        assert!(c.namespaces.resolve("user").is_some());
+        assert!(c.namespaces.resolve("other").is_none(), "configured namespaces are closed");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
         let cli = Cli::try_parse_from(["throng", "--config", path.to_str().unwrap()]).unwrap();
         assert!(Config::load(cli).is_err());

@@ -17,12 +17,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use monoio::net::TcpStream;
 use throng_protocol::conn::{Event, MessageData, MessageKind, Step, WsConn};
 use throng_protocol::frame::{close, OpCode};
 use throng_protocol::handshake::{self, Request, Status};
 
+use crate::flush::{self, Flushed};
 use crate::http;
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Inner, Shard};
@@ -46,6 +47,8 @@ pub enum Phase {
     Handshake,
     /// Upgraded to the `/echo` endpoint.
     Echo,
+    /// Upgraded to `/ws`: wire protocol v1.
+    V1,
     /// Sending a plain HTTP response, then closing.
     HttpResponse,
     /// We sent a close frame (or decided to close) and wait for the peer or the close timeout.
@@ -60,6 +63,25 @@ mod flag {
     pub const CLOSE_AFTER_FLUSH: u8 = 2;
     /// Accepted over `max_connections`: the request is answered with 503.
     pub const OVER_CAPACITY: u8 = 4;
+}
+
+/// One of a connection's subscriptions: the local channel, and the subscriber's slot in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnSub {
+    /// Index of the channel in the shard's `channels`.
+    pub chan: u32,
+    /// Slot in the channel's subscribers, or [`ConnSub::PENDING`] while the home has not confirmed it.
+    pub slot: u32,
+}
+
+impl ConnSub {
+    /// Slot value of a subscription waiting for its home shard.
+    pub const PENDING: u32 = u32::MAX;
+
+    /// True once the subscription is confirmed and receiving.
+    pub fn is_active(&self) -> bool {
+        self.slot != Self::PENDING
+    }
 }
 
 /// Per-connection state. Budget: [`Conn::SIZE_BUDGET`] bytes, checked at compile time.
@@ -87,11 +109,24 @@ pub struct Conn {
     pub phase: Phase,
     /// See [`flag`].
     pub flags: u8,
+    /// Refused commands, net of accepted ones: abuse past a bound closes with 1008.
+    pub strikes: u8,
+    /// The last flush pass that wrote this connection (one write per connection per pass).
+    pub flush_mark: u32,
+    /// Channels subscribed to (`/ws` only); empty, unallocated, otherwise.
+    pub subs: Vec<ConnSub>,
+    /// The user (`sub`) this connection belongs to; empty for `/echo`.
+    pub user: Box<str>,
 }
 
 impl Conn {
     /// Per-connection size budget in bytes.
-    pub const SIZE_BUDGET: usize = 192;
+    pub const SIZE_BUDGET: usize = 232;
+
+    /// True while a writer task waits for the socket to drain: nothing else writes to it meanwhile.
+    pub fn writer_active(&self) -> bool {
+        self.flags & flag::WRITER != 0
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<Conn>() <= Conn::SIZE_BUDGET);
@@ -132,6 +167,10 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, _peer: SocketAddr) {
             timer: None,
             phase: Phase::Handshake,
             flags: if over { flag::OVER_CAPACITY } else { 0 },
+            strikes: 0,
+            flush_mark: 0,
+            subs: Vec::new(),
+            user: Box::from(""),
         });
         let key = ConnKey { idx: idx as u32, gen };
         let deadline = shard.now.get() + Shard::ticks(shard.shared.config.handshake_timeout);
@@ -151,14 +190,23 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, _peer: SocketAddr) {
 }
 
 fn remove(shard: &Shard, key: ConnKey) {
-    let mut inner = shard.inner.borrow_mut();
+    let mut guard = shard.inner.borrow_mut();
+    let inner = &mut *guard;
     if inner.conns.get(key.idx as usize).is_some_and(|c| c.gen == key.gen) {
-        let c = inner.conns.remove(key.idx as usize);
+        let mut c = inner.conns.remove(key.idx as usize);
+        leave_all(shard, &mut c, &mut inner.ctx);
         if let Some(t) = c.timer {
             inner.ctx.wheel.cancel(t);
         }
         shard.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::dec(&shard.metrics.connections);
+    }
+}
+
+/// Drops every subscription of a connection (it is closing or gone): no channel data follows.
+pub fn leave_all(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx) {
+    for sub in std::mem::take(&mut conn.subs) {
+        crate::v1::leave(shard, ctx, &conn.user, sub);
     }
 }
 
@@ -241,9 +289,9 @@ fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx
             Ok(None) => return Some(0),
             Ok(Some(req)) => {
                 off = req.header_len;
-                let phase = on_request(shard, conn, &req, ctx);
+                let phase = on_request(shard, key, conn, &req, ctx);
                 conn.phase = phase;
-                if phase != Phase::Echo {
+                if phase != Phase::Echo && phase != Phase::V1 {
                     return Some(buf.len());
                 }
                 ShardMetrics::inc(&shard.metrics.upgrades_total);
@@ -258,7 +306,7 @@ fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx
         }
     }
     match conn.phase {
-        Phase::Echo | Phase::Closing => {}
+        Phase::Echo | Phase::V1 | Phase::Closing => {}
         // Anything after a plain HTTP request is ignored: the response is sent and the socket closed.
         Phase::HttpResponse | Phase::Handshake => return Some(buf.len()),
     }
@@ -279,6 +327,31 @@ fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx
                 let base = off;
                 off += n;
                 match ev {
+                    Event::Message { kind, data } if conn.phase == Phase::V1 => {
+                        ShardMetrics::inc(&shard.metrics.messages_in_total);
+                        let payload = match &data {
+                            MessageData::InPlace(r) => &buf[base + r.start..base + r.end],
+                            MessageData::Assembled(v) => &v[..],
+                        };
+                        if kind == MessageKind::Text {
+                            crate::v1::on_command(shard, key, conn, payload, ctx);
+                        } else {
+                            crate::v1::text_frame(&mut ctx.out, |o| {
+                                throng_protocol::message::encode_error(
+                                    o,
+                                    None,
+                                    "bad_request",
+                                    "binary messages are not part of protocol v1; send JSON text",
+                                )
+                            });
+                        }
+                        if conn.phase == Phase::Closing {
+                            return Some(buf.len());
+                        }
+                        if ctx.out.len() >= 256 * 1024 {
+                            send(shard, key, conn, ctx);
+                        }
+                    }
                     Event::Message { kind, data } => {
                         ShardMetrics::inc(&shard.metrics.messages_in_total);
                         let op = match kind {
@@ -322,7 +395,7 @@ fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx
 }
 
 /// Decides what to do with a complete HTTP request: upgrade, plain response, or rejection.
-fn on_request(shard: &Rc<Shard>, conn: &mut Conn, req: &Request<'_>, ctx: &mut Ctx) -> Phase {
+fn on_request(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, req: &Request<'_>, ctx: &mut Ctx) -> Phase {
     let out = &mut ctx.out;
     let reject = |out: &mut Vec<u8>, status: Status, reason: &str| {
         ShardMetrics::inc(&shard.metrics.http_rejected_total);
@@ -331,20 +404,35 @@ fn on_request(shard: &Rc<Shard>, conn: &mut Conn, req: &Request<'_>, ctx: &mut C
     if req.is_websocket_upgrade() || req.path == "/echo" || req.path == "/ws" {
         if let Err(e) = req.validate_upgrade() {
             reject(out, e.status(), e.reason());
-        } else if req.path != "/echo" || !shard.shared.config.echo {
+        } else if req.path != "/ws" && (req.path != "/echo" || !shard.shared.config.echo) {
             reject(out, Status::NotFound, "no WebSocket endpoint at this path");
         } else if shard.shared.draining.load(Ordering::Relaxed) {
             reject(out, Status::ServiceUnavailable, "server is shutting down");
         } else if conn.flags & flag::OVER_CAPACITY != 0 {
             ShardMetrics::inc(&shard.metrics.over_capacity_total);
             reject(out, Status::ServiceUnavailable, "server at max_connections");
+        } else if req.path == "/ws" {
+            let user = match req.query_param("user") {
+                None => Box::from("anonymous"),
+                Some(u) if valid_user(&u) => Box::from(&*u),
+                Some(_) => {
+                    reject(out, Status::BadRequest, "user must be 1-128 characters of [A-Za-z0-9_.@=/-]");
+                    conn.flags |= flag::CLOSE_AFTER_FLUSH;
+                    return Phase::HttpResponse;
+                }
+            };
+            let protocol = req.offers_subprotocol("throng.v1").then_some("throng.v1");
+            handshake::write_switching_protocols(out, req.ws_key.unwrap_or_default().as_bytes(), protocol);
+            let client = format!("{:x}-{:x}-{:x}", shard.id, conn.gen, key.idx);
+            let ping = shard.shared.config.ping_interval.as_secs() as u32;
+            crate::v1::text_frame(out, |o| throng_protocol::message::encode_welcome(o, &client, &user, ping));
+            conn.user = user;
+            arm_heartbeat(shard, conn, ctx);
+            return Phase::V1;
         } else {
             let key = req.ws_key.unwrap_or_default();
             handshake::write_switching_protocols(out, key.as_bytes(), None);
-            if let Some(t) = conn.timer {
-                let deadline = next_heartbeat(ctx, shard.now.get(), conn.last_rx, &shard.shared.config);
-                ctx.wheel.reset(t, deadline);
-            }
+            arm_heartbeat(shard, conn, ctx);
             return Phase::Echo;
         }
     } else {
@@ -352,6 +440,19 @@ fn on_request(shard: &Rc<Shard>, conn: &mut Conn, req: &Request<'_>, ctx: &mut C
     }
     conn.flags |= flag::CLOSE_AFTER_FLUSH;
     Phase::HttpResponse
+}
+
+/// Dev-mode user names (from `?user=`): the channel-name charset, so `user:<name>` is a valid channel.
+fn valid_user(u: &str) -> bool {
+    (1..=128).contains(&u.len()) && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@=/-".contains(&b))
+}
+
+/// Replaces the handshake deadline with the first heartbeat.
+fn arm_heartbeat(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(t) = conn.timer {
+        let deadline = next_heartbeat(ctx, shard.now.get(), conn.last_rx, &shard.shared.config);
+        ctx.wheel.reset(t, deadline);
+    }
 }
 
 /// When a connection's next heartbeat is due: a ping at `ping_interval` (jittered down by up to 10% so
@@ -368,10 +469,13 @@ fn next_heartbeat(ctx: &mut Ctx, now: u64, last_rx: u32, cfg: &crate::config::Co
     (now + ping - jitter).min(idle_at).max(now + 1)
 }
 
-/// Writes `ctx.out` to the connection (directly when nothing is queued), queueing what the socket does not
-/// take, and clears it.
-fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
-    if conn.outq.is_empty() {
+/// Writes `ctx.out` to the connection and clears it. Written directly when nothing is queued ahead of it;
+/// what the socket does not take is queued and a writer task waits for writability.
+pub fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
+    if ctx.out.is_empty() {
+        return;
+    }
+    if conn.outq.is_empty() && !conn.writer_active() {
         match sys::send_vectored(conn.fd, &[IoSlice::new(&ctx.out)]) {
             Ok(n) => {
                 ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
@@ -390,31 +494,39 @@ fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
         enqueue(shard, key, conn, all, ctx);
     }
     ctx.out.clear();
-    if conn.outq.is_empty() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+    if conn.outq.is_empty() && !conn.writer_active() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
         sys::shutdown(conn.fd);
     }
 }
 
-/// Queues a frame; closes the connection as a slow consumer when its backlog would pass the bound.
+/// Queues bytes behind what is already queued; closes the connection as a slow consumer when its backlog
+/// would pass the bound.
 fn enqueue(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, b: Bytes, ctx: &mut Ctx) {
-    if conn.phase == Phase::Echo && conn.queued as usize + b.len() > shard.shared.config.max_backlog_bytes {
-        slow_consumer(shard, conn, ctx);
-    } else {
-        conn.queued += b.len() as u32;
-        conn.outq.push_back(b);
+    let open = matches!(conn.phase, Phase::Echo | Phase::V1);
+    if open && conn.queued as usize + b.len() > shard.shared.config.max_backlog_bytes {
+        slow_consumer(shard, key, conn, ctx);
+        return;
     }
-    if conn.flags & flag::WRITER == 0 && !conn.outq.is_empty() {
+    conn.queued += b.len() as u32;
+    conn.outq.push_back(b);
+    start_writer(shard, key, conn);
+}
+
+/// Makes sure a writer task waits for the socket to become writable and then flushes the connection.
+pub fn start_writer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn) {
+    if !conn.writer_active() {
         conn.flags |= flag::WRITER;
         ShardMetrics::inc(&shard.metrics.write_waits_total);
         monoio::spawn(writer(shard.clone(), key, conn.stream.clone()));
     }
 }
 
-/// Closes a client that does not read fast enough: everything queued that has not started going out is
-/// dropped, a 4008 close frame is queued behind what has, and the socket is shut down once that is sent
-/// (or after [`CLOSE_GRACE`]).
-fn slow_consumer(shard: &Rc<Shard>, conn: &mut Conn, ctx: &mut Ctx) {
+/// Closes a client that does not read fast enough (4008): its subscriptions end, everything queued that
+/// has not started going out is dropped, a close frame is queued behind what has, and the socket is shut
+/// down once that is sent (or after [`CLOSE_GRACE`]).
+pub fn slow_consumer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
     ShardMetrics::inc(&shard.metrics.slow_consumers_total);
+    leave_all(shard, conn, ctx);
     // The front buffer may be partly written: keep it whole so the stream stays frame-aligned.
     conn.outq.truncate(1);
     conn.queued = conn.outq.front().map_or(0, |b| b.len() as u32);
@@ -427,59 +539,40 @@ fn slow_consumer(shard: &Rc<Shard>, conn: &mut Conn, ctx: &mut Ctx) {
     if let Some(t) = conn.timer {
         ctx.wheel.reset(t, shard.now.get() + Shard::ticks(CLOSE_GRACE));
     }
+    start_writer(shard, key, conn);
 }
 
-/// Writes as much of the queue as the socket takes, with one `sendmsg` per batch of up to 64 buffers.
-/// Returns true when the queue is empty.
-fn flush_queue(shard: &Shard, conn: &mut Conn) -> std::io::Result<bool> {
-    while !conn.outq.is_empty() {
-        let mut iov: [IoSlice<'_>; 64] = [IoSlice::new(&[]); 64];
-        let mut n_iov = 0;
-        for (slot, b) in iov.iter_mut().zip(conn.outq.iter()) {
-            *slot = IoSlice::new(b);
-            n_iov += 1;
-        }
-        let mut n = sys::send_vectored(conn.fd, &iov[..n_iov])?;
-        if n == 0 {
-            return Ok(false);
-        }
-        ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
-        conn.queued -= n as u32;
-        while n > 0 {
-            let Some(front) = conn.outq.front_mut() else { break };
-            if front.len() <= n {
-                n -= front.len();
-                conn.outq.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
-    }
-    conn.outq = VecDeque::new();
-    Ok(true)
+/// Closes a connection from inside its own read path (e.g. abuse, 1008): subscriptions end, the close
+/// frame goes to `ctx.out`, and the socket is shut down once that is written.
+pub fn close_now(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx, code: u16, reason: &str) {
+    leave_all(shard, conn, ctx);
+    conn.ws.close(code, reason, &mut ctx.out);
+    conn.phase = Phase::Closing;
+    conn.flags |= flag::CLOSE_AFTER_FLUSH;
 }
 
-/// Waits for writability and flushes, until the queue is empty or the connection is gone.
+/// Waits for writability and flushes (queue and channel frames), until everything is written or the
+/// connection is gone.
 async fn writer(shard: Rc<Shard>, key: ConnKey, stream: Rc<TcpStream>) {
     loop {
         let ready = stream.writable(false).await;
-        let mut inner = shard.inner.borrow_mut();
-        let Some(conn) = get(&mut inner.conns, key) else { return };
+        let mut guard = shard.inner.borrow_mut();
+        let Inner { conns, ctx, .. } = &mut *guard;
+        let Some(conn) = get(conns, key) else { return };
         let flushed = match ready {
-            Ok(()) => flush_queue(&shard, conn),
-            Err(e) => Err(e),
+            Ok(()) => flush::flush_conn(conn, &mut ctx.channels, &shard.metrics),
+            Err(_) => Flushed::Failed,
         };
         match flushed {
-            Ok(false) => continue,
-            Ok(true) => {
+            Flushed::Blocked => continue,
+            Flushed::Done => {
                 conn.flags &= !flag::WRITER;
                 if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
                     sys::shutdown(conn.fd);
                 }
                 return;
             }
-            Err(_) => {
+            Flushed::Failed => {
                 conn.flags &= !flag::WRITER;
                 sys::shutdown(conn.fd);
                 return;
@@ -493,7 +586,8 @@ fn close_from_server(shard: &Rc<Shard>, inner: &mut Inner, key: ConnKey, code: u
     let Inner { conns, ctx, .. } = inner;
     let Some(conn) = get(conns, key) else { return };
     match conn.phase {
-        Phase::Echo => {
+        Phase::Echo | Phase::V1 => {
+            leave_all(shard, conn, ctx);
             conn.ws.close(code, reason, &mut ctx.out);
             conn.phase = Phase::Closing;
             let deadline = shard.now.get() + Shard::ticks(CLOSE_GRACE);
@@ -526,7 +620,7 @@ pub fn fire_timers(shard: &Rc<Shard>, now: u64) {
                 sys::shutdown(conn.fd);
             }
             Phase::HttpResponse | Phase::Closing => sys::shutdown(conn.fd),
-            Phase::Echo => {
+            Phase::Echo | Phase::V1 => {
                 let idle = Shard::ticks(shard.shared.config.idle_timeout);
                 if now.saturating_sub(u64::from(conn.last_rx)) >= idle {
                     ShardMetrics::inc(&shard.metrics.idle_timeouts_total);

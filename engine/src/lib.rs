@@ -14,13 +14,17 @@
 //! Start-up raises the open-file soft limit to the hard limit; SIGTERM or SIGINT drains: the shards stop
 //! accepting, close every WebSocket with 1001, and the process exits 0 within `drain_timeout`.
 
+pub mod bus;
+pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod flush;
 pub mod http;
 pub mod metrics;
 pub mod shard;
 pub mod sys;
 pub mod timer;
+pub mod v1;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -67,6 +71,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),
         driver_name: driver.name(),
+        inboxes: (0..shards).map(|_| bus::Inbox::new(config.ring_capacity)).collect::<Vec<_>>().into(),
+        boot_id: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         config: config.clone(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();

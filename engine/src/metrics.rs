@@ -63,6 +63,22 @@ counters! {
     over_capacity_total: "counter",
     /// Socket errors other than resets.
     io_errors_total: "counter",
+    /// v1 commands received.
+    commands_total: "counter",
+    /// v1 commands refused as malformed or invalid.
+    bad_commands_total: "counter",
+    /// Connections closed with 1008 after repeated invalid commands.
+    abuse_closes_total: "counter",
+    /// Commands refused by permissions.
+    forbidden_total: "counter",
+    /// Commands refused because another shard's ring was full.
+    overloaded_total: "counter",
+    /// Messages published on channels whose home is this shard.
+    publishes_total: "counter",
+    /// Subscriptions started on this shard.
+    subscriptions_total: "counter",
+    /// Gap markers sent (drop-oldest slow consumers, or deliveries dropped on a full ring).
+    gaps_total: "counter",
 }
 
 impl ShardMetrics {

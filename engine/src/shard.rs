@@ -15,6 +15,12 @@ use monoio::net::{ListenerOpts, TcpListener};
 use slab::Slab;
 use throng_protocol::conn::Limits;
 
+use std::collections::HashMap;
+
+use throng_protocol::message::{Decoder, Limits as DecodeLimits};
+
+use crate::bus::{Inbox, Outbox};
+use crate::channel::{HomeChannel, LocalChannel};
 use crate::config::{Config, DriverChoice};
 use crate::conn::{self, Conn, ConnKey};
 use crate::metrics::ShardMetrics;
@@ -42,6 +48,10 @@ pub struct Shared {
     pub started: Instant,
     /// The driver the shards actually run on ("io_uring" or "epoll").
     pub driver_name: &'static str,
+    /// Every shard's inbound ring.
+    pub inboxes: Arc<[Inbox]>,
+    /// Unix time of start in seconds, part of every channel epoch (so epochs change across restarts).
+    pub boot_id: u64,
 }
 
 /// Which driver to build, after resolving `auto`.
@@ -97,6 +107,24 @@ pub struct Ctx {
     pub wheel: TimerWheel<ConnKey>,
     /// Xorshift state for ping jitter.
     pub rng: u32,
+    /// The JSON command decoder, its buffers reused for every command on this shard.
+    pub decoder: Decoder,
+    /// Channels with local subscribers, and their delivery logs.
+    pub channels: Slab<LocalChannel>,
+    /// Channel name -> index in `channels`.
+    pub channel_index: HashMap<Arc<str>, usize>,
+    /// Channels whose home is this shard.
+    pub homes: HashMap<Arc<str>, HomeChannel>,
+    /// Channels with frames appended since the last flush pass.
+    pub dirty: Vec<usize>,
+    /// Scratch list of subscribers for the flush pass (reused, not reallocated).
+    pub subs_scratch: Vec<(ConnKey, usize)>,
+    /// Messages to other shards, with the full-ring policy.
+    pub outbox: Outbox,
+    /// Flush pass counter: a connection flushed in this pass is not flushed again in it.
+    pub pass: u32,
+    /// Counter for channel epochs.
+    pub epochs: u64,
 }
 
 /// One shard.
@@ -114,6 +142,8 @@ pub struct Shard {
     pub limits: Limits,
     /// The listener's fd, so that draining can shut it down and end the accept loop.
     pub listener_fd: Cell<i32>,
+    /// Wakes the flush task when frames were appended to a channel log.
+    pub flush_wake: crate::flush::Notify,
     /// Owned state.
     pub inner: RefCell<Inner>,
 }
@@ -179,6 +209,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
         limits: Limits { max_frame: max_message, max_message },
         now: Cell::new(0),
         listener_fd: Cell::new(listener.as_raw_fd()),
+        flush_wake: crate::flush::Notify::default(),
         inner: RefCell::new(Inner {
             conns: Slab::with_capacity(1024),
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
@@ -186,12 +217,26 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 out: Vec::with_capacity(SCRATCH_BYTES),
                 wheel: TimerWheel::new(0),
                 rng: 0x2545_F491 ^ (id as u32).wrapping_mul(0x9E37_79B9),
+                decoder: Decoder::with_limits(DecodeLimits {
+                    max_data_bytes: max_message,
+                    ..DecodeLimits::default()
+                }),
+                channels: Slab::new(),
+                channel_index: HashMap::new(),
+                homes: HashMap::new(),
+                dirty: Vec::new(),
+                subs_scratch: Vec::new(),
+                outbox: Outbox::new(shared.inboxes.clone(), shared.config.ring_capacity),
+                pass: 0,
+                epochs: 0,
             },
             next_gen: 1,
         }),
         shared,
     });
     monoio::spawn(accept_loop(shard.clone(), listener));
+    monoio::spawn(crate::flush::flush_task(shard.clone()));
+    monoio::spawn(crate::v1::inbox_task(shard.clone()));
     tick_loop(shard).await;
 }
 
@@ -232,6 +277,7 @@ async fn tick_loop(shard: Rc<Shard>) {
         let now = (start.elapsed().as_millis() / TICK.as_millis()) as u64;
         shard.now.set(now);
         conn::fire_timers(&shard, now);
+        crate::v1::housekeeping(&shard, now);
         if shard.shared.draining.load(Ordering::Relaxed) {
             let deadline = *drain_deadline.get_or_insert_with(|| {
                 conn::start_drain(&shard);
