@@ -141,10 +141,9 @@ impl HomeChannel {
         }
         // Every offset in seen+1..=self.offset must still be in history.
         match self.history.front() {
-            Some(first) if first.offset <= seen + 1 => Recovery {
-                recovered: true,
-                missed: self.history.iter().filter(|e| e.offset > seen).cloned().collect(),
-            },
+            Some(first) if first.offset <= seen + 1 => {
+                Recovery { recovered: true, missed: self.history.iter().filter(|e| e.offset > seen).cloned().collect() }
+            }
             _ => Recovery { recovered: false, missed: Vec::new() },
         }
     }

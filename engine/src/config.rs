@@ -243,7 +243,7 @@ impl Config {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let cfg = Self {
             listen: cli.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
-            shards: cli.shards.or(file.shards).unwrap_or(cores),
+            shards: cli.shards.or(file.shards).unwrap_or(cores.min(64)),
             driver: cli.driver.or(file.driver).unwrap_or(DriverChoice::Auto),
             max_connections: cli.max_connections.or(file.max_connections),
             ping_interval: secs("ping_interval", cli.ping_interval.or(file.ping_interval).unwrap_or(25.0))?,

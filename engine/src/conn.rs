@@ -63,6 +63,10 @@ mod flag {
     pub const CLOSE_AFTER_FLUSH: u8 = 2;
     /// Accepted over `max_connections`: the request is answered with 503.
     pub const OVER_CAPACITY: u8 = 4;
+    /// Our side is shut down for writing; reading goes on (discarding) until the peer's EOF.
+    pub const WR_SHUT: u8 = 8;
+    /// The peer's close frame arrived: it sends nothing more, so the socket can be closed outright.
+    pub const PEER_CLOSED: u8 = 16;
 }
 
 /// One of a connection's subscriptions: the local channel, and the subscriber's slot in it.
@@ -268,7 +272,7 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
         if !ctx.out.is_empty() {
             send(shard, key, conn, ctx);
         } else if conn.outq.is_empty() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
-            sys::shutdown(conn.fd);
+            finish_close(shard, key, conn, ctx);
         }
         match res {
             None => return Flow::End,
@@ -372,7 +376,7 @@ fn process(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, buf: &mut [u8], ctx
                     }
                     Event::Ping(_) | Event::Pong(_) => {}
                     Event::Closed { .. } => {
-                        conn.flags |= flag::CLOSE_AFTER_FLUSH;
+                        conn.flags |= flag::CLOSE_AFTER_FLUSH | flag::PEER_CLOSED;
                         conn.phase = Phase::Closing;
                         return Some(buf.len());
                     }
@@ -455,8 +459,9 @@ fn arm_heartbeat(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx) {
     }
 }
 
-/// When a connection's next heartbeat is due: a ping at `ping_interval` (jittered down by up to 10% so
-/// that connections opened together do not ping together), or the idle deadline if that is sooner.
+/// When a connection's next heartbeat check is due: when it will have been silent for `ping_interval`
+/// (jittered down by up to 10%, so connections opened together do not ping together), or its idle
+/// deadline if sooner. Traffic never moves the timer; the check looks at `last_rx` when it fires.
 fn next_heartbeat(ctx: &mut Ctx, now: u64, last_rx: u32, cfg: &crate::config::Config) -> u64 {
     let ping = Shard::ticks(cfg.ping_interval);
     let mut x = ctx.rng;
@@ -465,8 +470,9 @@ fn next_heartbeat(ctx: &mut Ctx, now: u64, last_rx: u32, cfg: &crate::config::Co
     x ^= x << 5;
     ctx.rng = x;
     let jitter = u64::from(x) % (ping / 10).max(1);
-    let idle_at = u64::from(last_rx) + Shard::ticks(cfg.idle_timeout);
-    (now + ping - jitter).min(idle_at).max(now + 1)
+    let last = u64::from(last_rx);
+    let ping_at = if now.saturating_sub(last) >= ping - jitter { now + ping - jitter } else { last + ping - jitter };
+    ping_at.min(last + Shard::ticks(cfg.idle_timeout)).max(now + 1)
 }
 
 /// Writes `ctx.out` to the connection and clears it. Written directly when nothing is queued ahead of it;
@@ -495,7 +501,7 @@ pub fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
     }
     ctx.out.clear();
     if conn.outq.is_empty() && !conn.writer_active() && conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
-        sys::shutdown(conn.fd);
+        finish_close(shard, key, conn, ctx);
     }
 }
 
@@ -518,6 +524,30 @@ pub fn start_writer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn) {
         conn.flags |= flag::WRITER;
         ShardMetrics::inc(&shard.metrics.write_waits_total);
         monoio::spawn(writer(shard.clone(), key, conn.stream.clone()));
+    }
+}
+
+/// Everything up to and including the close frame (or HTTP response) is with the kernel: half-close.
+///
+/// Shutting the read side down too while the peer is still sending would make the kernel answer its data
+/// with a reset, which throws away our unsent bytes — the very close frame. So only the write side is shut;
+/// the connection's task keeps reading and discarding until the peer's EOF, or until [`CLOSE_GRACE`] runs
+/// out and the timer shuts the socket down completely.
+fn finish_close(shard: &Shard, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
+    if conn.flags & flag::PEER_CLOSED != 0 {
+        // Close handshake complete: nothing more will arrive, nothing can be lost.
+        sys::shutdown(conn.fd);
+        return;
+    }
+    if conn.flags & flag::WR_SHUT != 0 {
+        return;
+    }
+    conn.flags |= flag::WR_SHUT;
+    sys::shutdown_write(conn.fd);
+    let deadline = shard.now.get() + Shard::ticks(CLOSE_GRACE);
+    match conn.timer {
+        Some(t) if ctx.wheel.reset(t, deadline) => {}
+        _ => conn.timer = Some(ctx.wheel.insert(deadline, key)),
     }
 }
 
@@ -568,7 +598,7 @@ async fn writer(shard: Rc<Shard>, key: ConnKey, stream: Rc<TcpStream>) {
             Flushed::Done => {
                 conn.flags &= !flag::WRITER;
                 if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
-                    sys::shutdown(conn.fd);
+                    finish_close(&shard, key, conn, ctx);
                 }
                 return;
             }
@@ -626,11 +656,15 @@ pub fn fire_timers(shard: &Rc<Shard>, now: u64) {
                     ShardMetrics::inc(&shard.metrics.idle_timeouts_total);
                     close_from_server(shard, inner, key, close::NORMAL, "idle timeout");
                 } else {
-                    ShardMetrics::inc(&shard.metrics.pings_sent_total);
                     let Inner { conns, ctx, .. } = &mut *inner;
                     let conn = &mut conns[key.idx as usize];
-                    conn.ws.encode_frame(&mut ctx.out, true, OpCode::Ping, b"");
-                    send(shard, key, conn, ctx);
+                    // Only a connection silent for (about) a ping interval is pinged.
+                    let ping = Shard::ticks(shard.shared.config.ping_interval);
+                    if now.saturating_sub(u64::from(conn.last_rx)) >= ping - ping / 10 {
+                        ShardMetrics::inc(&shard.metrics.pings_sent_total);
+                        conn.ws.encode_frame(&mut ctx.out, true, OpCode::Ping, b"");
+                        send(shard, key, conn, ctx);
+                    }
                     let deadline = next_heartbeat(ctx, now, conn.last_rx, &shard.shared.config);
                     conn.timer = Some(ctx.wheel.insert(deadline, key));
                 }

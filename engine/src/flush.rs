@@ -173,7 +173,14 @@ pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &
 
 /// Applies the namespace's slow-consumer policy to a subscriber whose unsent bytes passed the bound.
 /// Returns false when the connection was closed.
-fn check_lag(shard: &Rc<Shard>, inner_conn: &mut Conn, key: ConnKey, ch_idx: usize, slot: usize, ctx: &mut crate::shard::Ctx) -> bool {
+fn check_lag(
+    shard: &Rc<Shard>,
+    inner_conn: &mut Conn,
+    key: ConnKey,
+    ch_idx: usize,
+    slot: usize,
+    ctx: &mut crate::shard::Ctx,
+) -> bool {
     let bound = shard.shared.config.max_backlog_bytes as u64;
     let ch = &ctx.channels[ch_idx];
     let cursor = ch.subs[slot].cursor;

@@ -217,10 +217,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 out: Vec::with_capacity(SCRATCH_BYTES),
                 wheel: TimerWheel::new(0),
                 rng: 0x2545_F491 ^ (id as u32).wrapping_mul(0x9E37_79B9),
-                decoder: Decoder::with_limits(DecodeLimits {
-                    max_data_bytes: max_message,
-                    ..DecodeLimits::default()
-                }),
+                decoder: Decoder::with_limits(DecodeLimits { max_data_bytes: max_message, ..DecodeLimits::default() }),
                 channels: Slab::new(),
                 channel_index: HashMap::new(),
                 homes: HashMap::new(),

@@ -77,6 +77,14 @@ pub fn shutdown(fd: RawFd) {
     }
 }
 
+/// Shuts the sending direction down (FIN after what is queued); reading goes on.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown takes no pointers; on a bad fd it merely fails, and the result is not needed.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
 /// Raises the soft open-file limit to the hard limit. Returns (soft, hard) after the change.
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -149,7 +149,14 @@ fn home_presence(shard: &Shard, ctx: &mut Ctx, channel: &str, id: Option<u64>) -
     frame_bytes(|o| message::encode_presence(o, id, channel, home.connections, users))
 }
 
-fn home_history(shard: &Shard, ctx: &mut Ctx, channel: &str, id: Option<u64>, since: Option<(u64, &str)>, limit: u32) -> Bytes {
+fn home_history(
+    shard: &Shard,
+    ctx: &mut Ctx,
+    channel: &str,
+    id: Option<u64>,
+    since: Option<(u64, &str)>,
+    limit: u32,
+) -> Bytes {
     let now = shard.now.get();
     let home = home_entry(shard, ctx, channel);
     home.trim(now);
@@ -293,7 +300,14 @@ enum Access {
 }
 
 /// Namespace and permission checks; on refusal writes the error reply and returns `None`.
-fn check_channel(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx, id: Option<u64>, channel: &str, access: Access) -> Option<Namespace> {
+fn check_channel(
+    shard: &Shard,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    id: Option<u64>,
+    channel: &str,
+    access: Access,
+) -> Option<Namespace> {
     let Some(ns) = namespace_of(shard, channel) else {
         strike(shard, conn, ctx, id, "unknown_namespace", "no such namespace is configured");
         return None;
@@ -410,7 +424,15 @@ fn unsubscribe(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx, id: Option<u64>, c
     text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
 }
 
-fn publish(shard: &Shard, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx, id: Option<u64>, channel: Box<str>, data: &[u8]) {
+fn publish(
+    shard: &Shard,
+    key: ConnKey,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    id: Option<u64>,
+    channel: Box<str>,
+    data: &[u8],
+) {
     if check_channel(shard, conn, ctx, id, &channel, Access::Publish).is_none() {
         return;
     }
@@ -438,7 +460,15 @@ fn reply_to_conn(shard: &Rc<Shard>, inner: &mut Inner, conn_key: ConnKey, frame:
 
 /// A subscription confirmed by the home: position the subscriber, send `subscribed` and the missed
 /// messages. If the connection left in the meantime, undo it at the home.
-fn on_subscribed(shard: &Rc<Shard>, inner: &mut Inner, channel: &Arc<str>, reply: ReplyTo, offset: u64, frame: &Bytes, missed: &[Bytes]) {
+fn on_subscribed(
+    shard: &Rc<Shard>,
+    inner: &mut Inner,
+    channel: &Arc<str>,
+    reply: ReplyTo,
+    offset: u64,
+    frame: &Bytes,
+    missed: &[Bytes],
+) {
     let Inner { conns, ctx, .. } = inner;
     let Some(&idx) = ctx.channel_index.get(channel) else { return };
     ctx.channels[idx].pending = ctx.channels[idx].pending.saturating_sub(1);
@@ -588,7 +618,7 @@ pub fn housekeeping(shard: &Shard, now: u64) {
     let mut guard = shard.inner.borrow_mut();
     let ctx = &mut guard.ctx;
     ctx.outbox.drain();
-    if now % Shard::ticks(Duration::from_secs(2)) == 0 {
+    if now.is_multiple_of(Shard::ticks(Duration::from_secs(2))) {
         ctx.homes.retain(|_, h| {
             h.trim(now);
             !h.is_idle()
