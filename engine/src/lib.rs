@@ -55,7 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 max_connections = n,
                 open_file_limit = soft,
                 "max_connections exceeds what the open-file limit can hold (~{capacity}): past that, accepts \
-                 fail; raise the hard limit (`LimitNOFILE` in tuning/throng.service, currently {hard})"
+                 fail; raise the hard limit (currently {hard}; `LimitNOFILE=` in a systemd unit, or limits.conf)"
             );
             n
         }
@@ -96,6 +96,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         "throng listening on {} with {shards} shard(s) on {}; open-file limit {soft}",
         config.listen,
         driver.name(),
+    );
+
+    tracing::warn!(
+        "OPEN DEVELOPMENT MODE: no JWT key is configured, so any client may connect to /ws as any user \
+         (?user=NAME). Do not expose this server to untrusted clients."
     );
 
     let signal = loop {
