@@ -616,12 +616,14 @@ pub async fn inbox_task(shard: Rc<Shard>) {
 /// Once per tick: retry overflowed ring messages; every few seconds, age history and forget idle channels.
 pub fn housekeeping(shard: &Shard, now: u64) {
     let mut guard = shard.inner.borrow_mut();
-    let ctx = &mut guard.ctx;
-    ctx.outbox.drain();
+    let Ctx { outbox, homes, channel_index, .. } = &mut guard.ctx;
+    outbox.drain();
     if now.is_multiple_of(Shard::ticks(Duration::from_secs(2))) {
-        ctx.homes.retain(|_, h| {
+        // A channel is forgotten (its next incarnation gets a new epoch) only when nothing refers to it:
+        // no subscribers on any shard, this one included, and no history left.
+        homes.retain(|name, h| {
             h.trim(now);
-            !h.is_idle()
+            !h.is_idle() || channel_index.contains_key(name)
         });
     }
 }
