@@ -88,6 +88,8 @@ pub enum ShardMsg {
         frame: Bytes,
         /// Missed messages to replay after it.
         missed: Vec<Bytes>,
+        /// The user counted in presence (echoed from the request), to take back if the subscriber left.
+        user: Option<Box<str>>,
     },
     /// A shard -> the home: a connection left the channel (unsubscribe or disconnect).
     Unsubscribe {

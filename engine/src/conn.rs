@@ -74,17 +74,20 @@ mod flag {
 pub struct ConnSub {
     /// Index of the channel in the shard's `channels`.
     pub chan: u32,
-    /// Slot in the channel's subscribers, or [`ConnSub::PENDING`] while the home has not confirmed it.
+    /// Slot in the channel's subscribers; [`ConnSub::PENDING`] while the home has not confirmed it;
+    /// [`ConnSub::CANCELLED`] when unsubscribed before that.
     pub slot: u32,
 }
 
 impl ConnSub {
     /// Slot value of a subscription waiting for its home shard.
     pub const PENDING: u32 = u32::MAX;
+    /// Slot value of a pending subscription the client unsubscribed from before its confirmation.
+    pub const CANCELLED: u32 = u32::MAX - 1;
 
     /// True once the subscription is confirmed and receiving.
     pub fn is_active(&self) -> bool {
-        self.slot != Self::PENDING
+        self.slot < Self::CANCELLED
     }
 }
 

@@ -171,8 +171,8 @@ pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &
     }
 }
 
-/// Applies the namespace's slow-consumer policy to a subscriber whose unsent bytes passed the bound.
-/// Returns false when the connection was closed.
+/// Applies the namespace's slow-consumer policy to a subscriber whose socket is full, if its unsent bytes
+/// (queue plus channel backlog) passed the bound.
 fn check_lag(
     shard: &Rc<Shard>,
     inner_conn: &mut Conn,
@@ -180,18 +180,15 @@ fn check_lag(
     ch_idx: usize,
     slot: usize,
     ctx: &mut crate::shard::Ctx,
-) -> bool {
+) {
     let bound = shard.shared.config.max_backlog_bytes as u64;
     let ch = &ctx.channels[ch_idx];
     let cursor = ch.subs[slot].cursor;
     if ch.lag(cursor) + u64::from(inner_conn.queued) <= bound {
-        return true;
+        return;
     }
     match ch.policy {
-        SlowConsumerPolicy::Close => {
-            conn::slow_consumer(shard, key, inner_conn, ctx);
-            false
-        }
+        SlowConsumerPolicy::Close => conn::slow_consumer(shard, key, inner_conn, ctx),
         SlowConsumerPolicy::DropOldest => {
             let (new_cursor, skipped) = ch.skip_to_fit(cursor, bound / 2);
             if let Some((from, to)) = skipped {
@@ -203,7 +200,6 @@ fn check_lag(
                 inner_conn.queued += frame.len() as u32;
                 inner_conn.outq.push_back(bytes::Bytes::from(frame));
             }
-            true
         }
     }
 }
@@ -227,18 +223,21 @@ pub fn flush_pass(shard: &Rc<Shard>) -> usize {
             if !ctx.channels.get(ch_idx).is_some_and(|c| c.subs.contains(slot)) {
                 continue;
             }
-            if !check_lag(shard, conn, key, ch_idx, slot, ctx) {
-                continue;
+            // Write first; only what the socket would not take counts against the slow-consumer bound.
+            if conn.flush_mark != pass && !conn.writer_active() {
+                conn.flush_mark = pass;
+                written += 1;
+                match flush_conn(conn, &mut ctx.channels, &shard.metrics) {
+                    Flushed::Done => continue,
+                    Flushed::Blocked => conn::start_writer(shard, key, conn),
+                    Flushed::Failed => {
+                        sys::shutdown(conn.fd);
+                        continue;
+                    }
+                }
             }
-            if conn.flush_mark == pass || conn.writer_active() {
-                continue;
-            }
-            conn.flush_mark = pass;
-            written += 1;
-            match flush_conn(conn, &mut ctx.channels, &shard.metrics) {
-                Flushed::Done => {}
-                Flushed::Blocked => conn::start_writer(shard, key, conn),
-                Flushed::Failed => sys::shutdown(conn.fd),
+            if conn.writer_active() {
+                check_lag(shard, conn, key, ch_idx, slot, ctx);
             }
         }
         ctx.subs_scratch = subs;

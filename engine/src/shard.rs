@@ -125,6 +125,9 @@ pub struct Ctx {
     pub pass: u32,
     /// Counter for channel epochs.
     pub epochs: u64,
+    /// `unsubscribe` ids of subscriptions cancelled before their home confirmed them, answered (after the
+    /// `subscribed`) when the confirmation arrives. Rarely non-empty.
+    pub cancelled: Vec<(ConnKey, usize, Option<u64>)>,
 }
 
 /// One shard.
@@ -226,6 +229,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 outbox: Outbox::new(shared.inboxes.clone(), shared.config.ring_capacity),
                 pass: 0,
                 epochs: 0,
+                cancelled: Vec::new(),
             },
             next_gen: 1,
         }),

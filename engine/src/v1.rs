@@ -248,7 +248,7 @@ pub fn on_command(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, payload: &[u
             "this server runs without JWT auth (no key configured), so there is no token to refresh",
         ),
         Owned::Subscribe(id, channel, since) => subscribe(shard, key, conn, ctx, id, &channel, since),
-        Owned::Unsubscribe(id, channel) => unsubscribe(shard, conn, ctx, id, &channel),
+        Owned::Unsubscribe(id, channel) => unsubscribe(shard, key, conn, ctx, id, &channel),
         Owned::Publish(id, channel, data) => publish(shard, key, conn, ctx, id, channel, &payload[data]),
         Owned::Presence(id, channel) => {
             let Some(ns) = check_channel(shard, conn, ctx, id, &channel, Access::Read) else { return };
@@ -410,15 +410,21 @@ pub fn leave(shard: &Shard, ctx: &mut Ctx, user: &str, sub: ConnSub) {
     }
 }
 
-fn unsubscribe(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx, id: Option<u64>, channel: &str) {
+fn unsubscribe(shard: &Shard, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx, id: Option<u64>, channel: &str) {
     let Some(&idx) = ctx.channel_index.get(channel) else {
         error_reply(&mut ctx.out, id, "not_subscribed", "not subscribed to this channel");
         return;
     };
-    let Some(pos) = conn.subs.iter().position(|s| s.chan as usize == idx) else {
+    let Some(pos) = conn.subs.iter().position(|s| s.chan as usize == idx && s.slot != ConnSub::CANCELLED) else {
         error_reply(&mut ctx.out, id, "not_subscribed", "not subscribed to this channel");
         return;
     };
+    if conn.subs[pos].slot == ConnSub::PENDING {
+        // Its `subscribed` is still on the way: answer both, in order, when it arrives.
+        conn.subs[pos].slot = ConnSub::CANCELLED;
+        ctx.cancelled.push((key, idx, id));
+        return;
+    }
     let sub = conn.subs.swap_remove(pos);
     leave(shard, ctx, &conn.user, sub);
     text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
@@ -459,52 +465,60 @@ fn reply_to_conn(shard: &Rc<Shard>, inner: &mut Inner, conn_key: ConnKey, frame:
 }
 
 /// A subscription confirmed by the home: position the subscriber, send `subscribed` and the missed
-/// messages. If the connection left in the meantime, undo it at the home.
+/// messages. If the connection left or unsubscribed in the meantime, undo it at the home (after answering
+/// both commands, in order, when the connection is still there).
 fn on_subscribed(
     shard: &Rc<Shard>,
     inner: &mut Inner,
     channel: &Arc<str>,
     reply: ReplyTo,
     offset: u64,
-    frame: &Bytes,
-    missed: &[Bytes],
+    (frame, missed): (&Bytes, &[Bytes]),
+    user: Option<Box<str>>,
 ) {
     let Inner { conns, ctx, .. } = inner;
     let Some(&idx) = ctx.channel_index.get(channel) else { return };
     ctx.channels[idx].pending = ctx.channels[idx].pending.saturating_sub(1);
-    let conn = conns.get_mut(reply.conn.idx as usize).filter(|c| c.gen == reply.conn.gen);
-    let pos = conn.as_ref().and_then(|c| c.subs.iter().position(|s| s.chan as usize == idx && !s.is_active()));
-    match (conn, pos) {
-        (Some(conn), Some(pos)) if conn.phase == conn::Phase::V1 => {
-            let slot = ctx.channels[idx].subscribe(reply.conn, offset);
-            conn.subs[pos].slot = slot as u32;
-            ctx.out.extend_from_slice(frame);
-            for f in missed {
-                ctx.out.extend_from_slice(f);
-            }
-            ShardMetrics::inc(&shard.metrics.subscriptions_total);
-            conn::send(shard, reply.conn, conn, ctx);
-        }
-        (conn, _) => {
-            // Gone or unsubscribed before the confirmation: take back what the home counted.
-            let user = conn.map(|c| c.user.clone()).unwrap_or_default();
-            let ch = &ctx.channels[idx];
-            let last = ch.subs.is_empty() && ch.pending == 0;
-            if last {
-                ctx.channel_index.remove(channel);
-                ctx.channels.remove(idx);
-            }
-            let presence = namespace_of(shard, channel).is_some_and(|n| n.presence);
-            let home = home_of(channel, shard.shared.metrics.len());
-            let msg = ShardMsg::Unsubscribe {
-                channel: channel.as_ref().into(),
-                shard: shard.id as u16,
-                user: presence.then_some(user),
-                last,
-            };
-            let _ = ctx.outbox.send(home, msg);
-        }
+    let conn = conns.get_mut(reply.conn.idx as usize).filter(|c| c.gen == reply.conn.gen && c.phase == conn::Phase::V1);
+    let Some(conn) = conn else {
+        ctx.cancelled.retain(|&(k, c, _)| !(k == reply.conn && c == idx));
+        undo_subscription(shard, ctx, idx, channel, user);
+        return;
+    };
+    let Some(pos) = conn.subs.iter().position(|s| s.chan as usize == idx && !s.is_active()) else {
+        undo_subscription(shard, ctx, idx, channel, user);
+        return;
+    };
+    ctx.out.extend_from_slice(frame);
+    if conn.subs[pos].slot == ConnSub::CANCELLED {
+        conn.subs.swap_remove(pos);
+        let at = ctx.cancelled.iter().position(|&(k, c, _)| k == reply.conn && c == idx);
+        let id = at.and_then(|i| ctx.cancelled.swap_remove(i).2);
+        text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
+        conn::send(shard, reply.conn, conn, ctx);
+        undo_subscription(shard, ctx, idx, channel, user);
+        return;
     }
+    let slot = ctx.channels[idx].subscribe(reply.conn, offset);
+    conn.subs[pos].slot = slot as u32;
+    for f in missed {
+        ctx.out.extend_from_slice(f);
+    }
+    ShardMetrics::inc(&shard.metrics.subscriptions_total);
+    conn::send(shard, reply.conn, conn, ctx);
+}
+
+/// Takes back at the home what it counted for a subscription that ended before it was confirmed.
+fn undo_subscription(shard: &Shard, ctx: &mut Ctx, idx: usize, channel: &Arc<str>, user: Option<Box<str>>) {
+    let ch = &ctx.channels[idx];
+    let last = ch.subs.is_empty() && ch.pending == 0;
+    if last {
+        ctx.channel_index.remove(channel);
+        ctx.channels.remove(idx);
+    }
+    let home = home_of(channel, shard.shared.metrics.len());
+    let msg = ShardMsg::Unsubscribe { channel: channel.as_ref().into(), shard: shard.id as u16, user, last };
+    let _ = ctx.outbox.send(home, msg);
 }
 
 /// Handles one message from another shard.
@@ -546,11 +560,11 @@ fn handle(shard: &Rc<Shard>, inner: &mut Inner, msg: ShardMsg) {
             let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
             let (frame, missed, offset) = home_subscribe(shard, ctx, &channel, reply, since_ref, user.as_deref());
             let name = ctx.homes.get(&*channel).map(|h| h.name.clone()).unwrap_or_else(|| Arc::from(&*channel));
-            let msg = ShardMsg::Subscribed { channel: name, reply, offset, frame, missed };
+            let msg = ShardMsg::Subscribed { channel: name, reply, offset, frame, missed, user };
             let _ = ctx.outbox.send(usize::from(reply.shard), msg);
         }
-        ShardMsg::Subscribed { channel, reply, offset, frame, missed } => {
-            on_subscribed(shard, inner, &channel, reply, offset, &frame, &missed);
+        ShardMsg::Subscribed { channel, reply, offset, frame, missed, user } => {
+            on_subscribed(shard, inner, &channel, reply, offset, (&frame, &missed), user);
         }
         ShardMsg::Unsubscribe { channel, shard: from, user, last } => {
             home_unsubscribe(&mut inner.ctx, &channel, usize::from(from), user.as_deref(), last, me);
