@@ -80,10 +80,7 @@ pub fn parse_channel(s: &str, max_len: usize) -> Result<Channel<'_>, ChannelErro
         return Err(ChannelError::Empty);
     }
     if bytes.len() > max_len {
-        return Err(ChannelError::TooLong {
-            len: bytes.len(),
-            max: max_len,
-        });
+        return Err(ChannelError::TooLong { len: bytes.len(), max: max_len });
     }
     let mut colon = None;
     for (i, &b) in bytes.iter().enumerate() {
@@ -102,11 +99,7 @@ pub fn parse_channel(s: &str, max_len: usize) -> Result<Channel<'_>, ChannelErro
         return Err(ChannelError::BadChar(c));
     }
     match colon {
-        None => Ok(Channel {
-            namespace: None,
-            name: s,
-            full: s,
-        }),
+        None => Ok(Channel { namespace: None, name: s, full: s }),
         Some(i) => {
             let (namespace, name) = (&s[..i], &s[i + 1..]);
             if namespace.is_empty() {
@@ -115,11 +108,7 @@ pub fn parse_channel(s: &str, max_len: usize) -> Result<Channel<'_>, ChannelErro
             if name.is_empty() {
                 return Err(ChannelError::EmptyName);
             }
-            Ok(Channel {
-                namespace: Some(namespace),
-                name,
-                full: s,
-            })
+            Ok(Channel { namespace: Some(namespace), name, full: s })
         }
     }
 }
@@ -156,10 +145,7 @@ mod tests {
     #[test]
     fn refuses_bad_names() {
         assert_eq!(parse_channel("", 128), Err(ChannelError::Empty));
-        assert_eq!(
-            parse_channel("abcd", 3),
-            Err(ChannelError::TooLong { len: 4, max: 3 })
-        );
+        assert_eq!(parse_channel("abcd", 3), Err(ChannelError::TooLong { len: 4, max: 3 }));
         assert!(parse_channel("abc", 3).is_ok());
         assert_eq!(parse_channel("a b", 128), Err(ChannelError::BadChar(' ')));
         assert_eq!(parse_channel("a:é", 128), Err(ChannelError::BadChar('é')));

@@ -55,12 +55,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_data_bytes: 64 * 1024,
-            max_channel_len: 128,
-            max_token_len: 8 * 1024,
-            max_epoch_len: 64,
-        }
+        Self { max_data_bytes: 64 * 1024, max_channel_len: 128, max_token_len: 8 * 1024, max_epoch_len: 64 }
     }
 }
 
@@ -260,10 +255,7 @@ const fn fail(id: Option<u64>, error: DecodeError) -> DecodeFailure {
 }
 
 fn internal() -> DecodeFailure {
-    fail(
-        None,
-        DecodeError::NotJson(simd_json::Error::generic(ErrorType::InternalError)),
-    )
+    fail(None, DecodeError::NotJson(simd_json::Error::generic(ErrorType::InternalError)))
 }
 
 /// Decodes client commands, reusing its buffers across calls.
@@ -308,10 +300,7 @@ struct Span {
 impl Span {
     /// The range of `s`, a string slice pointing into the buffer that starts at address `base`.
     fn of(s: &str, base: usize) -> Self {
-        Self {
-            start: s.as_ptr().addr().wrapping_sub(base),
-            len: s.len(),
-        }
+        Self { start: s.as_ptr().addr().wrapping_sub(base), len: s.len() }
     }
 
     fn get(self, buf: &[u8]) -> Result<&str, DecodeFailure> {
@@ -386,13 +375,7 @@ impl Decoder {
     /// # Errors
     /// A [`DecodeFailure`] carrying the command's `id` when it could be read. Never panics.
     pub fn decode<'a>(&'a mut self, payload: &'a [u8]) -> Result<Command<'a>, DecodeFailure> {
-        let Self {
-            buffers,
-            tape,
-            raw,
-            flagged,
-            limits,
-        } = self;
+        let Self { buffers, tape, raw, flagged, limits } = self;
         let len = payload.len();
         copy_padded(raw, payload);
         let parsed = match parse(raw, len, buffers, tape, limits, None) {
@@ -442,11 +425,7 @@ fn parse(
         Err(e) => {
             let number = flagged.is_none() && matches!(e.error(), ErrorType::InvalidNumber);
             let f = fail(None, DecodeError::NotJson(e));
-            Err(if number {
-                Attempt::Number(f)
-            } else {
-                Attempt::Failed(f)
-            })
+            Err(if number { Attempt::Number(f) } else { Attempt::Failed(f) })
         }
     };
     *tape = t.reset();
@@ -492,12 +471,7 @@ fn is_null(n: &Node<'_>) -> bool {
     matches!(n, Node::Static(StaticNode::Null))
 }
 
-fn read_fields(
-    nodes: &[Node<'_>],
-    base: usize,
-    limits: &Limits,
-    flagged: &[u32],
-) -> Result<Parsed, DecodeFailure> {
+fn read_fields(nodes: &[Node<'_>], base: usize, limits: &Limits, flagged: &[u32]) -> Result<Parsed, DecodeFailure> {
     let Some(&Node::Object { len, .. }) = nodes.first() else {
         return Err(fail(None, DecodeError::NotAnObject));
     };
@@ -533,14 +507,11 @@ fn read_fields(
                 continue;
             }
         };
-        *slot = Some(Member {
-            ordinal: u32::try_from(ordinal).map_err(|_| internal())?,
-            at,
-        });
+        *slot = Some(Member { ordinal: u32::try_from(ordinal).map_err(|_| internal())?, at });
         i = at + node_len(value);
     }
     let node = |m: Member| nodes.get(m.at).ok_or_else(internal);
-    let patched = |m: Member| flagged.contains(&m.ordinal);
+    let patched = |m: Member| flagged.binary_search(&m.ordinal).is_ok();
 
     const NON_NEG: &str = "a non-negative integer";
     let id = match m.id {
@@ -552,15 +523,7 @@ fn read_fields(
             } else {
                 match uint(n) {
                     Some(v) if !patched(mm) => Some(v),
-                    _ => {
-                        return Err(fail(
-                            None,
-                            DecodeError::BadField {
-                                field: "id",
-                                expected: NON_NEG,
-                            },
-                        ))
-                    }
+                    _ => return Err(fail(None, DecodeError::BadField { field: "id", expected: NON_NEG })),
                 }
             }
         }
@@ -580,12 +543,7 @@ fn read_fields(
                 "refresh" => Kind::Refresh,
                 _ => return Err(err(DecodeError::UnknownType)),
             },
-            _ => {
-                return Err(err(DecodeError::BadField {
-                    field: "type",
-                    expected: "a string",
-                }))
-            }
+            _ => return Err(err(DecodeError::BadField { field: "type", expected: "a string" })),
         },
     };
     let mut parsed = Parsed {
@@ -602,33 +560,21 @@ fn read_fields(
         if kind == Kind::Refresh {
             let mm = m.token.ok_or_else(|| err(DecodeError::MissingField("token")))?;
             let Node::String(token) = node(mm)? else {
-                return Err(err(DecodeError::BadField {
-                    field: "token",
-                    expected: "a string",
-                }));
+                return Err(err(DecodeError::BadField { field: "token", expected: "a string" }));
             };
             if token.len() > limits.max_token_len {
-                return Err(err(DecodeError::TooLarge {
-                    field: "token",
-                    max: limits.max_token_len,
-                }));
+                return Err(err(DecodeError::TooLarge { field: "token", max: limits.max_token_len }));
             }
             parsed.token = Span::of(token, base);
         }
         return Ok(parsed);
     }
 
-    let mm = m
-        .channel
-        .ok_or_else(|| err(DecodeError::MissingField("channel")))?;
+    let mm = m.channel.ok_or_else(|| err(DecodeError::MissingField("channel")))?;
     let Node::String(channel) = node(mm)? else {
-        return Err(err(DecodeError::BadField {
-            field: "channel",
-            expected: "a string",
-        }));
+        return Err(err(DecodeError::BadField { field: "channel", expected: "a string" }));
     };
-    parse_channel(channel, limits.max_channel_len)
-        .map_err(|e| err(DecodeError::BadChannel(e)))?;
+    parse_channel(channel, limits.max_channel_len).map_err(|e| err(DecodeError::BadChannel(e)))?;
     parsed.channel = Span::of(channel, base);
 
     match kind {
@@ -643,10 +589,7 @@ fn read_fields(
                 let n = node(mm)?;
                 if !is_null(n) {
                     if patched(mm) {
-                        return Err(err(DecodeError::BadField {
-                            field: "since.offset",
-                            expected: NON_NEG,
-                        }));
+                        return Err(err(DecodeError::BadField { field: "since.offset", expected: NON_NEG }));
                     }
                     let since = nodes.get(mm.at..).ok_or_else(internal)?;
                     parsed.since = Some(read_since(since, base, limits).map_err(err)?);
@@ -677,10 +620,7 @@ fn read_fields(
 /// Reads `since` from the tape slice starting at its value.
 fn read_since(nodes: &[Node<'_>], base: usize, limits: &Limits) -> Result<(u64, Span), DecodeError> {
     let Some(&Node::Object { len, .. }) = nodes.first() else {
-        return Err(DecodeError::BadField {
-            field: "since",
-            expected: "an object with \"offset\" and \"epoch\"",
-        });
+        return Err(DecodeError::BadField { field: "since", expected: "an object with \"offset\" and \"epoch\"" });
     };
     let (mut offset, mut epoch) = (None, None);
     let mut i = 1;
@@ -695,23 +635,13 @@ fn read_since(nodes: &[Node<'_>], base: usize, limits: &Limits) -> Result<(u64, 
         }
         i += 1 + node_len(value);
     }
-    let offset = uint(offset.ok_or(DecodeError::MissingField("since.offset"))?).ok_or(
-        DecodeError::BadField {
-            field: "since.offset",
-            expected: "a non-negative integer",
-        },
-    )?;
+    let offset = uint(offset.ok_or(DecodeError::MissingField("since.offset"))?)
+        .ok_or(DecodeError::BadField { field: "since.offset", expected: "a non-negative integer" })?;
     let Node::String(epoch) = epoch.ok_or(DecodeError::MissingField("since.epoch"))? else {
-        return Err(DecodeError::BadField {
-            field: "since.epoch",
-            expected: "a string",
-        });
+        return Err(DecodeError::BadField { field: "since.epoch", expected: "a string" });
     };
     if epoch.len() > limits.max_epoch_len {
-        return Err(DecodeError::TooLarge {
-            field: "since.epoch",
-            max: limits.max_epoch_len,
-        });
+        return Err(DecodeError::TooLarge { field: "since.epoch", max: limits.max_epoch_len });
     }
     Ok((offset, Span::of(epoch, base)))
 }
@@ -728,59 +658,26 @@ fn build<'a>(
     let id = p.id;
     Ok(match p.kind {
         Kind::Ping => Command::Ping { id },
-        Kind::Refresh => Command::Refresh {
-            id,
-            token: p.token.get(strings)?,
-        },
-        Kind::Unsubscribe => Command::Unsubscribe {
-            id,
-            channel: p.channel.get(strings)?,
-        },
-        Kind::Presence => Command::Presence {
-            id,
-            channel: p.channel.get(strings)?,
-        },
-        Kind::Subscribe => Command::Subscribe {
-            id,
-            channel: p.channel.get(strings)?,
-            since: since(p, strings)?,
-        },
-        Kind::History => Command::History {
-            id,
-            channel: p.channel.get(strings)?,
-            since: since(p, strings)?,
-            limit: p.limit,
-        },
+        Kind::Refresh => Command::Refresh { id, token: p.token.get(strings)? },
+        Kind::Unsubscribe => Command::Unsubscribe { id, channel: p.channel.get(strings)? },
+        Kind::Presence => Command::Presence { id, channel: p.channel.get(strings)? },
+        Kind::Subscribe => Command::Subscribe { id, channel: p.channel.get(strings)?, since: since(p, strings)? },
+        Kind::History => {
+            Command::History { id, channel: p.channel.get(strings)?, since: since(p, strings)?, limit: p.limit }
+        }
         Kind::Publish => {
             let (key, next_key) = p.data_key;
             let data = member_value(src, structurals, key, next_key).ok_or_else(internal)?;
             if data.len() > limits.max_data_bytes {
-                return Err(fail(
-                    id,
-                    DecodeError::TooLarge {
-                        field: "data",
-                        max: limits.max_data_bytes,
-                    },
-                ));
+                return Err(fail(id, DecodeError::TooLarge { field: "data", max: limits.max_data_bytes }));
             }
-            Command::Publish {
-                id,
-                channel: p.channel.get(strings)?,
-                data,
-            }
+            Command::Publish { id, channel: p.channel.get(strings)?, data }
         }
     })
 }
 
 fn since<'a>(p: &Parsed, strings: &'a [u8]) -> Result<Option<Since<'a>>, DecodeFailure> {
-    p.since
-        .map(|(offset, epoch)| {
-            Ok(Since {
-                offset,
-                epoch: epoch.get(strings)?,
-            })
-        })
-        .transpose()
+    p.since.map(|(offset, epoch)| Ok(Since { offset, epoch: epoch.get(strings)? })).transpose()
 }
 
 fn is_ws(b: u8) -> bool {
@@ -791,12 +688,7 @@ fn is_ws(b: u8) -> bool {
 /// valid JSON object whose structural indexes are `structurals`; `next_key` is where the next member's key
 /// opens, `None` for the last member. Trailing whitespace is trimmed. `None` if the indexes do not say
 /// what they should (never for a document simd-json accepted).
-fn member_value<'a>(
-    src: &'a [u8],
-    structurals: &[u32],
-    key: usize,
-    next_key: Option<usize>,
-) -> Option<&'a [u8]> {
+fn member_value<'a>(src: &'a [u8], structurals: &[u32], key: usize, next_key: Option<usize>) -> Option<&'a [u8]> {
     let at = |i: usize| structurals.get(i).map(|&p| p as usize);
     let find = |pos: usize| {
         let pos = u32::try_from(pos).ok()?;
@@ -836,15 +728,13 @@ fn patch_numbers(buf: &mut [u8], structurals: &[u32], flagged: &mut Vec<u32>) ->
             b',' if depth == 1 => member = member.saturating_add(1),
             b'-' | b'0'..=b'9' => {
                 let rest = &buf[p..];
-                let len = rest
-                    .iter()
-                    .position(|&c| is_ws(c) || matches!(c, b',' | b'}' | b']'))
-                    .unwrap_or(rest.len());
+                let len = rest.iter().position(|&c| is_ws(c) || matches!(c, b',' | b'}' | b']')).unwrap_or(rest.len());
                 if out_of_range(&rest[..len]) {
                     buf[p] = b'0';
                     buf[p + 1..p + len].fill(b' ');
                     any = true;
-                    if !flagged.contains(&member) {
+                    // Members come in order: `flagged` stays sorted and free of repeats.
+                    if flagged.last() != Some(&member) {
                         flagged.push(member);
                     }
                 }
@@ -897,11 +787,7 @@ fn out_of_range(tok: &[u8]) -> bool {
         return false;
     };
     if !float {
-        return if s.starts_with('-') {
-            s.parse::<i64>().is_err()
-        } else {
-            s.parse::<u64>().is_err()
-        };
+        return if s.starts_with('-') { s.parse::<i64>().is_err() } else { s.parse::<u64>().is_err() };
     }
     long_exponent || s.parse::<f64>().map_or(true, f64::is_infinite)
 }

@@ -6,53 +6,8 @@
 
 use super::{Command, Since};
 
-/// Appends `s` as a JSON string literal (quotes included): `"` and `\` are escaped with a backslash,
-/// control characters (U+0000..U+001F) as `\u00XX`; everything else is copied as is.
-pub(crate) fn json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_escape(b) {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]),
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
-#[inline]
-fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
-}
-
-/// Length in bytes of what [`json_str`] writes for `s`.
-pub(crate) fn json_str_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' => 2,
-            0..=0x1f => 6,
-            _ => 1,
-        })
-        .sum::<usize>()
-        + 2
-}
+// JSON strings are written by the one escaper the crate has (also used for HTTP rejection bodies).
+pub(crate) use crate::handshake::{json_str_len, write_json_str as json_str};
 
 /// Two ASCII digits for every number 0..100.
 const DIGITS2: &[u8; 200] = b"\
@@ -140,14 +95,7 @@ pub fn encode_welcome(out: &mut Vec<u8>, client: &str, user: &str, ping_interval
 /// `{"type":"subscribed","id":1,"channel":"room:42","offset":20,"epoch":"e1","recovered":true}`: the reply
 /// to `subscribe`, with the channel's current offset and epoch; `recovered` says whether every message
 /// since the client's `since` position follows (it is `false` when there was no `since`).
-pub fn encode_subscribed(
-    out: &mut Vec<u8>,
-    id: Option<u64>,
-    channel: &str,
-    offset: u64,
-    epoch: &str,
-    recovered: bool,
-) {
+pub fn encode_subscribed(out: &mut Vec<u8>, id: Option<u64>, channel: &str, offset: u64, epoch: &str, recovered: bool) {
     open(out, b"subscribed");
     opt_id(out, id);
     key(out, b"channel");
@@ -343,11 +291,7 @@ pub fn encode_command(out: &mut Vec<u8>, cmd: &Command<'_>) {
         }
     }
     match cmd {
-        Command::Subscribe {
-            id,
-            channel,
-            since: s,
-        } => {
+        Command::Subscribe { id, channel, since: s } => {
             open(out, b"subscribe");
             opt_id(out, *id);
             key(out, b"channel");
@@ -374,12 +318,7 @@ pub fn encode_command(out: &mut Vec<u8>, cmd: &Command<'_>) {
             key(out, b"channel");
             json_str(out, channel);
         }
-        Command::History {
-            id,
-            channel,
-            since: s,
-            limit,
-        } => {
+        Command::History { id, channel, since: s, limit } => {
             open(out, b"history");
             opt_id(out, *id);
             key(out, b"channel");
@@ -417,22 +356,7 @@ mod tests {
 
     #[test]
     fn integers() {
-        for n in [
-            0,
-            1,
-            9,
-            10,
-            11,
-            99,
-            100,
-            101,
-            999,
-            1000,
-            12345,
-            u64::from(u32::MAX),
-            u64::MAX - 1,
-            u64::MAX,
-        ] {
+        for n in [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 12345, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
             let mut out = Vec::new();
             write_u64(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
@@ -500,10 +424,7 @@ mod tests {
         );
         out.clear();
         encode_unsubscribed(&mut out, Some(2), "room:42");
-        assert_eq!(
-            parse(&out),
-            json!({"type":"unsubscribed","id":2,"channel":"room:42"})
-        );
+        assert_eq!(parse(&out), json!({"type":"unsubscribed","id":2,"channel":"room:42"}));
         out.clear();
         encode_unsubscribed(&mut out, None, "x");
         assert_eq!(parse(&out), json!({"type":"unsubscribed","channel":"x"}));
@@ -524,11 +445,7 @@ mod tests {
             parse(body),
             json!({"type":"message","channel":"room:42","offset":21,"data":{"t":"x\"y\\u00e9","n":[1,2.5,-0.0]}})
         );
-        for (ch, off, d) in [
-            ("a", 0u64, &b"null"[..]),
-            ("we\"ird\n", u64::MAX, b"\"s\""),
-            ("", 9, b"[]"),
-        ] {
+        for (ch, off, d) in [("a", 0u64, &b"null"[..]), ("we\"ird\n", u64::MAX, b"\"s\""), ("", 9, b"[]")] {
             let mut out = Vec::new();
             encode_message(&mut out, ch, off, d);
             assert_eq!(out.len(), message_len(ch, off, d));
@@ -554,22 +471,13 @@ mod tests {
         assert_eq!(out, br#"{"type":"pong"}"#);
         out.clear();
         encode_error(&mut out, Some(3), "forbidden", "no \"publish\" here\n");
-        assert_eq!(
-            parse(&out),
-            json!({"type":"error","id":3,"code":"forbidden","reason":"no \"publish\" here\n"})
-        );
+        assert_eq!(parse(&out), json!({"type":"error","id":3,"code":"forbidden","reason":"no \"publish\" here\n"}));
         out.clear();
         encode_error(&mut out, None, "bad_json", "");
-        assert_eq!(
-            parse(&out),
-            json!({"type":"error","code":"bad_json","reason":""})
-        );
+        assert_eq!(parse(&out), json!({"type":"error","code":"bad_json","reason":""}));
         out.clear();
         encode_refreshed(&mut out, Some(7), Some(1_700_000_000));
-        assert_eq!(
-            parse(&out),
-            json!({"type":"refreshed","id":7,"expires":1_700_000_000u64})
-        );
+        assert_eq!(parse(&out), json!({"type":"refreshed","id":7,"expires":1_700_000_000u64}));
         out.clear();
         encode_refreshed(&mut out, None, None);
         assert_eq!(parse(&out), json!({"type":"refreshed"}));
@@ -578,13 +486,7 @@ mod tests {
     #[test]
     fn presence() {
         let mut out = Vec::new();
-        encode_presence(
-            &mut out,
-            Some(4),
-            "room:42",
-            3,
-            [("a", 2u32), ("b\\", 1)],
-        );
+        encode_presence(&mut out, Some(4), "room:42", 3, [("a", 2u32), ("b\\", 1)]);
         assert_eq!(
             parse(&out),
             json!({"type":"presence","id":4,"channel":"room:42","count":3,
@@ -592,10 +494,7 @@ mod tests {
         );
         out.clear();
         encode_presence(&mut out, None, "x", 0, std::iter::empty());
-        assert_eq!(
-            parse(&out),
-            json!({"type":"presence","channel":"x","count":0,"users":[]})
-        );
+        assert_eq!(parse(&out), json!({"type":"presence","channel":"x","count":0,"users":[]}));
     }
 
     #[test]
@@ -610,10 +509,7 @@ mod tests {
         );
         out.clear();
         encode_history(&mut out, None, "c", 0, "e", std::iter::empty(), None);
-        assert_eq!(
-            parse(&out),
-            json!({"type":"history","channel":"c","offset":0,"epoch":"e","messages":[]})
-        );
+        assert_eq!(parse(&out), json!({"type":"history","channel":"c","offset":0,"epoch":"e","messages":[]}));
     }
 
     #[test]
@@ -630,52 +526,22 @@ mod tests {
                 Command::Subscribe {
                     id: Some(1),
                     channel: "room:42",
-                    since: Some(Since {
-                        offset: 17,
-                        epoch: "e\"1",
-                    }),
+                    since: Some(Since { offset: 17, epoch: "e\"1" }),
                 },
                 json!({"type":"subscribe","id":1,"channel":"room:42","since":{"offset":17,"epoch":"e\"1"}}),
             ),
+            (Command::Unsubscribe { id: None, channel: "a" }, json!({"type":"unsubscribe","channel":"a"})),
             (
-                Command::Unsubscribe {
-                    id: None,
-                    channel: "a",
-                },
-                json!({"type":"unsubscribe","channel":"a"}),
-            ),
-            (
-                Command::Publish {
-                    id: Some(3),
-                    channel: "a:b",
-                    data: br#"[1, {"x": null}]"#,
-                },
+                Command::Publish { id: Some(3), channel: "a:b", data: br#"[1, {"x": null}]"# },
                 json!({"type":"publish","id":3,"channel":"a:b","data":[1,{"x":null}]}),
             ),
+            (Command::Presence { id: Some(4), channel: "p" }, json!({"type":"presence","id":4,"channel":"p"})),
             (
-                Command::Presence {
-                    id: Some(4),
-                    channel: "p",
-                },
-                json!({"type":"presence","id":4,"channel":"p"}),
-            ),
-            (
-                Command::History {
-                    id: Some(5),
-                    channel: "h:1",
-                    since: None,
-                    limit: Some(100),
-                },
+                Command::History { id: Some(5), channel: "h:1", since: None, limit: Some(100) },
                 json!({"type":"history","id":5,"channel":"h:1","limit":100}),
             ),
             (Command::Ping { id: Some(6) }, json!({"type":"ping","id":6})),
-            (
-                Command::Refresh {
-                    id: None,
-                    token: "t\\k",
-                },
-                json!({"type":"refresh","token":"t\\k"}),
-            ),
+            (Command::Refresh { id: None, token: "t\\k" }, json!({"type":"refresh","token":"t\\k"})),
         ];
         for (cmd, want) in cases {
             let mut out = Vec::new();

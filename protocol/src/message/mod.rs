@@ -35,9 +35,8 @@ mod tests;
 pub use channel::{parse_channel, personal_channel_owner, Channel, ChannelError};
 pub use decode::{Command, DecodeError, DecodeFailure, Decoder, Limits, Since};
 pub use encode::{
-    encode_command, encode_error, encode_gap, encode_history, encode_message, encode_pong,
-    encode_presence, encode_published, encode_refreshed, encode_subscribed, encode_unsubscribed,
-    encode_welcome, message_len,
+    encode_command, encode_error, encode_gap, encode_history, encode_message, encode_pong, encode_presence,
+    encode_published, encode_refreshed, encode_subscribed, encode_unsubscribed, encode_welcome, message_len,
 };
 
 /// The wire protocol version, sent as `version` in `welcome`.

@@ -29,79 +29,42 @@ fn data_of(json: &str) -> &'static [u8] {
 fn every_command() {
     assert_eq!(
         decode(r#"{"type":"subscribe","id":1,"channel":"room:42","since":{"offset":17,"epoch":"e1"}}"#),
-        Ok(Command::Subscribe {
-            id: Some(1),
-            channel: "room:42",
-            since: Some(Since {
-                offset: 17,
-                epoch: "e1"
-            })
-        })
+        Ok(Command::Subscribe { id: Some(1), channel: "room:42", since: Some(Since { offset: 17, epoch: "e1" }) })
     );
     assert_eq!(
         decode(r#"{"type":"subscribe","channel":"lobby"}"#),
-        Ok(Command::Subscribe {
-            id: None,
-            channel: "lobby",
-            since: None
-        })
+        Ok(Command::Subscribe { id: None, channel: "lobby", since: None })
     );
     assert_eq!(
         decode(r#"{"type":"unsubscribe","id":2,"channel":"room:42"}"#),
-        Ok(Command::Unsubscribe {
-            id: Some(2),
-            channel: "room:42"
-        })
+        Ok(Command::Unsubscribe { id: Some(2), channel: "room:42" })
     );
     assert_eq!(
         decode(r#"{"type":"publish","id":3,"channel":"room:42","data":{"text":"hi","n":[1,2]}}"#),
-        Ok(Command::Publish {
-            id: Some(3),
-            channel: "room:42",
-            data: br#"{"text":"hi","n":[1,2]}"#
-        })
+        Ok(Command::Publish { id: Some(3), channel: "room:42", data: br#"{"text":"hi","n":[1,2]}"# })
     );
     assert_eq!(
         decode(r#"{"type":"presence","id":4,"channel":"room:42"}"#),
-        Ok(Command::Presence {
-            id: Some(4),
-            channel: "room:42"
-        })
+        Ok(Command::Presence { id: Some(4), channel: "room:42" })
     );
     assert_eq!(
-        decode(
-            r#"{"type":"history","id":5,"channel":"room:42","since":{"offset":0,"epoch":""},"limit":100}"#
-        ),
+        decode(r#"{"type":"history","id":5,"channel":"room:42","since":{"offset":0,"epoch":""},"limit":100}"#),
         Ok(Command::History {
             id: Some(5),
             channel: "room:42",
-            since: Some(Since {
-                offset: 0,
-                epoch: ""
-            }),
+            since: Some(Since { offset: 0, epoch: "" }),
             limit: Some(100)
         })
     );
     assert_eq!(
         decode(r#"{"type":"history","channel":"h"}"#),
-        Ok(Command::History {
-            id: None,
-            channel: "h",
-            since: None,
-            limit: None
-        })
+        Ok(Command::History { id: None, channel: "h", since: None, limit: None })
     );
-    assert_eq!(
-        decode(r#"{"type":"ping","id":6}"#),
-        Ok(Command::Ping { id: Some(6) })
-    );
+    assert_eq!(decode(r#"{"type":"ping","id":6}"#), Ok(Command::Ping { id: Some(6) }));
     assert_eq!(decode(r#"{"type":"ping"}"#), Ok(Command::Ping { id: None }));
     assert_eq!(
         decode(r#"{"type":"refresh","id":7,"token":"abc.def.ghi"}"#),
-        Ok(Command::Refresh {
-            id: Some(7),
-            token: "abc.def.ghi"
-        })
+        Ok(Command::Refresh { id: Some(7), token: "abc.def.ghi" })
     );
 }
 
@@ -117,26 +80,11 @@ fn command_accessors() {
 
 #[test]
 fn ids() {
-    assert_eq!(
-        decode(r#"{"type":"ping","id":18446744073709551615}"#),
-        Ok(Command::Ping { id: Some(u64::MAX) })
-    );
-    assert_eq!(
-        decode(r#"{"type":"ping","id":0}"#),
-        Ok(Command::Ping { id: Some(0) })
-    );
-    assert_eq!(
-        decode(r#"{"type":"ping","id":-0}"#),
-        Ok(Command::Ping { id: Some(0) })
-    );
-    assert_eq!(
-        decode(r#"{"type":"ping","id":null}"#),
-        Ok(Command::Ping { id: None })
-    );
-    let bad_id = DecodeError::BadField {
-        field: "id",
-        expected: "a non-negative integer",
-    };
+    assert_eq!(decode(r#"{"type":"ping","id":18446744073709551615}"#), Ok(Command::Ping { id: Some(u64::MAX) }));
+    assert_eq!(decode(r#"{"type":"ping","id":0}"#), Ok(Command::Ping { id: Some(0) }));
+    assert_eq!(decode(r#"{"type":"ping","id":-0}"#), Ok(Command::Ping { id: Some(0) }));
+    assert_eq!(decode(r#"{"type":"ping","id":null}"#), Ok(Command::Ping { id: None }));
+    let bad_id = DecodeError::BadField { field: "id", expected: "a non-negative integer" };
     for json in [
         r#"{"type":"ping","id":-1}"#,
         r#"{"type":"ping","id":1.5}"#,
@@ -161,55 +109,21 @@ fn errors_carry_the_id() {
         (r#"[1,2]"#, None, DecodeError::NotAnObject, "bad_request"),
         (r#""str""#, None, DecodeError::NotAnObject, "bad_request"),
         (r#"{"id":9}"#, Some(9), DecodeError::MissingType, "bad_request"),
-        (
-            r#"{"id":9,"type":3}"#,
-            Some(9),
-            DecodeError::BadField {
-                field: "type",
-                expected: "a string",
-            },
-            "bad_request",
-        ),
-        (
-            r#"{"type":"subscribed","id":10}"#,
-            Some(10),
-            DecodeError::UnknownType,
-            "unknown_command",
-        ),
-        (
-            r#"{"type":"subscribe","id":11}"#,
-            Some(11),
-            DecodeError::MissingField("channel"),
-            "bad_request",
-        ),
-        (
-            r#"{"type":"publish","id":12,"channel":"a:b"}"#,
-            Some(12),
-            DecodeError::MissingField("data"),
-            "bad_request",
-        ),
-        (
-            r#"{"type":"refresh","id":13}"#,
-            Some(13),
-            DecodeError::MissingField("token"),
-            "bad_request",
-        ),
+        (r#"{"id":9,"type":3}"#, Some(9), DecodeError::BadField { field: "type", expected: "a string" }, "bad_request"),
+        (r#"{"type":"subscribed","id":10}"#, Some(10), DecodeError::UnknownType, "unknown_command"),
+        (r#"{"type":"subscribe","id":11}"#, Some(11), DecodeError::MissingField("channel"), "bad_request"),
+        (r#"{"type":"publish","id":12,"channel":"a:b"}"#, Some(12), DecodeError::MissingField("data"), "bad_request"),
+        (r#"{"type":"refresh","id":13}"#, Some(13), DecodeError::MissingField("token"), "bad_request"),
         (
             r#"{"type":"refresh","id":13,"token":5}"#,
             Some(13),
-            DecodeError::BadField {
-                field: "token",
-                expected: "a string",
-            },
+            DecodeError::BadField { field: "token", expected: "a string" },
             "bad_request",
         ),
         (
             r#"{"type":"presence","id":14,"channel":42}"#,
             Some(14),
-            DecodeError::BadField {
-                field: "channel",
-                expected: "a string",
-            },
+            DecodeError::BadField { field: "channel", expected: "a string" },
             "bad_request",
         ),
         (
@@ -227,10 +141,7 @@ fn errors_carry_the_id() {
         (
             r#"{"type":"subscribe","id":17,"channel":"a","since":5}"#,
             Some(17),
-            DecodeError::BadField {
-                field: "since",
-                expected: "an object with \"offset\" and \"epoch\"",
-            },
+            DecodeError::BadField { field: "since", expected: "an object with \"offset\" and \"epoch\"" },
             "bad_request",
         ),
         (
@@ -248,73 +159,49 @@ fn errors_carry_the_id() {
         (
             r#"{"type":"history","id":20,"channel":"a","since":{"offset":-1,"epoch":"e"}}"#,
             Some(20),
-            DecodeError::BadField {
-                field: "since.offset",
-                expected: "a non-negative integer",
-            },
+            DecodeError::BadField { field: "since.offset", expected: "a non-negative integer" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":21,"channel":"a","since":{"offset":1,"epoch":1}}"#,
             Some(21),
-            DecodeError::BadField {
-                field: "since.epoch",
-                expected: "a string",
-            },
+            DecodeError::BadField { field: "since.epoch", expected: "a string" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":22,"channel":"a","limit":0}"#,
             Some(22),
-            DecodeError::BadField {
-                field: "limit",
-                expected: "an integer in 1..=1000",
-            },
+            DecodeError::BadField { field: "limit", expected: "an integer in 1..=1000" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":23,"channel":"a","limit":1001}"#,
             Some(23),
-            DecodeError::BadField {
-                field: "limit",
-                expected: "an integer in 1..=1000",
-            },
+            DecodeError::BadField { field: "limit", expected: "an integer in 1..=1000" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":24,"channel":"a","limit":"5"}"#,
             Some(24),
-            DecodeError::BadField {
-                field: "limit",
-                expected: "an integer in 1..=1000",
-            },
+            DecodeError::BadField { field: "limit", expected: "an integer in 1..=1000" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":25,"channel":"a","limit":4294967297}"#,
             Some(25),
-            DecodeError::BadField {
-                field: "limit",
-                expected: "an integer in 1..=1000",
-            },
+            DecodeError::BadField { field: "limit", expected: "an integer in 1..=1000" },
             "bad_request",
         ),
         (
             r#"{"type":"history","id":26,"channel":"a","limit":1e400}"#,
             Some(26),
-            DecodeError::BadField {
-                field: "limit",
-                expected: "an integer in 1..=1000",
-            },
+            DecodeError::BadField { field: "limit", expected: "an integer in 1..=1000" },
             "bad_request",
         ),
         (
             r#"{"type":"subscribe","id":27,"channel":"a","since":{"offset":18446744073709551616,"epoch":"e"}}"#,
             Some(27),
-            DecodeError::BadField {
-                field: "since.offset",
-                expected: "a non-negative integer",
-            },
+            DecodeError::BadField { field: "since.offset", expected: "a non-negative integer" },
             "bad_request",
         ),
     ];
@@ -359,12 +246,7 @@ fn not_json() {
 
 #[test]
 fn too_large() {
-    let limits = Limits {
-        max_data_bytes: 8,
-        max_channel_len: 5,
-        max_token_len: 3,
-        max_epoch_len: 2,
-    };
+    let limits = Limits { max_data_bytes: 8, max_channel_len: 5, max_token_len: 3, max_epoch_len: 2 };
     let mut d = Decoder::with_limits(limits);
     assert_eq!(d.limits(), &limits);
     let mut check = |json: &str, want: Result<(), DecodeError>| {
@@ -381,43 +263,22 @@ fn too_large() {
     };
     check(
         r#"{"type":"publish","id":1,"channel":"a","data":[1,2,3,4]}"#,
-        Err(DecodeError::TooLarge {
-            field: "data",
-            max: 8,
-        }),
+        Err(DecodeError::TooLarge { field: "data", max: 8 }),
     );
-    check(
-        r#"{"type":"publish","id":1,"channel":"a","data":[1,2,34] }"#,
-        Ok(()),
-    );
+    check(r#"{"type":"publish","id":1,"channel":"a","data":[1,2,34] }"#, Ok(()));
     check(
         r#"{"type":"publish","id":1,"channel":"abcdef","data":1}"#,
         Err(DecodeError::BadChannel(ChannelError::TooLong { len: 6, max: 5 })),
     );
-    check(
-        r#"{"type":"publish","id":1,"channel":"ab:de","data":1}"#,
-        Ok(()),
-    );
-    check(
-        r#"{"type":"refresh","id":1,"token":"abcd"}"#,
-        Err(DecodeError::TooLarge {
-            field: "token",
-            max: 3,
-        }),
-    );
+    check(r#"{"type":"publish","id":1,"channel":"ab:de","data":1}"#, Ok(()));
+    check(r#"{"type":"refresh","id":1,"token":"abcd"}"#, Err(DecodeError::TooLarge { field: "token", max: 3 }));
     // The limit applies to the unescaped token.
     check(r#"{"type":"refresh","id":1,"token":"\u0061bc"}"#, Ok(()));
     check(
         r#"{"type":"subscribe","id":1,"channel":"a","since":{"offset":1,"epoch":"abc"}}"#,
-        Err(DecodeError::TooLarge {
-            field: "since.epoch",
-            max: 2,
-        }),
+        Err(DecodeError::TooLarge { field: "since.epoch", max: 2 }),
     );
-    check(
-        r#"{"type":"history","id":1,"channel":"a","since":{"offset":1,"epoch":"ab"}}"#,
-        Ok(()),
-    );
+    check(r#"{"type":"history","id":1,"channel":"a","since":{"offset":1,"epoch":"ab"}}"#, Ok(()));
 }
 
 #[test]
@@ -429,31 +290,18 @@ fn escaped_strings_are_unescaped() {
         Ok(Command::Subscribe {
             id: Some(1),
             channel: "room:42",
-            since: Some(Since {
-                offset: 1,
-                epoch: "e\"\\\u{e9}\u{1f600}"
-            })
+            since: Some(Since { offset: 1, epoch: "e\"\\\u{e9}\u{1f600}" })
         })
     );
     assert_eq!(
         decode(r#"{"type":"refresh","token":"a\/b\nc\td\u0000"}"#),
-        Ok(Command::Refresh {
-            id: None,
-            token: "a/b\nc\td\u{0}"
-        })
+        Ok(Command::Refresh { id: None, token: "a/b\nc\td\u{0}" })
     );
     // Keys and the type may be escaped too.
-    assert_eq!(
-        decode(r#"{"t\u0079pe":"p\u0069ng","\u0069d":4}"#),
-        Ok(Command::Ping { id: Some(4) })
-    );
+    assert_eq!(decode(r#"{"t\u0079pe":"p\u0069ng","\u0069d":4}"#), Ok(Command::Ping { id: Some(4) }));
     assert_eq!(
         decode(r#"{"type":"publish","channel":"a","d\u0061ta":"x\"y"}"#),
-        Ok(Command::Publish {
-            id: None,
-            channel: "a",
-            data: br#""x\"y""#
-        })
+        Ok(Command::Publish { id: None, channel: "a", data: br#""x\"y""# })
     );
     assert_eq!(
         err(r#"{"type":"publish","channel":"a\u0020b","data":1}"#).error,
@@ -463,37 +311,18 @@ fn escaped_strings_are_unescaped() {
 
 #[test]
 fn data_is_spliced_raw() {
-    assert_eq!(
-        data_of(r#"{"type":"publish","channel":"a:b","data":{"t":"x\"y\\u00e9"}}"#),
-        br#"{"t":"x\"y\\u00e9"}"#
-    );
-    assert_eq!(
-        data_of(r#"{"type":"publish","channel":"a:b","data":"\u00e9\n"}"#),
-        br#""\u00e9\n""#
-    );
+    assert_eq!(data_of(r#"{"type":"publish","channel":"a:b","data":{"t":"x\"y\\u00e9"}}"#), br#"{"t":"x\"y\\u00e9"}"#);
+    assert_eq!(data_of(r#"{"type":"publish","channel":"a:b","data":"\u00e9\n"}"#), br#""\u00e9\n""#);
     // Whitespace around the value is not part of it; whitespace inside is.
     assert_eq!(
-        data_of(
-            "{\"type\":\"publish\",\"channel\":\"a\",\"data\" \t\r\n: \n [ 1 , {\"a\" : 2} ] \r\n\t , \"id\":1}"
-        ),
+        data_of("{\"type\":\"publish\",\"channel\":\"a\",\"data\" \t\r\n: \n [ 1 , {\"a\" : 2} ] \r\n\t , \"id\":1}"),
         b"[ 1 , {\"a\" : 2} ]"
     );
-    assert_eq!(
-        data_of("  {\"type\":\"publish\",\"channel\":\"a\",\"data\":  7.50e+1  }  "),
-        b"7.50e+1"
-    );
+    assert_eq!(data_of("  {\"type\":\"publish\",\"channel\":\"a\",\"data\":  7.50e+1  }  "), b"7.50e+1");
     // First key, last key, only scalar values.
-    assert_eq!(
-        data_of(r#"{"data":[],"type":"publish","channel":"a"}"#),
-        b"[]"
-    );
-    assert_eq!(
-        data_of(r#"{"type":"publish","channel":"a","data":{}}"#),
-        b"{}"
-    );
-    for scalar in [
-        "null", "true", "false", "0", "-0", "1.50", "-1e-7", "\"\"", "\"s\"",
-    ] {
+    assert_eq!(data_of(r#"{"data":[],"type":"publish","channel":"a"}"#), b"[]");
+    assert_eq!(data_of(r#"{"type":"publish","channel":"a","data":{}}"#), b"{}");
+    for scalar in ["null", "true", "false", "0", "-0", "1.50", "-1e-7", "\"\"", "\"s\""] {
         let json = format!(r#"{{"type":"publish","channel":"a","data":{scalar}}}"#);
         assert_eq!(data_of(&json), scalar.as_bytes());
         let json = format!(r#"{{"data":{scalar},"type":"publish","channel":"a"}}"#);
@@ -506,15 +335,9 @@ fn data_is_spliced_raw() {
         ),
         br#"{"data":{"data":"data"},"k":"\"data\":"}"#
     );
-    assert_eq!(
-        data_of(r#"{"type":"publish","channel":"a","k":"},{","data":"},{:[","z":"]"}"#),
-        br#""},{:[""#
-    );
+    assert_eq!(data_of(r#"{"type":"publish","channel":"a","k":"},{","data":"},{:[","z":"]"}"#), br#""},{:[""#);
     // Duplicate keys: the last one wins.
-    assert_eq!(
-        data_of(r#"{"type":"publish","channel":"a","data":1,"data":[2]}"#),
-        b"[2]"
-    );
+    assert_eq!(data_of(r#"{"type":"publish","channel":"a","data":1,"data":[2]}"#), b"[2]");
 }
 
 #[test]
@@ -523,14 +346,7 @@ fn payload_is_not_modified() {
     let text = br#"{"type":"publish","channel":"\u0061","n":1e400,"data":{"s":"\"\u00e9\n"}}"#;
     let payload = text.to_vec();
     let cmd = d.decode(&payload).unwrap();
-    assert_eq!(
-        cmd,
-        Command::Publish {
-            id: None,
-            channel: "a",
-            data: br#"{"s":"\"\u00e9\n"}"#
-        }
-    );
+    assert_eq!(cmd, Command::Publish { id: None, channel: "a", data: br#"{"s":"\"\u00e9\n"}"# });
     assert_eq!(payload, text);
 }
 
@@ -538,11 +354,7 @@ fn payload_is_not_modified() {
 fn duplicates_last_wins() {
     assert_eq!(
         decode(r#"{"type":"ping","id":1,"type":"subscribe","channel":"x","id":2,"channel":"y"}"#),
-        Ok(Command::Subscribe {
-            id: Some(2),
-            channel: "y",
-            since: None
-        })
+        Ok(Command::Subscribe { id: Some(2), channel: "y", since: None })
     );
 }
 
@@ -552,12 +364,7 @@ fn unknown_fields_and_nulls() {
         decode(
             r#"{"type":"history","v":2,"channel":"c","extra":{"a":[1,{"b":null}],"c":"d"},"since":null,"limit":null,"more":[]}"#
         ),
-        Ok(Command::History {
-            id: None,
-            channel: "c",
-            since: None,
-            limit: None
-        })
+        Ok(Command::History { id: None, channel: "c", since: None, limit: None })
     );
     // Fields that do not belong to the command are ignored.
     assert_eq!(
@@ -566,14 +373,7 @@ fn unknown_fields_and_nulls() {
     );
     assert_eq!(
         decode(r#"{"type":"subscribe","channel":"c","since":{"offset":3,"epoch":"e","x":1,"offset":4}}"#),
-        Ok(Command::Subscribe {
-            id: None,
-            channel: "c",
-            since: Some(Since {
-                offset: 4,
-                epoch: "e"
-            })
-        })
+        Ok(Command::Subscribe { id: None, channel: "c", since: Some(Since { offset: 4, epoch: "e" }) })
     );
 }
 
@@ -591,24 +391,14 @@ fn out_of_range_numbers() {
         let json = format!(r#"{{"type":"publish","id":4,"channel":"a","data":{{"n":[{n}, 1]}}}}"#);
         assert_eq!(
             decode(&json),
-            Ok(Command::Publish {
-                id: Some(4),
-                channel: "a",
-                data: format!(r#"{{"n":[{n}, 1]}}"#).as_bytes()
-            }),
+            Ok(Command::Publish { id: Some(4), channel: "a", data: format!(r#"{{"n":[{n}, 1]}}"#).as_bytes() }),
             "{json}"
         );
         // Also with escapes elsewhere (the raw copy path), and in an unknown field.
-        let json = format!(
-            r#"{{"type":"publish","id":4,"big":{n},"channel":"\u0061","data":["\"",{n}]}}"#
-        );
+        let json = format!(r#"{{"type":"publish","id":4,"big":{n},"channel":"\u0061","data":["\"",{n}]}}"#);
         assert_eq!(
             decode(&json),
-            Ok(Command::Publish {
-                id: Some(4),
-                channel: "a",
-                data: format!(r#"["\"",{n}]"#).as_bytes()
-            }),
+            Ok(Command::Publish { id: Some(4), channel: "a", data: format!(r#"["\"",{n}]"#).as_bytes() }),
             "{json}"
         );
         let json = format!(r#"{{"type":"ping","id":5,"big":{n}}}"#);
@@ -634,14 +424,7 @@ fn decoder_is_reusable_after_errors() {
         let p = ok.clone().into_bytes();
         let channel = format!("c:{i}");
         let data = format!(r#"{{"i":{i},"s":"\"q\""}}"#);
-        assert_eq!(
-            d.decode(&p),
-            Ok(Command::Publish {
-                id: Some(i),
-                channel: &channel,
-                data: data.as_bytes()
-            })
-        );
+        assert_eq!(d.decode(&p), Ok(Command::Publish { id: Some(i), channel: &channel, data: data.as_bytes() }));
     }
 }
 
@@ -649,29 +432,10 @@ fn decoder_is_reusable_after_errors() {
 fn encode_command_round_trips() {
     let mut d = Decoder::new();
     let cmds = [
-        Command::Subscribe {
-            id: Some(1),
-            channel: "room:42",
-            since: Some(Since {
-                offset: 17,
-                epoch: "é\"\n",
-            }),
-        },
-        Command::Publish {
-            id: None,
-            channel: "a",
-            data: br#"{"x":"\"","y":[1e400]}"#,
-        },
-        Command::History {
-            id: Some(u64::MAX),
-            channel: "h",
-            since: None,
-            limit: Some(1000),
-        },
-        Command::Refresh {
-            id: Some(0),
-            token: "\u{1}\\",
-        },
+        Command::Subscribe { id: Some(1), channel: "room:42", since: Some(Since { offset: 17, epoch: "é\"\n" }) },
+        Command::Publish { id: None, channel: "a", data: br#"{"x":"\"","y":[1e400]}"# },
+        Command::History { id: Some(u64::MAX), channel: "h", since: None, limit: Some(1000) },
+        Command::Refresh { id: Some(0), token: "\u{1}\\" },
     ];
     for cmd in cmds {
         let mut out = Vec::new();
@@ -705,10 +469,25 @@ fn json_string_text() -> impl Strategy<Value = String> {
 fn json_number_text() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
-            "0", "-0", "1.50", "-0.0", "1e400", "-1e400", "18446744073709551616",
-            "18446744073709551615", "-9223372036854775808", "-9223372036854775809", "1E+2", "2.5e-3",
-            "123456789012345678901234567890", "1e-400", "3.141592653589793", "1e99999", "0.1e-99999",
-            "5e0", "1.0000000000000000000000001",
+            "0",
+            "-0",
+            "1.50",
+            "-0.0",
+            "1e400",
+            "-1e400",
+            "18446744073709551616",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "1E+2",
+            "2.5e-3",
+            "123456789012345678901234567890",
+            "1e-400",
+            "3.141592653589793",
+            "1e99999",
+            "0.1e-99999",
+            "5e0",
+            "1.0000000000000000000000001",
         ])
         .prop_map(String::from),
         any::<i64>().prop_map(|n| n.to_string()),
@@ -729,15 +508,11 @@ fn json_text() -> impl Strategy<Value = String> {
                 let body: Vec<String> = items.iter().map(|(a, v, b)| format!("{a}{v}{b}")).collect();
                 format!("[{}]", body.join(","))
             }),
-            prop::collection::vec((ws(), json_string_text(), ws(), ws(), inner, ws()), 0..5).prop_map(
-                |members| {
-                    let body: Vec<String> = members
-                        .iter()
-                        .map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}"))
-                        .collect();
-                    format!("{{{}}}", body.join(","))
-                }
-            ),
+            prop::collection::vec((ws(), json_string_text(), ws(), ws(), inner, ws()), 0..5).prop_map(|members| {
+                let body: Vec<String> =
+                    members.iter().map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}")).collect();
+                format!("{{{}}}", body.join(","))
+            }),
         ]
     })
 }
@@ -746,8 +521,8 @@ fn json_text() -> impl Strategy<Value = String> {
 /// random whitespace; the `data` key is sometimes escaped.
 fn publish_text(data: String) -> impl Strategy<Value = String> {
     let extras = prop::collection::vec((json_string_text(), json_text()), 0..3);
-    (extras, any::<bool>(), any::<prop::sample::Index>(), prop::collection::vec(ws(), 32))
-        .prop_flat_map(move |(extras, escaped_key, id, spaces)| {
+    (extras, any::<bool>(), any::<prop::sample::Index>(), prop::collection::vec(ws(), 32)).prop_flat_map(
+        move |(extras, escaped_key, id, spaces)| {
             let data_key = if escaped_key { r#""d\u0061ta""# } else { r#""data""# };
             let mut members = vec![
                 (r#""type""#.to_owned(), r#""publish""#.to_owned()),
@@ -778,7 +553,8 @@ fn publish_text(data: String) -> impl Strategy<Value = String> {
                 s.push_str(spaces[31]);
                 s
             })
-        })
+        },
+    )
 }
 
 const KNOWN: [&str; 7] = ["type", "id", "channel", "data", "since", "limit", "token"];
@@ -827,8 +603,7 @@ fn arb_cmd() -> impl Strategy<Value = (Option<u64>, Cmd)> {
         arb_channel().prop_map(Cmd::Unsubscribe),
         (arb_channel(), arb_value()).prop_map(|(c, d)| Cmd::Publish(c, d)),
         arb_channel().prop_map(Cmd::Presence),
-        (arb_channel(), since, prop::option::of(1u32..=1000))
-            .prop_map(|(c, s, l)| Cmd::History(c, s, l)),
+        (arb_channel(), since, prop::option::of(1u32..=1000)).prop_map(|(c, s, l)| Cmd::History(c, s, l)),
         Just(Cmd::Ping),
         any::<String>().prop_map(Cmd::Refresh),
     ];
