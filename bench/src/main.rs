@@ -1,1 +1,30 @@
-fn main() {}
+//! The `throng-bench` binary: parses the arguments, runs the scenario (or a worker's share of it) and
+//! prints the report.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use throng_bench::{run, worker_main, Args, Plan, WorkerCommand};
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan = Plan::from_args(&args)?;
+    if plan.worker.is_some() {
+        worker_main(&plan)?;
+        return Ok(());
+    }
+    let worker = WorkerCommand {
+        exe: std::env::current_exe().context("locating this executable for --procs")?,
+        args: std::env::args_os().skip(1).collect(),
+    };
+    let report = run(&plan, &worker)?;
+    let mut out = std::io::stdout().lock();
+    if plan.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.human())?;
+    }
+    Ok(())
+}

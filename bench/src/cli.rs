@@ -1,0 +1,416 @@
+//! Command-line arguments and the [`Plan`] derived from them: who connects where, in which role, at what
+//! rate, and how the work is split over processes and threads.
+
+use std::net::IpAddr;
+
+use clap::{Parser, ValueEnum};
+
+use crate::addr::{parse_source_ips, parse_ws_url, WsUrl};
+use crate::error::Error;
+use crate::sys::parse_cpu_list;
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Ramp up connections, hold them idle; connect latency, errors, server memory per connection.
+    Connect,
+    /// Every connection sends and gets its messages back; throughput and round-trip latency.
+    Echo,
+    /// Subscribers on one channel, publishers at a fixed rate; deliveries/s, fan-out latency, loss, order.
+    Broadcast,
+    /// Broadcast to steady subscribers while other connections open and close at a rate.
+    Churn,
+}
+
+/// The protocol spoken to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// Throng wire protocol v1 on `/ws` (subscribe/publish commands); echo uses `/echo`.
+    Throng,
+    /// The plain contract of the comparison peers: `/echo` echoes, `/broadcast` relays to all (sender too).
+    Raw,
+}
+
+impl Scenario {
+    /// The scenario's name as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Connect => "connect",
+            Scenario::Echo => "echo",
+            Scenario::Broadcast => "broadcast",
+            Scenario::Churn => "churn",
+        }
+    }
+}
+
+impl Target {
+    /// The target's name as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Throng => "throng",
+            Target::Raw => "raw",
+        }
+    }
+}
+
+/// `throng-bench SCENARIO --url ws://... [options]`
+#[derive(Clone, Debug, Parser)]
+#[command(name = "throng-bench", version, about = "Load generator for Throng and other WebSocket servers")]
+pub struct Args {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Server URL, `ws://host:port[/path]`; a path overrides the scenario's default path.
+    #[arg(long)]
+    pub url: String,
+    /// Protocol: `throng` (v1 on /ws) or `raw` (the peers' /echo and /broadcast).
+    #[arg(long, value_enum, default_value_t = Target::Throng)]
+    pub target: Target,
+    /// Connections: echo connections, subscribers (broadcast, churn: the steady ones) or idle connections.
+    #[arg(long, default_value_t = 100)]
+    pub connections: u64,
+    /// Length of the measured window in seconds (connect: default for --hold).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Messages per second, all senders together: echo (default: closed loop), broadcast publishes
+    /// (default 100), churn's steady stream (default 10).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Payload bytes per message (the `data` of a v1 publish), stamp included.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Worker processes (each holds its share of the connections; keep each under ~9.9k sockets).
+    #[arg(long, default_value_t = 1)]
+    pub procs: u32,
+    /// Event-loop threads per process.
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Publishers (broadcast, churn). Throng: extra connections; raw: some of the --connections.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u64,
+    /// Channel for throng broadcast and churn.
+    #[arg(long, default_value = "bench:0")]
+    pub channel: String,
+    /// PID of the server: sample its CPU time and RSS (`/proc`) before and after.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Source addresses to spread connections over (`127.0.0.1-127.0.0.50`, `127.0.0.0/24`, `a,b,c`).
+    #[arg(long)]
+    pub source_ips: Option<String>,
+    /// Connect: seconds to hold the connections idle (default: --duration).
+    #[arg(long)]
+    pub hold: Option<f64>,
+    /// New connections per second while ramping up, all processes together.
+    #[arg(long, default_value_t = 5000.0)]
+    pub ramp_rate: f64,
+    /// Handshakes in progress at once, all processes together.
+    #[arg(long, default_value_t = 512)]
+    pub max_pending: u64,
+    /// Seconds a connection may take for TCP connect + upgrade (+ subscribe) before it counts as timed out.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds to keep receiving after the window, for messages still in flight.
+    #[arg(long, default_value_t = 2.0)]
+    pub grace: f64,
+    /// Echo, closed loop: messages each connection keeps in flight.
+    #[arg(long, default_value_t = 1)]
+    pub inflight: u32,
+    /// Receive pacing in milliseconds (0 = off): during the window the loop wakes at most once per period,
+    /// so each read takes more frames and the bench costs less per message; measured latencies then include
+    /// up to this much of the bench's own waiting, and fixed-rate sends go out in bursts at those wake-ups.
+    /// For saturation runs where the bench would otherwise be the limit.
+    #[arg(long, default_value_t = 0.0)]
+    pub pace_ms: f64,
+    /// Churn: connections opened (and closed again) per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub churn_rate: f64,
+    /// Mint an HS256 JWT per connection with this secret (sent as `?token=`).
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// Request path (default: /ws for throng, /echo or /broadcast for raw, /echo for echo).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Pin the bench to these CPUs (`1`, `0-1`, `2,3`).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Seed for WebSocket keys and mask keys.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Internal: run as worker K of P (`K/P`), speaking the worker protocol on stdin/stdout.
+    #[arg(long, hide = true)]
+    pub worker: Option<String>,
+}
+
+/// The role a connection plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds the connection, reads and answers pings.
+    Idle,
+    /// Sends stamped messages and measures their echo.
+    Echo,
+    /// Receives broadcast deliveries (throng: after subscribing).
+    Sub,
+    /// Throng publisher: sends `publish` commands, receives no deliveries.
+    Pub,
+    /// Raw publisher: one of the `/broadcast` connections, so it also receives.
+    PubSub,
+    /// Churn: connects, upgrades (and subscribes), closes, repeatedly.
+    Churn,
+}
+
+impl Role {
+    /// True for roles that receive broadcast deliveries.
+    pub fn receives(self) -> bool {
+        matches!(self, Role::Sub | Role::PubSub)
+    }
+}
+
+/// A validated run: everything the workers need, derived from [`Args`].
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// What to measure.
+    pub scenario: Scenario,
+    /// Protocol spoken.
+    pub target: Target,
+    /// The server.
+    pub url: WsUrl,
+    /// The request path (with query, without the token).
+    pub path: String,
+    /// Measured receivers: echo connections, subscribers, or idle connections.
+    pub receivers: u64,
+    /// Connections held for the whole run (receivers plus throng publishers).
+    pub total: u64,
+    /// Publishers (broadcast, churn), else 0.
+    pub publishers: u64,
+    /// Aggregate message rate; `None` for closed-loop echo and for connect.
+    pub rate: Option<f64>,
+    /// Closed-loop echo: messages in flight per connection.
+    pub inflight: u32,
+    /// Payload size.
+    pub size: usize,
+    /// Measured window.
+    pub duration_ns: u64,
+    /// Receive-only time after the window.
+    pub grace_ns: u64,
+    /// Receive pacing period during the window (0 = off).
+    pub pace_ns: u64,
+    /// Connections per second while ramping (all processes).
+    pub ramp_rate: f64,
+    /// Handshakes in flight at once (all processes).
+    pub max_pending: u64,
+    /// Per-connection handshake timeout.
+    pub connect_timeout_ns: u64,
+    /// Churn rate (all processes); 0 outside churn.
+    pub churn_rate: f64,
+    /// Channel for throng broadcast.
+    pub channel: String,
+    /// Source addresses, possibly empty (kernel's choice).
+    pub source_ips: Vec<IpAddr>,
+    /// HS256 secret for per-connection tokens.
+    pub jwt_secret: Option<String>,
+    /// Seed for keys and masks.
+    pub seed: u64,
+    /// Worker processes.
+    pub procs: u32,
+    /// Threads per process.
+    pub threads: u32,
+    /// Server PID to sample.
+    pub server_pid: Option<u32>,
+    /// CPUs to pin to.
+    pub cpus: Option<Vec<usize>>,
+    /// Machine-readable output.
+    pub json: bool,
+    /// When this process is worker `k` of `p`.
+    pub worker: Option<(u32, u32)>,
+}
+
+fn secs(name: &str, v: f64, min: f64) -> Result<u64, Error> {
+    if !v.is_finite() || v < min {
+        return Err(Error::Config(format!("--{name} must be at least {min} (got {v})")));
+    }
+    Ok((v * 1e9) as u64)
+}
+
+impl Plan {
+    /// Validates `args` and derives the plan.
+    pub fn from_args(args: &Args) -> Result<Plan, Error> {
+        let url = parse_ws_url(&args.url)?;
+        let s = args.scenario;
+        let t = args.target;
+        let path = match (&args.path, &url.path) {
+            (Some(p), _) | (None, Some(p)) => p.clone(),
+            (None, None) => match (s, t) {
+                (Scenario::Echo, _) => "/echo".into(),
+                (_, Target::Throng) => "/ws".into(),
+                (Scenario::Connect, Target::Raw) => "/echo".into(),
+                (_, Target::Raw) => "/broadcast".into(),
+            },
+        };
+        if !path.starts_with('/') {
+            return Err(Error::Config(format!("path must start with / (got {path:?})")));
+        }
+        let bcast = matches!(s, Scenario::Broadcast | Scenario::Churn);
+        if args.procs == 0 || args.threads == 0 {
+            return Err(Error::Config("--procs and --threads must be at least 1".into()));
+        }
+        if args.connections == 0 {
+            return Err(Error::Config("--connections must be at least 1".into()));
+        }
+        let publishers = if bcast { args.publishers } else { 0 };
+        if bcast && publishers == 0 {
+            return Err(Error::Config("--publishers must be at least 1".into()));
+        }
+        if bcast && t == Target::Raw && publishers > args.connections {
+            return Err(Error::Config("raw target: --publishers are among the --connections; too many".into()));
+        }
+        let total = if bcast && t == Target::Throng { args.connections + publishers } else { args.connections };
+        let rate = match s {
+            Scenario::Connect => None,
+            Scenario::Echo => args.rate,
+            Scenario::Broadcast => Some(args.rate.unwrap_or(100.0)),
+            Scenario::Churn => Some(args.rate.unwrap_or(10.0)),
+        };
+        if let Some(r) = rate {
+            if !r.is_finite() || r <= 0.0 {
+                return Err(Error::Config(format!("--rate must be positive (got {r})")));
+            }
+        }
+        if args.inflight == 0 {
+            return Err(Error::Config("--inflight must be at least 1".into()));
+        }
+        if !args.ramp_rate.is_finite() || args.ramp_rate <= 0.0 || args.max_pending == 0 {
+            return Err(Error::Config("--ramp-rate and --max-pending must be positive".into()));
+        }
+        if s == Scenario::Churn && (!args.churn_rate.is_finite() || args.churn_rate <= 0.0) {
+            return Err(Error::Config("--churn-rate must be positive".into()));
+        }
+        if args.channel.is_empty() || args.channel.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            return Err(Error::Config("--channel must be non-empty without quotes or backslashes".into()));
+        }
+        let window = if s == Scenario::Connect { args.hold.unwrap_or(args.duration) } else { args.duration };
+        let worker = match &args.worker {
+            None => None,
+            Some(w) => {
+                let bad = || Error::Config(format!("bad --worker {w:?}"));
+                let (k, p) = w.split_once('/').ok_or_else(bad)?;
+                let (k, p): (u32, u32) = (k.parse().map_err(|_| bad())?, p.parse().map_err(|_| bad())?);
+                if k >= p {
+                    return Err(bad());
+                }
+                Some((k, p))
+            }
+        };
+        Ok(Plan {
+            scenario: s,
+            target: t,
+            url,
+            path,
+            receivers: args.connections,
+            total,
+            publishers,
+            rate,
+            inflight: args.inflight,
+            size: args.size,
+            duration_ns: secs(if s == Scenario::Connect { "hold" } else { "duration" }, window, 0.1)?,
+            grace_ns: secs("grace", args.grace, 0.0)?,
+            pace_ns: secs("pace-ms", args.pace_ms / 1000.0, 0.0)?,
+            ramp_rate: args.ramp_rate,
+            max_pending: args.max_pending,
+            connect_timeout_ns: secs("connect-timeout", args.connect_timeout, 0.1)?,
+            churn_rate: if s == Scenario::Churn { args.churn_rate } else { 0.0 },
+            channel: args.channel.clone(),
+            source_ips: match &args.source_ips {
+                Some(v) => parse_source_ips(v)?,
+                None => Vec::new(),
+            },
+            jwt_secret: args.jwt_secret.clone(),
+            seed: args.seed,
+            procs: args.procs,
+            threads: args.threads,
+            server_pid: args.server_pid,
+            cpus: args.cpu.as_deref().map(parse_cpu_list).transpose()?,
+            json: args.json,
+            worker,
+        })
+    }
+
+    /// The role of the connection with global index `i` (`0..total`).
+    pub fn role(&self, i: u64) -> Role {
+        match self.scenario {
+            Scenario::Connect => Role::Idle,
+            Scenario::Echo => Role::Echo,
+            Scenario::Broadcast | Scenario::Churn => match (self.publisher_id(i), self.target) {
+                (Some(_), Target::Throng) => Role::Pub,
+                (Some(_), Target::Raw) => Role::PubSub,
+                (None, _) => Role::Sub,
+            },
+        }
+    }
+
+    /// Publishers are spread evenly over the connection indices: the one at `i` has id `i / stride`.
+    pub fn publisher_id(&self, i: u64) -> Option<u64> {
+        if self.publishers == 0 {
+            return None;
+        }
+        let stride = (self.total / self.publishers).max(1);
+        (i.is_multiple_of(stride) && i / stride < self.publishers).then_some(i / stride)
+    }
+
+    /// True when throng subscribers must subscribe (and be acknowledged) before they count as ready.
+    pub fn subscribes(&self) -> bool {
+        self.target == Target::Throng && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn)
+    }
+}
+
+/// Part `k` of `n` equal contiguous parts of `0..total`.
+pub fn split(total: u64, n: u64, k: u64) -> (u64, u64) {
+    let base = total / n;
+    let extra = total % n;
+    let lo = k * base + k.min(extra);
+    let hi = lo + base + u64::from(k < extra);
+    (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Plan {
+        let mut v = vec!["throng-bench"];
+        v.extend_from_slice(args);
+        Plan::from_args(&Args::parse_from(v)).unwrap()
+    }
+
+    #[test]
+    fn splits_cover_everything() {
+        for total in [0u64, 1, 7, 100, 10_001] {
+            for n in 1..5u64 {
+                let mut next = 0;
+                for k in 0..n {
+                    let (lo, hi) = split(total, n, k);
+                    assert_eq!(lo, next);
+                    next = hi;
+                }
+                assert_eq!(next, total);
+            }
+        }
+    }
+
+    #[test]
+    fn roles_and_paths() {
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1", "--connections", "10", "--publishers", "2"]);
+        assert_eq!((p.total, p.path.as_str()), (12, "/ws"));
+        let pubs: Vec<u64> = (0..p.total).filter_map(|i| p.publisher_id(i)).collect();
+        assert_eq!(pubs, vec![0, 1]);
+        assert_eq!((0..p.total).filter(|&i| p.role(i) == Role::Pub).count(), 2);
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1", "--target", "raw", "--connections", "10"]);
+        assert_eq!((p.total, p.path.as_str(), p.role(0), p.role(1)), (10, "/broadcast", Role::PubSub, Role::Sub));
+        let p = plan(&["echo", "--url", "ws://127.0.0.1:1/custom"]);
+        assert_eq!((p.path.as_str(), p.rate), ("/custom", None));
+        let p = plan(&["connect", "--url", "ws://127.0.0.1:1", "--hold", "3", "--target", "raw"]);
+        assert_eq!((p.path.as_str(), p.duration_ns), ("/echo", 3_000_000_000));
+    }
+}

@@ -1,0 +1,1113 @@
+//! The client event loop: one per thread, an epoll loop over many nonblocking sockets.
+//!
+//! A thread owns a contiguous range of the run's connection indices. It ramps them up (TCP connect,
+//! HTTP upgrade, and for throng subscribers a `subscribe` acknowledged by `subscribed`), reports ready to
+//! its process's [`Control`], waits for the common start time, then drives the window: fixed-rate or
+//! closed-loop sends, churn connections, and the accounting of every stamped message received. After the
+//! window it keeps receiving for the grace period, then drops every socket.
+//!
+//! Per message the loop costs one `read` shared by every frame in it (64 KiB reads), frames parsed in place
+//! by [`WsConn`], one clock read per `read`, a substring search for the stamp, a histogram record and a few
+//! integer updates; no allocation. A partial frame at the end of a read is kept in the connection's
+//! `pending` buffer and copied in front of the next read (into reserved head room), so the next read still
+//! lands in the shared buffer.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use throng_protocol::conn::{Event, Limits, MessageData, Step, WsConn};
+use throng_protocol::frame::OpCode;
+use throng_protocol::handshake::accept_key;
+
+use crate::cli::{Plan, Role, Scenario, Target};
+use crate::error::Error;
+use crate::jwt;
+use crate::payload::{write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
+use crate::poll::{self, Epoll, ERR, IN, OUT};
+use crate::sys::now_ns;
+use crate::tally::Tally;
+
+/// Room reserved in front of each read for the partial frame left by the previous one.
+const HEAD: usize = 64 * 1024;
+/// Bytes asked for per `read`.
+const READ: usize = 64 * 1024;
+/// Socket events taken per `epoll_wait` (the epoll buffer and the loop's copy of it).
+const EVENTS: usize = 256;
+/// Unsent bytes per connection past which sends are skipped (and counted as backpressured).
+const OUT_CAP: usize = 4 << 20;
+/// How long a churn connection waits for the server's close frame.
+const CLOSE_WAIT_NS: u64 = 2_000_000_000;
+/// Longest wait for the start signal once ready (the parent has then gone wrong).
+const GO_WAIT_NS: u64 = 600_000_000_000;
+/// Size limits for received frames and messages.
+const LIMITS: Limits = Limits { max_frame: 64 << 20, max_message: 64 << 20 };
+
+/// Live counters for the progress line, summed over a process's threads.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Ready connections currently open.
+    pub open: AtomicU64,
+    /// Connections that failed to become ready.
+    pub failed: AtomicU64,
+    /// Messages sent.
+    pub sent: AtomicU64,
+    /// Stamped messages received.
+    pub received: AtomicU64,
+    /// Churn connections completed.
+    pub churned: AtomicU64,
+}
+
+/// What a process's threads share with its coordinator.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Start of the window (`CLOCK_MONOTONIC` ns); 0 until the coordinator decides it.
+    pub go_ns: AtomicU64,
+    /// Set to make every thread stop as soon as it can.
+    pub abort: AtomicBool,
+    /// Threads that finished their connect phase (or gave up).
+    pub ready: AtomicU32,
+    /// Live counters.
+    pub progress: Progress,
+}
+
+/// One thread's share of the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadSpec {
+    /// First global connection index of this thread.
+    pub lo: u64,
+    /// One past the last.
+    pub hi: u64,
+    /// This thread's share of the message rate (messages per second), if sends are rate-driven.
+    pub rate: Option<f64>,
+    /// This thread's share of the ramp rate.
+    pub ramp_rate: f64,
+    /// Handshakes this thread keeps in flight at most.
+    pub max_pending: usize,
+    /// This thread's share of the churn rate.
+    pub churn_rate: f64,
+    /// Churn connections this thread keeps open at most (file-descriptor budget).
+    pub churn_cap: usize,
+    /// Global index of this thread's first churn connection; the next ones follow at `churn_step`.
+    pub churn_base: u64,
+    /// Stride between this thread's churn connection indices (the number of threads in the run).
+    pub churn_step: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    Free,
+    Connecting,
+    Upgrading,
+    Subscribing,
+    Open,
+    Closing,
+}
+
+impl St {
+    fn pending(self) -> bool {
+        matches!(self, St::Connecting | St::Upgrading | St::Subscribing)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    WaitGo,
+    Measure,
+    Grace,
+}
+
+/// Why a connection's frame processing stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The close handshake finished (the peer's close frame, answered in `out`).
+    Closed(Option<u16>),
+    /// The connection failed with this kind.
+    Fail(String),
+}
+
+#[derive(Debug)]
+struct Conn {
+    fd: Option<OwnedFd>,
+    gidx: u64,
+    st: St,
+    role: Role,
+    initial: bool,
+    dirty: bool,
+    interest: u32,
+    ws: WsConn,
+    /// Unconsumed received bytes: the HTTP response head while upgrading, later a partial frame.
+    pending: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// When the connect started.
+    t0: u64,
+    /// Sequence number of the next message sent.
+    seq: u64,
+    /// Echo messages in flight.
+    inflight: u32,
+    /// Publisher id (broadcast), stamped into publishes.
+    pub_id: u64,
+    /// Index of this receiver's first slot in the per-publisher sequence table.
+    seq_base: usize,
+}
+
+impl Conn {
+    fn free() -> Self {
+        Self {
+            fd: None,
+            gidx: u64::MAX,
+            st: St::Free,
+            role: Role::Idle,
+            initial: false,
+            dirty: false,
+            interest: 0,
+            ws: WsConn::client(1),
+            pending: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            t0: 0,
+            seq: 0,
+            inflight: 0,
+            pub_id: 0,
+            seq_base: usize::MAX,
+        }
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+}
+
+/// Sixteen pseudo-random bytes for connection `gidx`, base64: its `Sec-WebSocket-Key`.
+fn ws_key(seed: u64, gidx: u64) -> [u8; 24] {
+    let mut x = seed ^ gidx.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&next().to_le_bytes());
+    raw[8..].copy_from_slice(&next().to_le_bytes());
+    let mut key = [0u8; 24];
+    // 16 bytes always encode to exactly 24 base64 characters.
+    let n = STANDARD.encode_slice(raw, &mut key).unwrap_or(0);
+    debug_assert_eq!(n, 24);
+    key
+}
+
+/// Runs one thread's share of the plan to the end and returns what it counted.
+pub fn run_thread(plan: &Plan, spec: &ThreadSpec, ctl: &Control) -> Result<Tally, Error> {
+    let mut lp = Loop::new(plan, spec, ctl)?;
+    let r = lp.run();
+    if r.is_err() || lp.phase == Phase::Connecting {
+        // Do not leave the coordinator waiting for this thread.
+        ctl.abort.store(true, Relaxed);
+        if lp.phase == Phase::Connecting {
+            ctl.ready.fetch_add(1, Relaxed);
+        }
+    }
+    r?;
+    Ok(lp.finish())
+}
+
+struct Loop<'a> {
+    plan: &'a Plan,
+    spec: &'a ThreadSpec,
+    ctl: &'a Control,
+    ep: Epoll,
+    conns: Vec<Conn>,
+    free: Vec<usize>,
+    rbuf: Vec<u8>,
+    scratch: Vec<u8>,
+    sc: Scanner,
+    /// Where the last stamp was found in its message (v1 messages repeat their layout).
+    hint: usize,
+    tally: Tally,
+    /// Next expected sequence number per (receiver, publisher).
+    seqs: Vec<u64>,
+    /// Slots that send at the fixed rate.
+    senders: Vec<usize>,
+    rr: usize,
+    /// Messages scheduled so far in the window (fixed rate).
+    sched: u64,
+    churn_started: u64,
+    churn_live: usize,
+    dirty: Vec<usize>,
+    /// Handshakes in flight: (slot, gidx, deadline), oldest first.
+    pending_q: VecDeque<(usize, u64, u64)>,
+    handshaking: usize,
+    /// Churn connections waiting for the close reply: (slot, gidx, deadline).
+    closing_q: VecDeque<(usize, u64, u64)>,
+    n_initial: u64,
+    next_initial: u64,
+    unresolved: u64,
+    phase: Phase,
+    start: u64,
+    go: u64,
+    ready_at: u64,
+    /// When the paced loop last woke.
+    last_wake: u64,
+    last_flush: u64,
+    flushed: [u64; 4],
+    host_line: Vec<u8>,
+    jwt_secret: Option<Vec<u8>>,
+}
+
+impl<'a> Loop<'a> {
+    fn new(plan: &'a Plan, spec: &'a ThreadSpec, ctl: &'a Control) -> Result<Self, Error> {
+        let n_initial = spec.hi - spec.lo;
+        let ep = Epoll::new(EVENTS).map_err(|e| Error::Io("epoll_create", e))?;
+        let mut conns = Vec::with_capacity(n_initial as usize);
+        let mut senders = Vec::new();
+        let mut n_recv = 0usize;
+        let publishers = plan.publishers as usize;
+        for gidx in spec.lo..spec.hi {
+            let mut c = Conn::free();
+            c.role = plan.role(gidx);
+            c.gidx = gidx;
+            c.initial = true;
+            c.pub_id = plan.publisher_id(gidx).unwrap_or(0);
+            if c.role.receives() {
+                c.seq_base = n_recv * publishers;
+                n_recv += 1;
+            }
+            let slot = conns.len();
+            let rate_sender = match c.role {
+                Role::Pub | Role::PubSub => true,
+                Role::Echo => plan.rate.is_some(),
+                _ => false,
+            };
+            if rate_sender {
+                senders.push(slot);
+            }
+            conns.push(c);
+        }
+        let mut host_line = b"\r\nHost: ".to_vec();
+        host_line.extend_from_slice(plan.url.host.as_bytes());
+        Ok(Self {
+            plan,
+            spec,
+            ctl,
+            ep,
+            conns,
+            free: Vec::new(),
+            rbuf: vec![0u8; HEAD + READ],
+            scratch: Vec::with_capacity(plan.size + 256),
+            sc: Scanner::new(),
+            hint: 1,
+            tally: Tally::default(),
+            seqs: vec![0u64; n_recv * publishers],
+            senders,
+            rr: 0,
+            sched: 0,
+            churn_started: 0,
+            churn_live: 0,
+            dirty: Vec::new(),
+            pending_q: VecDeque::new(),
+            handshaking: 0,
+            closing_q: VecDeque::new(),
+            n_initial,
+            next_initial: 0,
+            unresolved: n_initial,
+            phase: Phase::Connecting,
+            start: now_ns(),
+            go: 0,
+            ready_at: 0,
+            last_wake: 0,
+            last_flush: 0,
+            flushed: [0; 4],
+            host_line,
+            jwt_secret: plan.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+        })
+    }
+
+    fn run(&mut self) -> Result<(), Error> {
+        loop {
+            let now = now_ns();
+            if self.ctl.abort.load(Relaxed) {
+                return Ok(());
+            }
+            match self.phase {
+                Phase::Connecting => {
+                    self.ramp(now);
+                    if self.next_initial == self.n_initial && self.unresolved == 0 {
+                        self.phase = Phase::WaitGo;
+                        self.ready_at = now;
+                        self.tally.connect_span_ns = now - self.start;
+                        self.ctl.ready.fetch_add(1, Relaxed);
+                    }
+                }
+                Phase::WaitGo => {
+                    let go = self.ctl.go_ns.load(Relaxed);
+                    if go != 0 && now >= go {
+                        self.go = go;
+                        self.phase = Phase::Measure;
+                        self.start_window(now);
+                    } else if now - self.ready_at > GO_WAIT_NS {
+                        return Ok(());
+                    }
+                }
+                Phase::Measure => {
+                    if now >= self.go + self.plan.duration_ns {
+                        self.phase = Phase::Grace;
+                        self.tally.held =
+                            self.conns[..self.n_initial as usize].iter().filter(|c| c.st == St::Open).count() as u64;
+                    } else {
+                        self.send_due(now);
+                        self.churn_due(now);
+                    }
+                }
+                Phase::Grace => {
+                    if now >= self.go + self.plan.duration_ns + self.plan.grace_ns {
+                        // If this thread was descheduled, deliveries may be waiting unread: take them.
+                        self.drain_ready()?;
+                        return Ok(());
+                    }
+                }
+            }
+            self.expire(now);
+            self.flush_dirty();
+            self.publish_progress(now);
+            let pacing = self.plan.pace_ns > 0 && matches!(self.phase, Phase::Measure | Phase::Grace);
+            if pacing {
+                // Let frames pile up in the sockets, then take them all without waiting.
+                let wake = self.last_wake + self.plan.pace_ns;
+                let deadline = self.go + self.plan.duration_ns + self.plan.grace_ns;
+                let t = now_ns();
+                if wake > t {
+                    std::thread::sleep(std::time::Duration::from_nanos(wake.min(deadline).saturating_sub(t)));
+                }
+                self.last_wake = now_ns();
+                while self.poll_once(0)? == EVENTS {}
+            } else {
+                let timeout = self.timeout_ms(now_ns());
+                self.poll_once(timeout)?;
+            }
+        }
+    }
+
+    /// Waits up to `timeout` ms for socket events and handles them; returns how many there were.
+    fn poll_once(&mut self, timeout: i32) -> Result<usize, Error> {
+        // Edge-triggered: every event returned must be handled, so the copy holds as many as a wait returns.
+        let mut ready: [(u64, u32); EVENTS] = [(0, 0); EVENTS];
+        let mut n = 0;
+        for ev in self.ep.wait(timeout).map_err(|e| Error::Io("epoll_wait", e))? {
+            ready[n] = ev;
+            n += 1;
+        }
+        let now = now_ns();
+        for &(token, events) in &ready[..n] {
+            self.on_event(token as usize, events, now);
+        }
+        self.flush_dirty();
+        Ok(n)
+    }
+
+    /// Processes the sockets that are ready right now, without waiting, a bounded number of times.
+    fn drain_ready(&mut self) -> Result<(), Error> {
+        for _ in 0..64 {
+            if self.poll_once(0)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Tally {
+        self.publish_progress(u64::MAX);
+        for c in &mut self.conns {
+            c.fd = None;
+        }
+        std::mem::take(&mut self.tally)
+    }
+
+    /// Milliseconds until the loop has something to do without socket events.
+    fn timeout_ms(&self, now: u64) -> i32 {
+        let mut next = now + 100_000_000;
+        let rate_next = |start: u64, k: u64, rate: f64| start + (k as f64 * 1e9 / rate) as u64;
+        match self.phase {
+            Phase::Connecting => {
+                if self.next_initial < self.n_initial && self.handshaking < self.spec.max_pending {
+                    next = next.min(rate_next(self.start, self.next_initial, self.spec.ramp_rate));
+                }
+            }
+            Phase::WaitGo => {
+                let go = self.ctl.go_ns.load(Relaxed);
+                next = if go == 0 { now + 2_000_000 } else { next.min(go) };
+            }
+            Phase::Measure => {
+                next = next.min(self.go + self.plan.duration_ns);
+                if let Some(rate) = self.spec.rate {
+                    if !self.senders.is_empty() {
+                        next = next.min(rate_next(self.go, self.sched, rate));
+                    }
+                }
+                if self.spec.churn_rate > 0.0 {
+                    next = next.min(rate_next(self.go, self.churn_started, self.spec.churn_rate));
+                }
+            }
+            Phase::Grace => next = next.min(self.go + self.plan.duration_ns + self.plan.grace_ns),
+        }
+        if let Some(&(_, _, d)) = self.pending_q.front() {
+            next = next.min(d);
+        }
+        if let Some(&(_, _, d)) = self.closing_q.front() {
+            next = next.min(d);
+        }
+        if next <= now {
+            return 0;
+        }
+        (next - now).div_ceil(1_000_000).min(100) as i32
+    }
+
+    fn publish_progress(&mut self, now: u64) {
+        if now.saturating_sub(self.last_flush) < 100_000_000 {
+            return;
+        }
+        self.last_flush = now;
+        let p = &self.ctl.progress;
+        let cur = [self.tally.sent, self.tally.received, self.tally.failed, self.tally.churn_completed];
+        let counters = [&p.sent, &p.received, &p.failed, &p.churned];
+        for ((c, v), f) in counters.iter().zip(cur).zip(self.flushed.iter_mut()) {
+            if v > *f {
+                c.fetch_add(v - *f, Relaxed);
+                *f = v;
+            }
+        }
+    }
+
+    // ---- connection lifecycle ----
+
+    fn ramp(&mut self, now: u64) {
+        let elapsed = now.saturating_sub(self.start) as f64;
+        let due = ((elapsed * self.spec.ramp_rate / 1e9) as u64 + 1).min(self.n_initial);
+        while self.next_initial < due && self.handshaking < self.spec.max_pending {
+            let slot = self.next_initial as usize;
+            self.next_initial += 1;
+            self.tally.attempted += 1;
+            self.open(slot, now);
+        }
+    }
+
+    fn source_ip(&self, gidx: u64) -> Option<IpAddr> {
+        let ips = &self.plan.source_ips;
+        (!ips.is_empty()).then(|| ips[(gidx % ips.len() as u64) as usize])
+    }
+
+    /// Starts connecting the connection in `slot` (its role and index already set).
+    fn open(&mut self, slot: usize, now: u64) {
+        let src = self.source_ip(self.conns[slot].gidx);
+        let c = &mut self.conns[slot];
+        c.st = St::Connecting;
+        c.t0 = now;
+        c.ws = WsConn::client((self.plan.seed ^ c.gidx.wrapping_mul(0x2545_F491)) as u32 | 1);
+        c.seq = 0;
+        c.inflight = 0;
+        self.handshaking += 1;
+        self.pending_q.push_back((slot, c.gidx, now + self.plan.connect_timeout_ns));
+        let fd = match poll::connect(self.plan.url.addr, src) {
+            Ok(poll::Connecting::Done(fd) | poll::Connecting::InProgress(fd)) => fd,
+            Err(e) => return self.fail(slot, &poll::error_kind(&e)),
+        };
+        let raw = fd.as_raw_fd();
+        c.fd = Some(fd);
+        c.interest = IN | OUT;
+        if let Err(e) = self.ep.add(raw, slot as u64, IN | OUT) {
+            self.fail(slot, &poll::error_kind(&e));
+        }
+    }
+
+    /// One pending handshake is over (ready, failed, or a churn connection moving on to close).
+    fn resolved(&mut self, slot: usize) {
+        self.handshaking -= 1;
+        if self.conns[slot].initial {
+            self.unresolved -= 1;
+        }
+    }
+
+    /// The connection is ready for the window.
+    fn mark_ready(&mut self, slot: usize) {
+        self.resolved(slot);
+        let c = &mut self.conns[slot];
+        c.st = St::Open;
+        self.tally.ready += 1;
+        if c.role.receives() {
+            self.tally.ready_receivers += 1;
+        }
+        self.ctl.progress.open.fetch_add(1, Relaxed);
+        if c.role == Role::Echo && self.phase == Phase::Measure && self.plan.rate.is_none() {
+            // Ready late (cannot happen for initial connections): join the closed loop.
+            self.start_echo(slot, now_ns());
+        }
+    }
+
+    /// Closes the socket of `slot` and makes the slot reusable (churn) or leaves it free (initial).
+    fn release(&mut self, slot: usize) {
+        let c = &mut self.conns[slot];
+        c.fd = None;
+        c.st = St::Free;
+        c.out.clear();
+        c.out_pos = 0;
+        c.pending.clear();
+        c.dirty = false;
+        if c.role == Role::Churn {
+            self.churn_live -= 1;
+            self.free.push(slot);
+        } else {
+            c.out = Vec::new();
+            c.pending = Vec::new();
+        }
+    }
+
+    /// The connection failed or was closed: count it by state and `kind`, and release it.
+    fn fail(&mut self, slot: usize, kind: &str) {
+        let (st, role) = (self.conns[slot].st, self.conns[slot].role);
+        match st {
+            St::Free => return,
+            s if s.pending() => {
+                self.resolved(slot);
+                if role == Role::Churn {
+                    self.tally.churn_failed += 1;
+                    self.tally.error(&format!("churn_{kind}"));
+                } else {
+                    self.tally.failed += 1;
+                    self.tally.error(kind);
+                }
+            }
+            St::Closing => {
+                // A churn connection whose close was answered by end of stream or reset: done.
+                self.tally.churn_completed += 1;
+            }
+            _ => {
+                self.tally.dropped += 1;
+                *self.tally.drop_reasons.entry(kind.to_string()).or_default() += 1;
+                self.ctl.progress.open.fetch_sub(1, Relaxed);
+            }
+        }
+        self.release(slot);
+    }
+
+    /// Fails handshakes and closes that took too long.
+    fn expire(&mut self, now: u64) {
+        while let Some(&(slot, gidx, deadline)) = self.pending_q.front() {
+            let c = &self.conns[slot];
+            if c.gidx != gidx || !c.st.pending() {
+                self.pending_q.pop_front();
+                continue;
+            }
+            if deadline > now {
+                break;
+            }
+            self.pending_q.pop_front();
+            self.fail(slot, "timeout");
+        }
+        while let Some(&(slot, gidx, deadline)) = self.closing_q.front() {
+            let c = &self.conns[slot];
+            if c.gidx != gidx || c.st != St::Closing {
+                self.closing_q.pop_front();
+                continue;
+            }
+            if deadline > now {
+                break;
+            }
+            self.closing_q.pop_front();
+            self.tally.churn_failed += 1;
+            self.tally.error("churn_close_timeout");
+            self.release(slot);
+        }
+    }
+
+    // ---- events ----
+
+    fn on_event(&mut self, slot: usize, events: u32, now: u64) {
+        let Some(c) = self.conns.get(slot) else { return };
+        match c.st {
+            St::Free => {}
+            St::Connecting => {
+                if events & (OUT | ERR | IN) != 0 {
+                    self.on_connected(slot);
+                }
+            }
+            St::Upgrading => {
+                if events & OUT != 0 {
+                    self.flush(slot);
+                }
+                if events & (IN | ERR) != 0 && self.conns[slot].st == St::Upgrading {
+                    self.on_upgrade_readable(slot, now);
+                }
+            }
+            _ => {
+                if events & OUT != 0 {
+                    self.flush(slot);
+                }
+                if events & (IN | ERR) != 0 && self.conns[slot].st != St::Free {
+                    self.on_readable(slot);
+                }
+            }
+        }
+    }
+
+    fn on_connected(&mut self, slot: usize) {
+        if let Some(e) = poll::take_error(self.conns[slot].raw()) {
+            return self.fail(slot, &poll::error_kind(&e));
+        }
+        let key = ws_key(self.plan.seed, self.conns[slot].gidx);
+        let token = self.jwt_secret.as_ref().map(|s| {
+            let sub = format!("bench-{}", self.conns[slot].gidx);
+            jwt::mint_hs256(s, &sub, jwt::unix_now())
+        });
+        let c = &mut self.conns[slot];
+        let out = &mut c.out;
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(self.plan.path.as_bytes());
+        if let Some(t) = token {
+            out.push(if self.plan.path.contains('?') { b'&' } else { b'?' });
+            out.extend_from_slice(b"token=");
+            out.extend_from_slice(t.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1");
+        out.extend_from_slice(&self.host_line);
+        out.extend_from_slice(b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ");
+        out.extend_from_slice(&key);
+        out.extend_from_slice(b"\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        c.st = St::Upgrading;
+        self.flush(slot);
+    }
+
+    fn on_upgrade_readable(&mut self, slot: usize, now: u64) {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let result = loop {
+            let c = &mut self.conns[slot];
+            match poll::read(c.raw(), &mut rbuf[..READ]) {
+                Ok(0) => break Err("reset".to_string()),
+                Ok(n) => {
+                    c.pending.extend_from_slice(&rbuf[..n]);
+                    if memchr::memmem::find(&c.pending, b"\r\n\r\n").is_some() {
+                        break Ok(true);
+                    }
+                    if c.pending.len() > 16 * 1024 {
+                        break Err("bad_response".to_string());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(poll::error_kind(&e)),
+            }
+        };
+        self.rbuf = rbuf;
+        match result {
+            Err(kind) => self.fail(slot, &kind),
+            Ok(false) => {}
+            Ok(true) => {
+                self.on_response(slot, now);
+                if self.conns[slot].st != St::Free {
+                    // Edge-triggered: drain what arrived behind the response head.
+                    self.on_readable(slot);
+                }
+            }
+        }
+    }
+
+    /// The response head is complete in `pending`: check it and start the connection's role.
+    fn on_response(&mut self, slot: usize, now: u64) {
+        let c = &mut self.conns[slot];
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let (head_len, code, accept_ok) = match resp.parse(&c.pending) {
+            Ok(httparse::Status::Complete(n)) => {
+                let code = resp.code.unwrap_or(0);
+                let want = accept_key(&ws_key(self.plan.seed, c.gidx));
+                let ok = resp
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == want.as_slice());
+                (n, code, ok)
+            }
+            _ => return self.fail(slot, "bad_response"),
+        };
+        if code != 101 {
+            return self.fail(slot, &format!("status_{code}"));
+        }
+        if !accept_ok {
+            return self.fail(slot, "bad_accept");
+        }
+        c.pending.drain(..head_len);
+        self.tally.established += u64::from(c.initial);
+        let lat = now.saturating_sub(c.t0);
+        let subscribes = self.plan.subscribes() && matches!(c.role, Role::Sub | Role::Churn);
+        if c.role != Role::Churn {
+            self.tally.connect_lat.record(lat);
+        }
+        if subscribes {
+            self.scratch.clear();
+            write_subscribe(&mut self.scratch, 1, &self.plan.channel);
+            c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+            c.st = St::Subscribing;
+        } else if c.role == Role::Churn {
+            self.tally.churn_lat.record(lat);
+            self.start_close(slot, now);
+        } else {
+            self.mark_ready(slot);
+        }
+        if self.conns[slot].st == St::Free {
+            return;
+        }
+        if !self.conns[slot].pending.is_empty() {
+            // Frames that came with the response (a welcome message, say).
+            let mut buf = std::mem::take(&mut self.conns[slot].pending);
+            let r = self.process(slot, &mut buf, now);
+            if let Ok(used) = r {
+                buf.drain(..used);
+                self.conns[slot].pending = buf;
+            }
+            if let Err(stop) = r {
+                return self.stop(slot, stop);
+            }
+        }
+        self.flush(slot);
+    }
+
+    /// Reads everything available (edge-triggered: until a short read or `EAGAIN`) and processes the frames
+    /// in place.
+    fn on_readable(&mut self, slot: usize) {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let outcome = loop {
+            let c = &mut self.conns[slot];
+            let n = match poll::read(c.raw(), &mut rbuf[HEAD..]) {
+                Ok(0) => break Err(Stop::Fail("eof".into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(Stop::Fail(poll::error_kind(&e))),
+            };
+            // One clock read per read: every frame in it had arrived by now.
+            let now = now_ns();
+            let plen = c.pending.len();
+            let r = if plen <= HEAD {
+                // The usual case: the partial frame goes in front of the new bytes; parse in place.
+                rbuf[HEAD - plen..HEAD].copy_from_slice(&c.pending);
+                let (start, end) = (HEAD - plen, HEAD + n);
+                let r = self.process(slot, &mut rbuf[start..end], now);
+                if let Ok(used) = r {
+                    let c = &mut self.conns[slot];
+                    c.pending.clear();
+                    c.pending.extend_from_slice(&rbuf[start + used..end]);
+                }
+                r
+            } else {
+                // A message larger than the head room: collect it in `pending`.
+                c.pending.extend_from_slice(&rbuf[HEAD..HEAD + n]);
+                let mut buf = std::mem::take(&mut c.pending);
+                let r = self.process(slot, &mut buf, now);
+                if let Ok(used) = r {
+                    buf.drain(..used);
+                    self.conns[slot].pending = buf;
+                }
+                r
+            };
+            if let Err(stop) = r {
+                break Err(stop);
+            }
+            if n < READ {
+                break Ok(());
+            }
+        };
+        self.rbuf = rbuf;
+        match outcome {
+            Ok(()) => self.flush(slot),
+            Err(stop) => self.stop(slot, stop),
+        }
+    }
+
+    /// Ends a connection whose processing stopped: sends what `out` holds (a close reply), counts it.
+    fn stop(&mut self, slot: usize, stop: Stop) {
+        if self.conns[slot].st == St::Free {
+            return;
+        }
+        let c = &mut self.conns[slot];
+        if c.out_pos < c.out.len() {
+            // Best effort: the close reply, if the socket takes it.
+            let _ = poll::write(c.raw(), &c.out[c.out_pos..]);
+        }
+        match stop {
+            Stop::Closed(code) => {
+                if c.st == St::Closing {
+                    self.tally.churn_completed += 1;
+                    self.release(slot);
+                } else {
+                    let kind = code.map_or_else(|| "close".to_string(), |c| format!("close_{c}"));
+                    self.fail(slot, &kind);
+                }
+            }
+            Stop::Fail(kind) => self.fail(slot, &kind),
+        }
+    }
+
+    /// Processes complete frames at the front of `buf`; returns the bytes consumed.
+    fn process(&mut self, slot: usize, buf: &mut [u8], now: u64) -> Result<usize, Stop> {
+        let mut off = 0;
+        while off < buf.len() {
+            let c = &mut self.conns[slot];
+            let step = c.ws.handle_read(&mut buf[off..], &LIMITS, &mut c.out);
+            match step {
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Consumed(n)) => off += n,
+                Ok(Step::Event(n, ev)) => {
+                    match ev {
+                        Event::Message { data: MessageData::InPlace(r), .. } => {
+                            let msg = &buf[off + r.start..off + r.end];
+                            self.on_message(slot, msg, now)?;
+                        }
+                        Event::Message { data: MessageData::Assembled(v), .. } => self.on_message(slot, &v, now)?,
+                        Event::Ping(_) => self.mark_dirty(slot),
+                        Event::Pong(_) => {}
+                        Event::Closed { code } => return Err(Stop::Closed(code)),
+                    }
+                    off += n;
+                }
+                Err(e) => return Err(Stop::Fail(format!("protocol_{}", e.label()))),
+            }
+        }
+        Ok(off)
+    }
+
+    fn on_message(&mut self, slot: usize, msg: &[u8], now: u64) -> Result<(), Stop> {
+        let role = self.conns[slot].role;
+        match role {
+            Role::Idle => {}
+            Role::Echo => match self.sc.stamp(msg, &mut self.hint) {
+                Some(s) => {
+                    self.tally.latency.record(now.saturating_sub(s.t_ns));
+                    self.tally.received += 1;
+                    let c = &mut self.conns[slot];
+                    c.inflight = c.inflight.saturating_sub(1);
+                    if self.phase == Phase::Measure && self.plan.rate.is_none() {
+                        self.send_one(slot, now);
+                    }
+                }
+                None => self.tally.unparsed += 1,
+            },
+            Role::Sub | Role::PubSub | Role::Pub | Role::Churn => match self.sc.classify(msg, &mut self.hint) {
+                Incoming::Stamp(s) if role.receives() => self.deliver(slot, s, now),
+                Incoming::Stamp(_) => {}
+                Incoming::Subscribed => self.on_subscribed(slot, now),
+                Incoming::Error => {
+                    self.tally.v1_errors += 1;
+                    if self.conns[slot].st == St::Subscribing {
+                        return Err(Stop::Fail("subscribe_rejected".into()));
+                    }
+                }
+                Incoming::Other => {
+                    if self.plan.target == Target::Raw && role.receives() {
+                        self.tally.unparsed += 1;
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn deliver(&mut self, slot: usize, s: Stamp, now: u64) {
+        self.tally.latency.record(now.saturating_sub(s.t_ns));
+        self.tally.received += 1;
+        if s.id >= self.plan.publishers {
+            self.tally.unparsed += 1;
+            return;
+        }
+        let idx = self.conns[slot].seq_base + s.id as usize;
+        let Some(next) = self.seqs.get_mut(idx) else { return };
+        if s.seq == *next {
+            *next += 1;
+        } else if s.seq > *next {
+            self.tally.gaps += s.seq - *next;
+            *next = s.seq + 1;
+        } else {
+            self.tally.reordered += 1;
+        }
+    }
+
+    fn on_subscribed(&mut self, slot: usize, now: u64) {
+        let c = &self.conns[slot];
+        if c.st != St::Subscribing {
+            return;
+        }
+        if c.role == Role::Churn {
+            self.tally.churn_lat.record(now.saturating_sub(c.t0));
+            self.start_close(slot, now);
+        } else {
+            self.mark_ready(slot);
+        }
+    }
+
+    // ---- sending ----
+
+    fn mark_dirty(&mut self, slot: usize) {
+        let c = &mut self.conns[slot];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(slot) = self.dirty.pop() {
+            if self.conns[slot].dirty {
+                self.flush(slot);
+            }
+        }
+    }
+
+    /// Writes as much of the connection's unsent bytes as the socket takes; asks for writability if not all.
+    fn flush(&mut self, slot: usize) {
+        let c = &mut self.conns[slot];
+        c.dirty = false;
+        let fd = c.raw();
+        while c.out_pos < c.out.len() {
+            match poll::write(fd, &c.out[c.out_pos..]) {
+                Ok(n) => c.out_pos += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return self.fail(slot, &poll::error_kind(&e)),
+            }
+        }
+        let want = if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+            IN
+        } else {
+            if c.out_pos > (1 << 20) {
+                c.out.drain(..c.out_pos);
+                c.out_pos = 0;
+            }
+            IN | OUT
+        };
+        if want != c.interest {
+            c.interest = want;
+            if let Err(e) = self.ep.modify(fd, slot as u64, want) {
+                self.fail(slot, &poll::error_kind(&e));
+            }
+        }
+    }
+
+    /// Queues one stamped message on `slot` (flushed at the end of the loop turn). False when skipped.
+    fn send_one(&mut self, slot: usize, now: u64) -> bool {
+        let c = &mut self.conns[slot];
+        if c.st != St::Open {
+            return false;
+        }
+        if c.out.len() - c.out_pos > OUT_CAP {
+            self.tally.backpressured += 1;
+            return false;
+        }
+        let id = if c.role == Role::Echo { c.gidx } else { c.pub_id };
+        let stamp = Stamp { t_ns: now, id, seq: c.seq };
+        c.seq += 1;
+        self.scratch.clear();
+        if c.role == Role::Pub {
+            write_publish(&mut self.scratch, &self.plan.channel, stamp, self.plan.size);
+        } else {
+            write_payload(&mut self.scratch, stamp, self.plan.size);
+        }
+        c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+        if c.role == Role::Echo {
+            c.inflight += 1;
+        }
+        self.tally.sent += 1;
+        self.mark_dirty(slot);
+        true
+    }
+
+    fn start_echo(&mut self, slot: usize, now: u64) {
+        for _ in 0..self.plan.inflight {
+            self.send_one(slot, now);
+        }
+    }
+
+    fn start_window(&mut self, now: u64) {
+        if self.plan.scenario == Scenario::Echo && self.plan.rate.is_none() {
+            for slot in 0..self.n_initial as usize {
+                if self.conns[slot].st == St::Open {
+                    self.start_echo(slot, now);
+                }
+            }
+        }
+        self.send_due(now);
+        self.churn_due(now);
+    }
+
+    /// Fixed-rate sends that are due, round-robin over this thread's senders.
+    fn send_due(&mut self, now: u64) {
+        let Some(rate) = self.spec.rate else { return };
+        if self.senders.is_empty() {
+            return;
+        }
+        let due = ((now.saturating_sub(self.go)) as f64 * rate / 1e9) as u64 + 1;
+        let mut budget = 100_000;
+        while self.sched < due && budget > 0 {
+            let slot = self.senders[self.rr % self.senders.len()];
+            self.rr += 1;
+            self.sched += 1;
+            budget -= 1;
+            self.send_one(slot, now);
+        }
+    }
+
+    /// Churn connections that are due.
+    fn churn_due(&mut self, now: u64) {
+        if self.spec.churn_rate <= 0.0 {
+            return;
+        }
+        let due = ((now.saturating_sub(self.go)) as f64 * self.spec.churn_rate / 1e9) as u64 + 1;
+        while self.churn_started < due {
+            let gidx = self.spec.churn_base + self.churn_started * self.spec.churn_step;
+            self.churn_started += 1;
+            if self.churn_live >= self.spec.churn_cap {
+                self.tally.error("churn_skipped_fd_cap");
+                continue;
+            }
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    self.conns.push(Conn::free());
+                    self.conns.len() - 1
+                }
+            };
+            let c = &mut self.conns[slot];
+            c.role = Role::Churn;
+            c.gidx = gidx;
+            c.initial = false;
+            self.churn_live += 1;
+            self.tally.churn_opened += 1;
+            self.open(slot, now);
+        }
+    }
+
+    /// Starts the close handshake of a churn connection.
+    fn start_close(&mut self, slot: usize, now: u64) {
+        self.resolved(slot);
+        let c = &mut self.conns[slot];
+        c.ws.close(1000, "bench churn", &mut c.out);
+        c.st = St::Closing;
+        self.closing_q.push_back((slot, c.gidx, now + CLOSE_WAIT_NS));
+        self.mark_dirty(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_base64_of_16_bytes_and_distinct() {
+        let a = ws_key(1, 0);
+        let b = ws_key(1, 1);
+        assert_ne!(a, b);
+        assert_eq!(STANDARD.decode(a).unwrap().len(), 16);
+    }
+}

@@ -1,0 +1,553 @@
+//! Running a plan: threads in this process, or worker processes of this executable, started together.
+//!
+//! Timeline, the same for one process or many: every thread ramps up its connections and reports ready;
+//! the coordinator samples the server, picks a start time a little in the future and hands it to every
+//! thread (through [`Control`] in-process, or as a `GO <ns>` line on each worker's stdin); each thread runs
+//! the window and the grace period by the monotonic clock, which all processes share, then stops by itself.
+//!
+//! Worker protocol. Worker to parent (stdout, one line each): `READY <connections open>`,
+//! `PROGRESS <open> <failed> <sent> <received> <churned>` once a second, then `RESULT <tally JSON>`, or
+//! `FAIL <reason>`. Parent to worker (stdin): `GO <start ns>`, or `STOP` when no connection anywhere was
+//! ready (the worker then reports at once). Workers die with their parent (`PR_SET_PDEATHSIG`), and the
+//! parent kills its workers (by PID) when it gives up on them.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::cli::{split, Plan, Scenario, Target};
+use crate::client::{run_thread, Control, ThreadSpec};
+use crate::error::Error;
+use crate::report::{Report, Samples};
+use crate::sys::{self, now_ns, ServerSample};
+use crate::tally::Tally;
+
+/// How to start worker processes (`--procs` > 1): the executable and the arguments it was given.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerCommand {
+    /// The `throng-bench` executable (usually `std::env::current_exe()`).
+    pub exe: PathBuf,
+    /// The arguments of this run, without the program name; `--worker K/P` is appended per worker.
+    pub args: Vec<OsString>,
+}
+
+/// Live totals for the progress line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Snapshot {
+    open: u64,
+    failed: u64,
+    sent: u64,
+    received: u64,
+    churned: u64,
+}
+
+impl Snapshot {
+    fn add(&mut self, o: &Snapshot) {
+        self.open += o.open;
+        self.failed += o.failed;
+        self.sent += o.sent;
+        self.received += o.received;
+        self.churned += o.churned;
+    }
+}
+
+/// The thread specs of process `k` of `procs`.
+pub fn thread_specs(plan: &Plan, k: u32, procs: u32, fd_budget: u64) -> Vec<ThreadSpec> {
+    let (plo, phi) = split(plan.total, u64::from(procs), u64::from(k));
+    let threads = plan.threads;
+    let all_threads = u64::from(procs) * u64::from(threads);
+    let total = plan.total.max(1) as f64;
+    // Churn connections this process may hold open at once, shared by its threads.
+    let churn_fds = fd_budget.saturating_sub(phi - plo + 64).max(u64::from(threads));
+    (0..threads)
+        .map(|t| {
+            let (a, b) = split(phi - plo, u64::from(threads), u64::from(t));
+            let (lo, hi) = (plo + a, plo + b);
+            let share = (hi - lo) as f64 / total;
+            let rate = match plan.scenario {
+                Scenario::Broadcast | Scenario::Churn => {
+                    let pubs = (lo..hi).filter(|&i| plan.publisher_id(i).is_some()).count() as f64;
+                    plan.rate.map(|r| r * pubs / plan.publishers.max(1) as f64)
+                }
+                _ => plan.rate.map(|r| r * share),
+            };
+            ThreadSpec {
+                lo,
+                hi,
+                rate,
+                ramp_rate: (plan.ramp_rate * share).max(1e-3),
+                max_pending: ((plan.max_pending as f64 * share).ceil() as usize).max(1),
+                churn_rate: plan.churn_rate / all_threads as f64,
+                churn_cap: (churn_fds / u64::from(threads)).max(1) as usize,
+                churn_base: plan.total + u64::from(k) * u64::from(threads) + u64::from(t),
+                churn_step: all_threads,
+            }
+        })
+        .collect()
+}
+
+/// This process's threads.
+struct Local {
+    ctl: Arc<Control>,
+    handles: Vec<JoinHandle<Result<Tally, Error>>>,
+}
+
+impl Local {
+    fn start(plan: &Plan, k: u32, procs: u32) -> Result<Self, Error> {
+        let nofile = sys::raise_nofile();
+        let (lo, hi) = split(plan.total, u64::from(procs), u64::from(k));
+        if hi - lo + 32 > nofile {
+            return Err(Error::Config(format!(
+                "{} connections in one process exceed its open-file limit ({nofile}); use --procs {}",
+                hi - lo,
+                (plan.total / nofile.saturating_sub(100).max(1)) + 1
+            )));
+        }
+        let ctl = Arc::new(Control::default());
+        let plan = Arc::new(plan.clone());
+        let mut handles = Vec::new();
+        for (t, spec) in thread_specs(&plan, k, procs, nofile).into_iter().enumerate() {
+            let (plan, ctl) = (Arc::clone(&plan), Arc::clone(&ctl));
+            let h = std::thread::Builder::new()
+                .name(format!("bench-{k}-{t}"))
+                .spawn(move || run_thread(&plan, &spec, &ctl))
+                .map_err(|e| Error::Io("spawn thread", e))?;
+            handles.push(h);
+        }
+        Ok(Self { ctl, handles })
+    }
+
+    fn all_ready(&self) -> bool {
+        self.ctl.ready.load(Relaxed) as usize >= self.handles.len()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let p = &self.ctl.progress;
+        Snapshot {
+            open: p.open.load(Relaxed),
+            failed: p.failed.load(Relaxed),
+            sent: p.sent.load(Relaxed),
+            received: p.received.load(Relaxed),
+            churned: p.churned.load(Relaxed),
+        }
+    }
+
+    fn join(self) -> Result<Tally, Error> {
+        let mut total = Tally::default();
+        let mut first_err = None;
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(t)) => total.merge(&t),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(_) => first_err = first_err.or(Some(Error::Config("a client thread panicked".into()))),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct WorkerState {
+    ready: bool,
+    progress: Snapshot,
+    result: Option<Tally>,
+    failure: Option<String>,
+    exited: bool,
+}
+
+/// Worker processes.
+struct Procs {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    state: Arc<Mutex<Vec<WorkerState>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Procs {
+    fn start(plan: &Plan, cmd: &WorkerCommand) -> Result<Self, Error> {
+        let p = plan.procs;
+        let state = Arc::new(Mutex::new((0..p).map(|_| WorkerState::default()).collect::<Vec<_>>()));
+        let mut me = Self { children: Vec::new(), stdins: Vec::new(), state, readers: Vec::new() };
+        for k in 0..p {
+            let mut child = Command::new(&cmd.exe)
+                .args(&cmd.args)
+                .arg("--worker")
+                .arg(format!("{k}/{p}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| Error::Io("spawn worker", e))?;
+            let stdout = child.stdout.take().ok_or_else(|| Error::Worker(k as usize, "no stdout".into()))?;
+            let stdin = child.stdin.take().ok_or_else(|| Error::Worker(k as usize, "no stdin".into()))?;
+            me.children.push(child);
+            me.stdins.push(stdin);
+            let state = Arc::clone(&me.state);
+            let k = k as usize;
+            me.readers.push(std::thread::spawn(move || read_worker(k, stdout, &state)));
+        }
+        Ok(me)
+    }
+
+    fn with_state<R>(&self, f: impl FnOnce(&[WorkerState]) -> R) -> R {
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&guard)
+    }
+
+    /// Ok(true) when all are ready; an error when one failed or exited early.
+    fn all_ready(&self) -> Result<bool, Error> {
+        self.with_state(|s| {
+            for (k, w) in s.iter().enumerate() {
+                if let Some(f) = &w.failure {
+                    return Err(Error::Worker(k, f.clone()));
+                }
+                if w.exited && !w.ready {
+                    return Err(Error::Worker(k, "exited before it was ready".into()));
+                }
+            }
+            Ok(s.iter().all(|w| w.ready))
+        })
+    }
+
+    fn go(&mut self, go_ns: u64) -> Result<(), Error> {
+        for (k, stdin) in self.stdins.iter_mut().enumerate() {
+            writeln!(stdin, "GO {go_ns}").and_then(|()| stdin.flush()).map_err(|e| Error::Worker(k, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Tells every worker to stop without a window (and still report).
+    fn stop(&mut self) -> Result<(), Error> {
+        for (k, stdin) in self.stdins.iter_mut().enumerate() {
+            writeln!(stdin, "STOP").and_then(|()| stdin.flush()).map_err(|e| Error::Worker(k, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.with_state(|s| {
+            let mut t = Snapshot::default();
+            for w in s {
+                t.add(&w.progress);
+            }
+            t
+        })
+    }
+
+    fn join(self, deadline: u64) -> Result<Tally, Error> {
+        loop {
+            let done = self.with_state(|s| s.iter().all(|w| w.exited || w.result.is_some() || w.failure.is_some()));
+            if done || now_ns() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut total = Tally::default();
+        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        for (k, w) in state.into_iter().enumerate() {
+            match (w.result, w.failure) {
+                (Some(t), _) => total.merge(&t),
+                (None, Some(f)) => return Err(Error::Worker(k, f)),
+                (None, None) => return Err(Error::Worker(k, "no result before the deadline".into())),
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.stdins.clear();
+        for c in &mut self.children {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+fn read_worker(k: usize, stdout: std::process::ChildStdout, state: &Mutex<Vec<WorkerState>>) {
+    let reader = BufReader::new(stdout);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let w = &mut s[k];
+        if let Some(open) = line.strip_prefix("READY") {
+            w.ready = true;
+            w.progress.open = open.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("PROGRESS ") {
+            let v: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
+            if let [open, failed, sent, received, churned] = v[..] {
+                w.progress = Snapshot { open, failed, sent, received, churned };
+            }
+        } else if let Some(json) = line.strip_prefix("RESULT ") {
+            match serde_json::from_str(json) {
+                Ok(t) => w.result = Some(t),
+                Err(e) => w.failure = Some(format!("unreadable result: {e}")),
+            }
+        } else if let Some(f) = line.strip_prefix("FAIL ") {
+            w.failure = Some(f.to_string());
+        }
+    }
+    state.lock().unwrap_or_else(|e| e.into_inner())[k].exited = true;
+}
+
+enum Fleet {
+    Local(Local),
+    Procs(Procs),
+}
+
+impl Fleet {
+    fn all_ready(&self) -> Result<bool, Error> {
+        match self {
+            Fleet::Local(l) => Ok(l.all_ready()),
+            Fleet::Procs(p) => p.all_ready(),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        match self {
+            Fleet::Local(l) => l.snapshot(),
+            Fleet::Procs(p) => p.snapshot(),
+        }
+    }
+}
+
+fn sleep_until(t: u64) {
+    let now = now_ns();
+    if t > now {
+        std::thread::sleep(Duration::from_nanos(t - now));
+    }
+}
+
+/// Samples the server: `/proc` when its PID is known, else its `/stats` (RSS only) when it has one.
+fn sample_server(plan: &Plan, use_stats: &mut bool) -> ServerSample {
+    if let Some(pid) = plan.server_pid {
+        return sys::proc_sample(pid);
+    }
+    if !*use_stats {
+        return ServerSample::default();
+    }
+    let rss = sys::stats_rss_bytes(plan.url.addr, &plan.url.host);
+    *use_stats = rss.is_some();
+    ServerSample { cpu_ns: None, rss_bytes: rss }
+}
+
+/// Writes the live progress line (a terminal only).
+fn progress_line(phase: &str, s: &Snapshot, prev: &Snapshot, dt_s: f64) {
+    let per_s = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / dt_s.max(1e-9);
+    let mut out = std::io::stdout().lock();
+    let _ = write!(
+        out,
+        "\r\x1b[2K{phase:>10}  open {:>7}  failed {:>5}  sent {:>9.0}/s  recv {:>10.0}/s  churn {:>6.0}/s",
+        s.open,
+        s.failed,
+        per_s(s.sent, prev.sent),
+        per_s(s.received, prev.received),
+        per_s(s.churned, prev.churned),
+    );
+    let _ = out.flush();
+}
+
+/// Runs `plan` to the end and reports. With `plan.procs > 1` it starts `worker` processes.
+pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
+    if let Some(cpus) = &plan.cpus {
+        sys::set_affinity(cpus)?;
+    }
+    let cores = sys::affinity_count();
+    let tty = !plan.json && std::io::stdout().is_terminal();
+    let mut use_stats = true;
+    let mut samples = Samples { before: sample_server(plan, &mut use_stats), ..Samples::default() };
+    let start = now_ns();
+    let mut fleet = if plan.procs > 1 {
+        Fleet::Procs(Procs::start(plan, worker)?)
+    } else {
+        Fleet::Local(Local::start(plan, 0, 1)?)
+    };
+    // Every connection resolves (ready, failed or timed out) by itself; this only guards against a hang.
+    let per_proc = plan.total / u64::from(plan.procs) + 1;
+    let ramp_ns = (per_proc as f64 * u64::from(plan.procs) as f64 / plan.ramp_rate * 1e9) as u64;
+    let ready_deadline = start + ramp_ns + 2 * plan.connect_timeout_ns + 60_000_000_000;
+    let mut prev = Snapshot::default();
+    let mut last_line = start;
+    loop {
+        if fleet.all_ready()? {
+            break;
+        }
+        let now = now_ns();
+        if now > ready_deadline {
+            return Err(Error::Config("connections were not ready before the deadline".into()));
+        }
+        if tty && now - last_line >= 1_000_000_000 {
+            let s = fleet.snapshot();
+            progress_line("connecting", &s, &prev, (now - last_line) as f64 / 1e9);
+            prev = s;
+            last_line = now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if matches!(&fleet, Fleet::Local(l) if l.ctl.abort.load(Relaxed)) {
+        if let Fleet::Local(l) = fleet {
+            l.join()?;
+        }
+        return Err(Error::Config("a client thread stopped early".into()));
+    }
+    let connected = now_ns();
+    samples.connect_s = (connected - start) as f64 / 1e9;
+    if fleet.snapshot().open == 0 {
+        // Nothing to measure (the server refused everything, say): report the failures now.
+        let tally = match fleet {
+            Fleet::Local(l) => {
+                l.ctl.abort.store(true, Relaxed);
+                l.join()?
+            }
+            Fleet::Procs(mut p) => {
+                p.stop()?;
+                p.join(now_ns() + 30_000_000_000)?
+            }
+        };
+        samples.server_source = "none";
+        let mut report = Report::build(plan, tally, &samples, cores);
+        report.warnings.insert(0, "no connection was ready: the window was skipped".into());
+        return Ok(report);
+    }
+    // Raw servers register a connection when their upgrade completes; give the last ones a moment.
+    let settle = if plan.target == Target::Raw && plan.scenario != Scenario::Echo { 200 } else { 50 };
+    let go = connected + settle * 1_000_000;
+    match &mut fleet {
+        Fleet::Local(l) => l.ctl.go_ns.store(go, Relaxed),
+        Fleet::Procs(p) => p.go(go)?,
+    }
+    sleep_until(go);
+    // CPU readings come from /proc only; /stats (RSS) is read before and at the end of the window.
+    let cpu_sample = |plan: &Plan| plan.server_pid.map(sys::proc_sample).unwrap_or_default();
+    samples.at_go = cpu_sample(plan);
+    let cpu_go = sys::self_cpu_ns();
+    let window_end = go + plan.duration_ns;
+    let end = window_end + plan.grace_ns;
+    let mut prev = fleet.snapshot();
+    let mut last_line = go;
+    while now_ns() < window_end {
+        let now = now_ns();
+        if tty && now - last_line >= 1_000_000_000 {
+            let s = fleet.snapshot();
+            progress_line("running", &s, &prev, (now - last_line) as f64 / 1e9);
+            prev = s;
+            last_line = now;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(Duration::from_nanos(window_end.saturating_sub(now))));
+    }
+    samples.at_window_end = sample_server(plan, &mut use_stats);
+    let cpu_window = sys::self_cpu_ns() - cpu_go;
+    // Sample just before the threads close their sockets.
+    sleep_until(end.saturating_sub(5_000_000));
+    samples.at_end = cpu_sample(plan);
+    let cpu_total = sys::self_cpu_ns() - cpu_go;
+    if tty {
+        print!("\r\x1b[2K");
+        let _ = std::io::stdout().flush();
+    }
+    let mut tally = match fleet {
+        Fleet::Local(l) => l.join()?,
+        Fleet::Procs(p) => p.join(end + 30_000_000_000)?,
+    };
+    // In-process: this process's CPU is the client's; with workers: theirs plus this coordinator's.
+    tally.cpu_window_ns += cpu_window;
+    tally.cpu_total_ns += cpu_total;
+    samples.server_source = if plan.server_pid.is_some() {
+        "proc"
+    } else if samples.before.rss_bytes.is_some() {
+        "stats"
+    } else {
+        "none"
+    };
+    Ok(Report::build(plan, tally, &samples, cores))
+}
+
+/// The worker side of `--procs`: runs this process's share, speaking the worker protocol on stdio.
+pub fn worker_main(plan: &Plan) -> Result<(), Error> {
+    let Some((k, p)) = plan.worker else { return Err(Error::Config("not a worker".into())) };
+    sys::die_with_parent(sys::parent_pid());
+    let fail = |msg: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "FAIL {}", msg.replace('\n', " "));
+        let _ = out.flush();
+    };
+    let local = match Local::start(plan, k, p) {
+        Ok(l) => l,
+        Err(e) => {
+            fail(e.to_string());
+            return Err(e);
+        }
+    };
+    while !local.all_ready() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if local.ctl.abort.load(Relaxed) {
+        let e = local.join().err().map_or_else(|| "a client thread stopped early".to_string(), |e| e.to_string());
+        fail(e.clone());
+        return Err(Error::Worker(k as usize, e));
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY {}", local.snapshot().open);
+        let _ = out.flush();
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    let go = match read {
+        Ok(n) if n > 0 => line.trim().strip_prefix("GO ").and_then(|v| v.parse::<u64>().ok()),
+        _ => None,
+    };
+    let Some(go) = go else {
+        local.ctl.abort.store(true, Relaxed);
+        let tally = local.join();
+        if line.trim() == "STOP" {
+            // No window: report what the connect phase counted.
+            let json = serde_json::to_string(&tally?).map_err(|e| Error::Worker(k as usize, e.to_string()))?;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "RESULT {json}");
+            let _ = out.flush();
+            return Ok(());
+        }
+        return Err(Error::Worker(k as usize, "no GO from the parent".into()));
+    };
+    local.ctl.go_ns.store(go, Relaxed);
+    sleep_until(go);
+    let cpu_go = sys::self_cpu_ns();
+    let window_end = go + plan.duration_ns;
+    while now_ns() < window_end {
+        std::thread::sleep(Duration::from_nanos((window_end - now_ns()).clamp(1, 1_000_000_000)));
+        let s = local.snapshot();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "PROGRESS {} {} {} {} {}", s.open, s.failed, s.sent, s.received, s.churned);
+        let _ = out.flush();
+    }
+    let cpu_window = sys::self_cpu_ns() - cpu_go;
+    let mut tally = match local.join() {
+        Ok(t) => t,
+        Err(e) => {
+            fail(e.to_string());
+            return Err(e);
+        }
+    };
+    tally.cpu_window_ns = cpu_window;
+    tally.cpu_total_ns = sys::self_cpu_ns() - cpu_go;
+    let json = serde_json::to_string(&tally).map_err(|e| Error::Worker(k as usize, e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "RESULT {json}");
+    let _ = out.flush();
+    Ok(())
+}

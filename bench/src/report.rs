@@ -1,0 +1,459 @@
+//! The result of a run: derived figures (rates, loss, CPU per message, memory per connection), the JSON
+//! form (`--json`) and the human summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::{Plan, Scenario};
+use crate::hist::Summary;
+use crate::sys::ServerSample;
+use crate::tally::Tally;
+
+/// Server readings taken by the coordinator.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    /// Before the first connection.
+    pub before: ServerSample,
+    /// At the start of the window (all connections ready).
+    pub at_go: ServerSample,
+    /// At the end of the window (connections still held).
+    pub at_window_end: ServerSample,
+    /// At the end of the grace period, before the sockets close.
+    pub at_end: ServerSample,
+    /// Seconds from the first connection attempt until all were ready.
+    pub connect_s: f64,
+    /// Where the readings came from: `proc`, `stats` or `none`.
+    pub server_source: &'static str,
+}
+
+/// Connection figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectReport {
+    /// Connections attempted.
+    pub attempted: u64,
+    /// Connections upgraded (101).
+    pub established: u64,
+    /// Connections ready for the window (throng subscribers: subscribed).
+    pub ready: u64,
+    /// Connections that failed before they were ready.
+    pub failed: u64,
+    /// Failures by kind: `refused`, `timeout`, `status_NNN`, `reset`, `addr_unavailable`, ...
+    pub errors: BTreeMap<String, u64>,
+    /// Connections open at the end of the window.
+    pub held: u64,
+    /// Ready connections the server closed during the run.
+    pub dropped: u64,
+    /// Why they were closed.
+    pub drop_reasons: BTreeMap<String, u64>,
+    /// Seconds to ramp up all connections.
+    pub ramp_s: f64,
+    /// Connections ready per second of ramp.
+    pub per_s: f64,
+    /// TCP connect + upgrade latency, µs.
+    pub latency_us: Summary,
+}
+
+/// Message figures (echo, broadcast, churn).
+#[derive(Clone, Debug, Serialize)]
+pub struct MessageReport {
+    /// Messages sent in the window.
+    pub sent: u64,
+    /// Stamped messages received (echoes or deliveries).
+    pub received: u64,
+    /// Messages that should have been received: sent, or sent × ready receivers for broadcast.
+    pub expected: u64,
+    /// Expected but not received by the end of the grace period.
+    pub lost: u64,
+    /// Messages skipped in a sender's sequence when a later one arrived (some may have come late).
+    pub gaps: u64,
+    /// Messages that arrived after a later one from the same sender.
+    pub reordered: u64,
+    /// Messages without a readable stamp.
+    pub unparsed: u64,
+    /// Sends skipped because a connection's backlog was full.
+    pub backpressured: u64,
+    /// v1 `error` replies.
+    pub v1_errors: u64,
+    /// Sent per second of window.
+    pub sent_per_s: f64,
+    /// Received per second of window.
+    pub received_per_s: f64,
+    /// Send-to-receive latency, µs.
+    pub latency_us: Summary,
+}
+
+/// Churn figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChurnReport {
+    /// Churn connections started.
+    pub opened: u64,
+    /// Completed connect-upgrade-close cycles.
+    pub completed: u64,
+    /// Failed cycles.
+    pub failed: u64,
+    /// Completed cycles per second of window.
+    pub per_s: f64,
+    /// Handshake latency, µs.
+    pub handshake_us: Summary,
+    /// Server CPU µs per completed cycle (the steady connections' traffic included), with `--server-pid`.
+    pub server_cpu_us_per_cycle: Option<f64>,
+}
+
+/// Server resource figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerReport {
+    /// Server PID when given.
+    pub pid: Option<u32>,
+    /// `proc` (`--server-pid`) or `stats` (its `/stats` endpoint, RSS only).
+    pub source: &'static str,
+    /// Server CPU seconds from the start of the window to the end of the grace period.
+    pub cpu_s: Option<f64>,
+    /// That CPU time in cores (1.0 = one core busy) over the window and grace.
+    pub cpu_cores: Option<f64>,
+    /// Server CPU µs per message received by the bench (per echo, per delivery); echo and broadcast only.
+    pub cpu_us_per_msg: Option<f64>,
+    /// RSS before the first connection.
+    pub rss_before_bytes: Option<u64>,
+    /// RSS at the end of the window, connections held.
+    pub rss_held_bytes: Option<u64>,
+    /// Growth of RSS per connection held: (held − before) / connections held.
+    pub rss_per_conn_bytes: Option<f64>,
+}
+
+/// The bench's own resource use.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientReport {
+    /// CPU seconds in the window, all bench processes.
+    pub cpu_window_s: f64,
+    /// CPU seconds from the start of the window to the end of the grace period.
+    pub cpu_s: f64,
+    /// CPUs the bench could use (affinity, and at most procs × threads).
+    pub cores: usize,
+    /// Share of those CPUs the bench used during the window.
+    pub utilization: f64,
+    /// Bench CPU µs per message received; echo and broadcast only.
+    pub cpu_us_per_msg: Option<f64>,
+    /// True when the bench used ≥ 90% of its CPUs: the client, not the server, was the limit.
+    pub limited: bool,
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// Target protocol.
+    pub target: &'static str,
+    /// Server URL as given.
+    pub url: String,
+    /// Request path used.
+    pub path: String,
+    /// Receivers (echo connections, subscribers, idle connections).
+    pub connections: u64,
+    /// Publishers.
+    pub publishers: u64,
+    /// Worker processes.
+    pub procs: u32,
+    /// Threads per process.
+    pub threads: u32,
+    /// Window, seconds.
+    pub duration_s: f64,
+    /// Grace period, seconds.
+    pub grace_s: f64,
+    /// Payload bytes.
+    pub size: usize,
+    /// Aggregate send rate, if fixed.
+    pub rate: Option<f64>,
+    /// Receive pacing period, ms (0 = off); latencies include up to this much of the bench's own wait.
+    pub pace_ms: f64,
+    /// Connection figures.
+    pub connect: ConnectReport,
+    /// Message figures (not for connect).
+    pub messages: Option<MessageReport>,
+    /// Churn figures (churn only).
+    pub churn: Option<ChurnReport>,
+    /// Server figures, when it could be observed.
+    pub server: Option<ServerReport>,
+    /// The bench's own CPU.
+    pub client: ClientReport,
+    /// Things to look at before trusting the figures.
+    pub warnings: Vec<String>,
+    /// The raw counts behind the figures.
+    #[serde(skip)]
+    pub tally: Tally,
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (v * m).round() / m
+}
+
+impl Report {
+    /// Derives the report from the merged counts and the server readings.
+    pub fn build(plan: &Plan, t: Tally, s: &Samples, affinity_cores: usize) -> Report {
+        let dur = plan.duration_ns as f64 / 1e9;
+        let grace = plan.grace_ns as f64 / 1e9;
+        let scenario = plan.scenario;
+        let mut warnings = Vec::new();
+        let messages = (scenario != Scenario::Connect).then(|| {
+            let expected = match scenario {
+                Scenario::Echo => t.sent,
+                _ => t.sent * t.ready_receivers,
+            };
+            MessageReport {
+                sent: t.sent,
+                received: t.received,
+                expected,
+                lost: expected.saturating_sub(t.received),
+                gaps: t.gaps,
+                reordered: t.reordered,
+                unparsed: t.unparsed,
+                backpressured: t.backpressured,
+                v1_errors: t.v1_errors,
+                sent_per_s: round(t.sent as f64 / dur, 1),
+                received_per_s: round(t.received as f64 / dur, 1),
+                latency_us: t.latency.summary(),
+            }
+        });
+        let server_cpu = match (s.at_go.cpu_ns, s.at_end.cpu_ns) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let churn = (scenario == Scenario::Churn).then(|| ChurnReport {
+            opened: t.churn_opened,
+            completed: t.churn_completed,
+            failed: t.churn_failed,
+            per_s: round(t.churn_completed as f64 / dur, 1),
+            handshake_us: t.churn_lat.summary(),
+            server_cpu_us_per_cycle: server_cpu
+                .filter(|_| t.churn_completed > 0)
+                .map(|c| round(c as f64 / 1e3 / t.churn_completed as f64, 2)),
+        });
+        // Per-message figures make sense where messages are the work: not for connect or churn.
+        let msgs = match scenario {
+            Scenario::Echo | Scenario::Broadcast => t.received,
+            Scenario::Connect | Scenario::Churn => 0,
+        };
+        let server = (s.server_source != "none").then(|| {
+            let cpu = server_cpu;
+            let rss_held = s.at_window_end.rss_bytes;
+            let per_conn = match (s.before.rss_bytes, rss_held) {
+                (Some(a), Some(b)) if t.held > 0 => Some(round((b as f64 - a as f64) / t.held as f64, 1)),
+                _ => None,
+            };
+            ServerReport {
+                pid: plan.server_pid,
+                source: s.server_source,
+                cpu_s: cpu.map(|c| round(c as f64 / 1e9, 3)),
+                cpu_cores: cpu.map(|c| round(c as f64 / 1e9 / (dur + grace), 3)),
+                cpu_us_per_msg: cpu.filter(|_| msgs > 0).map(|c| round(c as f64 / 1e3 / msgs as f64, 3)),
+                rss_before_bytes: s.before.rss_bytes,
+                rss_held_bytes: rss_held,
+                rss_per_conn_bytes: per_conn,
+            }
+        });
+        let cores = affinity_cores.min((plan.procs * plan.threads) as usize).max(1);
+        let utilization = t.cpu_window_ns as f64 / 1e9 / (dur * cores as f64);
+        let limited = utilization >= 0.9;
+        if limited {
+            warnings.push(format!(
+                "client was the limit: the bench used {:.0}% of its {cores} CPU(s) during the window; \
+                 the server may be faster than measured (more --procs/--threads, or more cores for the bench)",
+                utilization * 100.0
+            ));
+        }
+        let client = ClientReport {
+            cpu_window_s: round(t.cpu_window_ns as f64 / 1e9, 3),
+            cpu_s: round(t.cpu_total_ns as f64 / 1e9, 3),
+            cores,
+            utilization: round(utilization, 3),
+            cpu_us_per_msg: (msgs > 0).then(|| round(t.cpu_total_ns as f64 / 1e3 / msgs as f64, 3)),
+            limited,
+        };
+        if t.failed > 0 {
+            warnings.push(format!("{} of {} connections failed: {:?}", t.failed, t.attempted, t.errors));
+        }
+        if t.dropped > 0 {
+            warnings.push(format!("{} connections were closed during the run: {:?}", t.dropped, t.drop_reasons));
+        }
+        if let Some(m) = &messages {
+            if m.lost > 0 {
+                warnings.push(format!("{} of {} expected messages were not received", m.lost, m.expected));
+            }
+            if m.reordered > 0 {
+                warnings.push(format!("{} messages arrived out of order", m.reordered));
+            }
+            if m.backpressured > 0 {
+                warnings.push(format!("{} sends skipped: the server was not reading fast enough", m.backpressured));
+            }
+            if m.v1_errors > 0 {
+                warnings.push(format!("{} error replies from the server", m.v1_errors));
+            }
+            if m.unparsed > 0 {
+                warnings.push(format!("{} messages had no readable stamp", m.unparsed));
+            }
+        }
+        if plan.pace_ns > 0 && messages.is_some() {
+            warnings.push(format!(
+                "receive pacing of {} ms: latencies include up to that much of the bench's own waiting",
+                plan.pace_ns as f64 / 1e6
+            ));
+        }
+        let ramp_s = s.connect_s.max(t.connect_span_ns as f64 / 1e9);
+        Report {
+            scenario: scenario.name(),
+            target: plan.target.name(),
+            url: format!("ws://{}", plan.url.host),
+            path: plan.path.clone(),
+            connections: plan.receivers,
+            publishers: plan.publishers,
+            procs: plan.procs,
+            threads: plan.threads,
+            duration_s: dur,
+            grace_s: grace,
+            size: plan.size,
+            rate: plan.rate,
+            pace_ms: plan.pace_ns as f64 / 1e6,
+            connect: ConnectReport {
+                attempted: t.attempted,
+                established: t.established,
+                ready: t.ready,
+                failed: t.failed,
+                errors: t.errors.clone(),
+                held: t.held,
+                dropped: t.dropped,
+                drop_reasons: t.drop_reasons.clone(),
+                ramp_s: round(ramp_s, 3),
+                per_s: if ramp_s > 0.0 { round(t.ready as f64 / ramp_s, 1) } else { 0.0 },
+                latency_us: t.connect_lat.summary(),
+            },
+            messages,
+            churn,
+            server,
+            client,
+            warnings,
+            tally: t,
+        }
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut o = String::new();
+        let load = match (self.scenario, self.rate) {
+            ("connect", _) => format!("held {} s", self.duration_s),
+            (_, Some(r)) => format!("{r} msg/s x {} B, {} s + {} s grace", self.size, self.duration_s, self.grace_s),
+            (_, None) => format!("closed loop x {} B, {} s + {} s grace", self.size, self.duration_s, self.grace_s),
+        };
+        let _ = writeln!(
+            o,
+            "throng-bench {} -> {}{} ({}): {} connections{}, {load}, {} proc x {} thread",
+            self.scenario,
+            self.url,
+            self.path,
+            self.target,
+            self.connections,
+            if self.publishers > 0 { format!(" + {} publishers", self.publishers) } else { String::new() },
+            self.procs,
+            self.threads
+        );
+        let c = &self.connect;
+        let errors = if c.errors.is_empty() {
+            "none".to_string()
+        } else {
+            c.errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        };
+        let _ = writeln!(
+            o,
+            "connect   {} of {} ready in {:.2} s ({:.0}/s), {} held to the end; errors: {errors}",
+            c.ready, c.attempted, c.ramp_s, c.per_s, c.held
+        );
+        let _ = writeln!(o, "          latency {}", lat(&c.latency_us));
+        if c.dropped > 0 {
+            let _ = writeln!(o, "          dropped during the run: {} {:?}", c.dropped, c.drop_reasons);
+        }
+        if let Some(m) = &self.messages {
+            let _ = writeln!(
+                o,
+                "messages  sent {} ({:.0}/s), received {} of {} expected ({:.0}/s); lost {}, reordered {}, gaps {}",
+                m.sent, m.sent_per_s, m.received, m.expected, m.received_per_s, m.lost, m.reordered, m.gaps
+            );
+            let _ = writeln!(o, "          latency {}", lat(&m.latency_us));
+        }
+        if let Some(ch) = &self.churn {
+            let _ = writeln!(
+                o,
+                "churn     {} opened, {} completed ({:.0}/s), {} failed, {} unfinished at the end",
+                ch.opened,
+                ch.completed,
+                ch.per_s,
+                ch.failed,
+                ch.opened.saturating_sub(ch.completed + ch.failed)
+            );
+            let _ = writeln!(o, "          handshake {}", lat(&ch.handshake_us));
+            if let Some(us) = ch.server_cpu_us_per_cycle {
+                let _ = writeln!(o, "          server CPU {us:.1} us per cycle (steady traffic included)");
+            }
+        }
+        if let Some(s) = &self.server {
+            let mut line =
+                format!("server    {}", s.pid.map_or_else(|| "(/stats)".to_string(), |p| format!("pid {p}")));
+            if let (Some(cpu), Some(cores)) = (s.cpu_s, s.cpu_cores) {
+                let _ = write!(line, ": {cpu:.2} s CPU ({:.0}% of a core)", cores * 100.0);
+            }
+            if let Some(us) = s.cpu_us_per_msg {
+                let _ = write!(line, ", {us:.2} us per message");
+            }
+            if let (Some(a), Some(b)) = (s.rss_before_bytes, s.rss_held_bytes) {
+                let _ = write!(line, "; RSS {} -> {}", bytes(a as f64), bytes(b as f64));
+            }
+            if let Some(p) = s.rss_per_conn_bytes {
+                let _ = write!(line, " ({} per connection)", bytes(p));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        let cl = &self.client;
+        let _ = write!(
+            o,
+            "client    {:.2} s CPU in the window on {} CPU(s) ({:.0}%)",
+            cl.cpu_window_s,
+            cl.cores,
+            cl.utilization * 100.0
+        );
+        if let Some(us) = cl.cpu_us_per_msg {
+            let _ = write!(o, ", {us:.2} us per message");
+        }
+        o.push('\n');
+        for w in &self.warnings {
+            let _ = writeln!(o, "warning: {w}");
+        }
+        o
+    }
+}
+
+fn ms(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
+
+fn lat(s: &Summary) -> String {
+    if s.count == 0 {
+        return "-".into();
+    }
+    format!("p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", ms(s.p50), ms(s.p90), ms(s.p99), ms(s.p999), ms(s.max))
+}
+
+fn bytes(b: f64) -> String {
+    let a = b.abs();
+    if a >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else if a >= 1024.0 {
+        format!("{:.2} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}

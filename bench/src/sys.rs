@@ -1,0 +1,202 @@
+//! Operating-system helpers: the monotonic clock, CPU pinning, file limits, CPU accounting of this process
+//! and of the server under test (`/proc/PID/stat`, `/proc/PID/status`, or its `/stats` endpoint).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Nanoseconds on `CLOCK_MONOTONIC`: comparable between processes on one machine, which is what lets a
+/// publisher's timestamp be compared with a subscriber's clock in another worker process.
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Parses a CPU list such as `1`, `0,2` or `0-3,6`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, Error> {
+    let bad = || Error::Config(format!("bad CPU list {s:?} (expected e.g. 1 or 0-3,6)"));
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b >= libc::CPU_SETSIZE as usize {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => {
+                let c: usize = part.parse().map_err(|_| bad())?;
+                if c >= libc::CPU_SETSIZE as usize {
+                    return Err(bad());
+                }
+                cpus.push(c);
+            }
+        }
+    }
+    if cpus.is_empty() {
+        return Err(bad());
+    }
+    Ok(cpus)
+}
+
+/// Pins the calling process (and the threads and processes it starts afterwards) to `cpus`.
+pub fn set_affinity(cpus: &[usize]) -> Result<(), Error> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: `c` was checked to be below CPU_SETSIZE by `parse_cpu_list`; `set` is a valid set.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(Error::Io("sched_setaffinity", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// How many CPUs the calling thread may run on.
+pub fn affinity_count() -> usize {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; `set` is writable and of the size passed.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    // SAFETY: `set` was filled in by sched_getaffinity.
+    let n = unsafe { libc::CPU_COUNT(&set) };
+    (n as usize).max(1)
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the resulting soft limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: `want` is a valid rlimit not above the hard limit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// CPU time (user + system) used so far by this process, all threads included, in nanoseconds.
+pub fn self_cpu_ns() -> u64 {
+    // SAFETY: rusage is plain data; all-zero is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Asks the kernel to kill this process when its parent dies (worker processes), and checks the parent is
+/// not already gone.
+pub fn die_with_parent(parent: libc::pid_t) {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers are involved.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        std::process::exit(3);
+    }
+}
+
+/// The PID of the calling process's parent.
+pub fn parent_pid() -> libc::pid_t {
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::getppid() }
+}
+
+/// The PID of the calling process.
+pub fn own_pid() -> libc::pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// One reading of a server's resource use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerSample {
+    /// User + system CPU time in nanoseconds (all threads), when read from `/proc`.
+    pub cpu_ns: Option<u64>,
+    /// Resident set size in bytes.
+    pub rss_bytes: Option<u64>,
+}
+
+/// Reads CPU time and RSS of process `pid` from `/proc`.
+pub fn proc_sample(pid: u32) -> ServerSample {
+    ServerSample { cpu_ns: proc_cpu_ns(pid), rss_bytes: proc_rss_bytes(pid) }
+}
+
+fn proc_cpu_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after the closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = if tck > 0 { tck as u64 } else { 100 };
+    Some((utime + stime) * 1_000_000_000 / tck)
+}
+
+fn proc_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Fetches `GET /stats` from the server and returns its `rss_bytes` field, if it has one (Throng does).
+pub fn stats_rss_bytes(addr: SocketAddr, host: &str) -> Option<u64> {
+    let timeout = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(s, "GET /stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = Vec::new();
+    s.take(1 << 20).read_to_end(&mut body).ok()?;
+    let head_end = memchr::memmem::find(&body, b"\r\n\r\n")?;
+    if !body.starts_with(b"HTTP/1.1 200") && !body.starts_with(b"HTTP/1.0 200") {
+        return None;
+    }
+    let json = &body[head_end + 4..];
+    let at = memchr::memmem::find(json, b"\"rss_bytes\":")? + b"\"rss_bytes\":".len();
+    let digits: Vec<u8> =
+        json[at..].iter().copied().skip_while(|b| *b == b' ').take_while(u8::is_ascii_digit).collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("1").unwrap(), vec![1]);
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("2-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+    }
+
+    #[test]
+    fn own_process_sample() {
+        let s = proc_sample(std::process::id());
+        assert!(s.rss_bytes.unwrap() > 0);
+        assert!(s.cpu_ns.is_some());
+        assert!(now_ns() > 0);
+    }
+}

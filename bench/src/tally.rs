@@ -1,0 +1,105 @@
+//! Raw counts of one thread, process or run: what the event loops counted, mergeable, and shipped from
+//! worker processes to the parent as JSON.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hist::Hist;
+
+/// Counters and histograms of a run (or of one thread or worker of it).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Tally {
+    /// Connections attempted in the connect phase.
+    pub attempted: u64,
+    /// Connections that got their `101 Switching Protocols`.
+    pub established: u64,
+    /// Connections ready for the window (established and, for throng subscribers, subscribed).
+    pub ready: u64,
+    /// Ready connections that receive broadcast deliveries (the multiplier of expected deliveries).
+    pub ready_receivers: u64,
+    /// Connections that failed before becoming ready.
+    pub failed: u64,
+    /// Failures by kind (`refused`, `timeout`, `status_503`, `reset`, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// Ready connections that were closed before the end of the run.
+    pub dropped: u64,
+    /// Why they were closed (`eof`, `close_1001`, `reset`, ...).
+    pub drop_reasons: BTreeMap<String, u64>,
+    /// Connections still open at the end of the window.
+    pub held: u64,
+    /// TCP connect + upgrade latency.
+    pub connect_lat: Hist,
+    /// Messages sent in the window.
+    pub sent: u64,
+    /// Stamped messages received (echoes or deliveries).
+    pub received: u64,
+    /// Messages skipped in a sender's sequence when a later one arrived (lost, unless they come late).
+    pub gaps: u64,
+    /// Messages that arrived after a later one of the same sender.
+    pub reordered: u64,
+    /// Text messages that carried no readable stamp (or named an unknown publisher).
+    pub unparsed: u64,
+    /// v1 `error` replies received.
+    pub v1_errors: u64,
+    /// Sends skipped because the connection's unsent backlog was over its bound.
+    pub backpressured: u64,
+    /// Send-to-receive latency (echo round trip, or publish to delivery).
+    pub latency: Hist,
+    /// Churn connections started.
+    pub churn_opened: u64,
+    /// Churn connections that completed connect, upgrade (subscribe) and close.
+    pub churn_completed: u64,
+    /// Churn connections that failed.
+    pub churn_failed: u64,
+    /// Churn handshake latency (connect + upgrade, + subscribe for throng).
+    pub churn_lat: Hist,
+    /// This bench's CPU time during the window, nanoseconds (filled per process).
+    pub cpu_window_ns: u64,
+    /// This bench's CPU time from the start of the window to the end of the grace period.
+    pub cpu_total_ns: u64,
+    /// Nanoseconds from the first connection attempt until every initial connection was resolved (max).
+    pub connect_span_ns: u64,
+}
+
+fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, v) in b {
+        *a.entry(k.clone()).or_default() += v;
+    }
+}
+
+impl Tally {
+    /// Counts one error of `kind`.
+    pub fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// Adds `o` into `self` (times: the maximum).
+    pub fn merge(&mut self, o: &Tally) {
+        self.attempted += o.attempted;
+        self.established += o.established;
+        self.ready += o.ready;
+        self.ready_receivers += o.ready_receivers;
+        self.failed += o.failed;
+        add_map(&mut self.errors, &o.errors);
+        self.dropped += o.dropped;
+        add_map(&mut self.drop_reasons, &o.drop_reasons);
+        self.held += o.held;
+        self.connect_lat.merge(&o.connect_lat);
+        self.sent += o.sent;
+        self.received += o.received;
+        self.gaps += o.gaps;
+        self.reordered += o.reordered;
+        self.unparsed += o.unparsed;
+        self.v1_errors += o.v1_errors;
+        self.backpressured += o.backpressured;
+        self.latency.merge(&o.latency);
+        self.churn_opened += o.churn_opened;
+        self.churn_completed += o.churn_completed;
+        self.churn_failed += o.churn_failed;
+        self.churn_lat.merge(&o.churn_lat);
+        self.cpu_window_ns += o.cpu_window_ns;
+        self.cpu_total_ns += o.cpu_total_ns;
+        self.connect_span_ns = self.connect_span_ns.max(o.connect_span_ns);
+    }
+}
