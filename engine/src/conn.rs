@@ -1,18 +1,19 @@
 //! Connections: the per-connection state in the shard's slab, the task that waits for readability, the read
 //! path (pooled buffer, frames parsed and unmasked in place), the bounded write queue, and timers.
 //!
-//! Read path: a connection's task waits for readiness holding no buffer, then reads into the shard's
-//! scratch buffer and parses frames there. Only an unfinished frame's bytes are kept, in `Conn::pending`,
+//! Read path: a connection waits for readiness in the shard's epoll set ([`crate::poller`]) holding no
+//! buffer and no task, then reads into the shard's scratch buffer and parses frames there. Only an unfinished frame's bytes are kept, in `Conn::pending`,
 //! and the next read appends to them directly. An idle connection therefore holds no read buffer.
 //!
 //! Write path: replies produced while handling one read are gathered in the shard's `out` buffer and written
 //! straight from it; only what the socket does not take is copied into the connection's queue of `Bytes`.
 //! The queue is bounded in bytes; past the bound the client is a slow consumer and is closed with 4008.
-//! A writer task exists only while the queue is non-empty and the socket is full.
+//! While the socket is full the connection is marked as waiting to write ([`Conn::writer_active`]) and the
+//! next output edge from the epoll set flushes it.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -39,6 +40,18 @@ pub struct ConnKey {
     pub gen: u32,
 }
 
+impl ConnKey {
+    /// Packs the key into an epoll event's data.
+    pub fn to_u64(self) -> u64 {
+        u64::from(self.gen) << 32 | u64::from(self.idx)
+    }
+
+    /// Unpacks [`ConnKey::to_u64`].
+    pub fn from_u64(v: u64) -> Self {
+        Self { idx: v as u32, gen: (v >> 32) as u32 }
+    }
+}
+
 /// What a connection is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -56,7 +69,7 @@ pub enum Phase {
 
 /// Bits of [`Conn::flags`].
 mod flag {
-    /// A writer task is waiting for the socket to become writable.
+    /// The socket is full: the next output edge flushes the connection; nothing else writes to it meanwhile.
     pub const WRITER: u8 = 1;
     /// Shut the socket down once the queue is flushed.
     pub const CLOSE_AFTER_FLUSH: u8 = 2;
@@ -93,8 +106,8 @@ impl ConnSub {
 /// Per-connection state. Budget: [`Conn::SIZE_BUDGET`] bytes, checked at compile time.
 #[derive(Debug)]
 pub struct Conn {
-    /// The socket, shared with the connection's task (and its writer task while one runs).
-    pub stream: Rc<TcpStream>,
+    /// The socket (closed when the connection is dropped, which also takes it out of the epoll set).
+    pub sock: OwnedFd,
     /// WebSocket protocol state (48 bytes).
     pub ws: WsConn,
     /// Bytes of an unfinished request or frame; empty (no allocation) between messages.
@@ -103,8 +116,6 @@ pub struct Conn {
     pub outq: VecDeque<Bytes>,
     /// Bytes in `outq`, for the slow-consumer bound.
     pub queued: u32,
-    /// The socket's fd, for the direct syscalls.
-    pub fd: RawFd,
     /// Generation (see [`ConnKey`]).
     pub gen: u32,
     /// Tick of the last inbound read: ordinary traffic only stores this, it never touches the timer wheel.
@@ -127,11 +138,17 @@ pub struct Conn {
 
 impl Conn {
     /// Per-connection size budget in bytes.
-    pub const SIZE_BUDGET: usize = 232;
+    pub const SIZE_BUDGET: usize = 176;
 
-    /// True while a writer task waits for the socket to drain: nothing else writes to it meanwhile.
+    /// True while the socket is full and the connection waits for an output edge: nothing else writes to it
+    /// meanwhile.
     pub fn writer_active(&self) -> bool {
         self.flags & flag::WRITER != 0
+    }
+
+    /// The socket's fd, for the direct syscalls.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
     }
 }
 
@@ -143,18 +160,22 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Outcome of handling a readiness event.
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
-    /// Keep waiting for readability.
+    /// Drained: wait for the next edge.
     Continue,
-    /// The socket is finished with (EOF, error or shut down): end the task.
+    /// Stopped early (fairness bound) with input possibly left: resume without waiting for an edge.
+    More,
+    /// The socket is finished with (EOF, error or shut down): remove the connection.
     End,
 }
 
-/// Registers an accepted connection and spawns its task. Setup happens here, outside the task, so the
-/// task's future holds only what its loop needs (it is per-connection memory: ~130 bytes instead of ~340).
-pub fn spawn(shard: Rc<Shard>, stream: TcpStream) {
+/// Registers an accepted connection: a slab entry with its handshake deadline, and its socket in the
+/// shard's epoll set. No task is spawned: the shard's event loop ([`crate::poller::run`]) calls
+/// [`on_event`].
+pub fn register(shard: &Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let fd = stream.as_raw_fd();
-    let stream = Rc::new(stream);
+    // SAFETY: `into_raw_fd` hands over sole ownership of the accepted socket (the runtime forgets it).
+    let sock = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+    let fd = sock.as_raw_fd();
     let open = shard.shared.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
     ShardMetrics::inc(&shard.metrics.connections);
     let key = {
@@ -163,12 +184,11 @@ pub fn spawn(shard: Rc<Shard>, stream: TcpStream) {
         inner.next_gen = inner.next_gen.wrapping_add(1).max(1);
         let over = open > shard.shared.config.max_connections.unwrap_or(usize::MAX);
         let idx = inner.conns.insert(Conn {
-            stream: stream.clone(),
+            sock,
             ws: WsConn::server(),
             pending: Vec::new(),
             outq: VecDeque::new(),
             queued: 0,
-            fd,
             gen,
             last_rx: shard.now.get() as u32,
             timer: None,
@@ -185,21 +205,50 @@ pub fn spawn(shard: Rc<Shard>, stream: TcpStream) {
         inner.conns[idx].timer = Some(t);
         key
     };
-    monoio::spawn(serve(shard, stream, key));
+    if let Err(e) = shard.poller.add(fd, key) {
+        ShardMetrics::inc(&shard.metrics.io_errors_total);
+        tracing::warn!(shard = shard.id, error = %e, "adding a connection to the epoll set failed; closing it");
+        remove(shard, key);
+    }
 }
 
-/// The task of one connection: waits for readability (holding no buffer), handles what arrived, until the
-/// socket ends.
-async fn serve(shard: Rc<Shard>, stream: Rc<TcpStream>, key: ConnKey) {
-    loop {
-        if stream.readable(false).await.is_err() {
-            break;
-        }
-        if on_readable(&shard, key) == Flow::End {
-            break;
+/// Handles one readiness event of a connection (or a resumption). Returns true when the connection stopped
+/// reading early and must be resumed.
+pub fn on_event(shard: &Rc<Shard>, key: ConnKey, ready: crate::poller::Ready) -> bool {
+    if ready.write {
+        on_writable(shard, key);
+    }
+    if ready.read {
+        match on_readable(shard, key) {
+            Flow::Continue => {}
+            Flow::More => return true,
+            Flow::End => remove(shard, key),
         }
     }
-    remove(&shard, key);
+    false
+}
+
+/// Room to write: flushes a connection that waits for it (queue and channel frames).
+fn on_writable(shard: &Rc<Shard>, key: ConnKey) {
+    let mut guard = shard.inner.borrow_mut();
+    let Inner { conns, ctx, .. } = &mut *guard;
+    let Some(conn) = get(conns, key) else { return };
+    if !conn.writer_active() {
+        return;
+    }
+    match flush::flush_conn(conn, &mut ctx.channels, &shard.metrics) {
+        Flushed::Blocked => {}
+        Flushed::Done => {
+            conn.flags &= !flag::WRITER;
+            if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+                finish_close(shard, key, conn, ctx);
+            }
+        }
+        Flushed::Failed => {
+            conn.flags &= !flag::WRITER;
+            sys::shutdown(conn.fd());
+        }
+    }
 }
 
 fn remove(shard: &Shard, key: ConnKey) {
@@ -235,10 +284,11 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
         return Flow::End;
     };
     conn.last_rx = shard.now.get() as u32;
-    // Bounded so one busy connection cannot starve the others on this shard.
+    // Bounded so one busy connection cannot starve the others on this shard; past the bound it is resumed
+    // after the others (edge-triggered: no new event would come for what is left in the socket).
     for _ in 0..16 {
         let res = if conn.pending.is_empty() {
-            match sys::recv(conn.fd, scratch) {
+            match sys::recv(conn.fd(), scratch) {
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
                     let used = process(shard, key, conn, &mut scratch[..n], ctx);
@@ -247,7 +297,7 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
                     }
                     used.map(|_| n)
                 }
-                Ok(Recv::WouldBlock) => break,
+                Ok(Recv::WouldBlock) => return Flow::Continue,
                 Ok(Recv::Eof) | Err(_) => None,
             }
         } else {
@@ -255,7 +305,7 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
             let old = conn.pending.len();
             let want = (conn.pending.capacity() - old).max(scratch.len());
             conn.pending.resize(old + want, 0);
-            match sys::recv(conn.fd, &mut conn.pending[old..]) {
+            match sys::recv(conn.fd(), &mut conn.pending[old..]) {
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
                     conn.pending.truncate(old + n);
@@ -273,7 +323,7 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
                 }
                 Ok(Recv::WouldBlock) => {
                     conn.pending.truncate(old);
-                    break;
+                    return Flow::Continue;
                 }
                 Ok(Recv::Eof) | Err(_) => None,
             }
@@ -286,11 +336,11 @@ fn on_readable(shard: &Rc<Shard>, key: ConnKey) -> Flow {
         match res {
             None => return Flow::End,
             // A short read means the socket is drained for now.
-            Some(n) if n < scratch.len() => break,
+            Some(n) if n < scratch.len() => return Flow::Continue,
             Some(_) => {}
         }
     }
-    Flow::Continue
+    Flow::More
 }
 
 /// Handles the bytes in `buf`. Returns how many were consumed (the rest is an unfinished request or frame
@@ -485,13 +535,13 @@ fn next_heartbeat(ctx: &mut Ctx, now: u64, last_rx: u32, cfg: &crate::config::Co
 }
 
 /// Writes `ctx.out` to the connection and clears it. Written directly when nothing is queued ahead of it;
-/// what the socket does not take is queued and a writer task waits for writability.
+/// what the socket does not take is queued and waits for the socket's next output edge.
 pub fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
     if ctx.out.is_empty() {
         return;
     }
     if conn.outq.is_empty() && !conn.writer_active() {
-        match sys::send_vectored(conn.fd, &[IoSlice::new(&ctx.out)]) {
+        match sys::send_vectored(conn.fd(), &[IoSlice::new(&ctx.out)]) {
             Ok(n) => {
                 ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                 if n < ctx.out.len() {
@@ -501,7 +551,7 @@ pub fn send(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
             }
             Err(_) => {
                 ShardMetrics::inc(&shard.metrics.io_errors_total);
-                sys::shutdown(conn.fd);
+                sys::shutdown(conn.fd());
             }
         }
     } else {
@@ -524,15 +574,32 @@ fn enqueue(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, b: Bytes, ctx: &mut
     }
     conn.queued += b.len() as u32;
     conn.outq.push_back(b);
-    start_writer(shard, key, conn);
+    start_writer(shard, key, conn, ctx);
 }
 
-/// Makes sure a writer task waits for the socket to become writable and then flushes the connection.
-pub fn start_writer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn) {
+/// Flushes what is queued now, or, if the socket does not take all of it, leaves the rest for the next
+/// output edge. For callers that do not know whether the socket is full.
+pub fn start_writer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
+    if conn.writer_active() {
+        return;
+    }
+    match flush::flush_conn(conn, &mut ctx.channels, &shard.metrics) {
+        Flushed::Blocked => wait_writable(shard, conn),
+        Flushed::Done => {
+            if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
+                finish_close(shard, key, conn, ctx);
+            }
+        }
+        Flushed::Failed => sys::shutdown(conn.fd()),
+    }
+}
+
+/// The socket is full: the connection waits for its next output edge (see `on_writable`), and nothing
+/// else writes to it meanwhile.
+pub fn wait_writable(shard: &Shard, conn: &mut Conn) {
     if !conn.writer_active() {
         conn.flags |= flag::WRITER;
         ShardMetrics::inc(&shard.metrics.write_waits_total);
-        monoio::spawn(writer(shard.clone(), key, conn.stream.clone()));
     }
 }
 
@@ -540,19 +607,19 @@ pub fn start_writer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn) {
 ///
 /// Shutting the read side down too while the peer is still sending would make the kernel answer its data
 /// with a reset, which throws away our unsent bytes — the very close frame. So only the write side is shut;
-/// the connection's task keeps reading and discarding until the peer's EOF, or until [`CLOSE_GRACE`] runs
+/// the connection keeps reading and discarding until the peer's EOF, or until [`CLOSE_GRACE`] runs
 /// out and the timer shuts the socket down completely.
 fn finish_close(shard: &Shard, key: ConnKey, conn: &mut Conn, ctx: &mut Ctx) {
     if conn.flags & flag::PEER_CLOSED != 0 {
         // Close handshake complete: nothing more will arrive, nothing can be lost.
-        sys::shutdown(conn.fd);
+        sys::shutdown(conn.fd());
         return;
     }
     if conn.flags & flag::WR_SHUT != 0 {
         return;
     }
     conn.flags |= flag::WR_SHUT;
-    sys::shutdown_write(conn.fd);
+    sys::shutdown_write(conn.fd());
     let deadline = shard.now.get() + Shard::ticks(CLOSE_GRACE);
     match conn.timer {
         Some(t) if ctx.wheel.reset(t, deadline) => {}
@@ -578,7 +645,7 @@ pub fn slow_consumer(shard: &Rc<Shard>, key: ConnKey, conn: &mut Conn, ctx: &mut
     if let Some(t) = conn.timer {
         ctx.wheel.reset(t, shard.now.get() + Shard::ticks(CLOSE_GRACE));
     }
-    start_writer(shard, key, conn);
+    start_writer(shard, key, conn, ctx);
 }
 
 /// Closes a connection from inside its own read path (e.g. abuse, 1008): subscriptions end, the close
@@ -588,36 +655,6 @@ pub fn close_now(shard: &Shard, conn: &mut Conn, ctx: &mut Ctx, code: u16, reaso
     conn.ws.close(code, reason, &mut ctx.out);
     conn.phase = Phase::Closing;
     conn.flags |= flag::CLOSE_AFTER_FLUSH;
-}
-
-/// Waits for writability and flushes (queue and channel frames), until everything is written or the
-/// connection is gone.
-async fn writer(shard: Rc<Shard>, key: ConnKey, stream: Rc<TcpStream>) {
-    loop {
-        let ready = stream.writable(false).await;
-        let mut guard = shard.inner.borrow_mut();
-        let Inner { conns, ctx, .. } = &mut *guard;
-        let Some(conn) = get(conns, key) else { return };
-        let flushed = match ready {
-            Ok(()) => flush::flush_conn(conn, &mut ctx.channels, &shard.metrics),
-            Err(_) => Flushed::Failed,
-        };
-        match flushed {
-            Flushed::Blocked => continue,
-            Flushed::Done => {
-                conn.flags &= !flag::WRITER;
-                if conn.flags & flag::CLOSE_AFTER_FLUSH != 0 {
-                    finish_close(&shard, key, conn, ctx);
-                }
-                return;
-            }
-            Flushed::Failed => {
-                conn.flags &= !flag::WRITER;
-                sys::shutdown(conn.fd);
-                return;
-            }
-        }
-    }
 }
 
 /// Sends a close frame from the shard's side (idle timeout, drain) and arms the close deadline.
@@ -638,7 +675,7 @@ fn close_from_server(shard: &Rc<Shard>, inner: &mut Inner, key: ConnKey, code: u
             }
             send(shard, key, conn, ctx);
         }
-        Phase::Handshake | Phase::HttpResponse => sys::shutdown(conn.fd),
+        Phase::Handshake | Phase::HttpResponse => sys::shutdown(conn.fd()),
         Phase::Closing => {}
     }
 }
@@ -656,9 +693,9 @@ pub fn fire_timers(shard: &Rc<Shard>, now: u64) {
         match conn.phase {
             Phase::Handshake => {
                 ShardMetrics::inc(&shard.metrics.handshake_timeouts_total);
-                sys::shutdown(conn.fd);
+                sys::shutdown(conn.fd());
             }
-            Phase::HttpResponse | Phase::Closing => sys::shutdown(conn.fd),
+            Phase::HttpResponse | Phase::Closing => sys::shutdown(conn.fd()),
             Phase::Echo | Phase::V1 => {
                 let idle = Shard::ticks(shard.shared.config.idle_timeout);
                 if now.saturating_sub(u64::from(conn.last_rx)) >= idle {
@@ -697,6 +734,6 @@ pub fn start_drain(shard: &Rc<Shard>) {
 /// Shuts every remaining socket down (the drain timeout passed).
 pub fn abort_all(shard: &Shard) {
     for (_, c) in shard.inner.borrow().conns.iter() {
-        sys::shutdown(c.fd);
+        sys::shutdown(c.fd());
     }
 }

@@ -116,7 +116,7 @@ pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &
             if n == 0 {
                 return Flushed::Done;
             }
-            match sys::send_vectored(conn.fd, &iov[..n]) {
+            match sys::send_vectored(conn.fd(), &iov[..n]) {
                 Ok(w) => (w, total, n == MAX_IOV),
                 Err(_) => return Flushed::Failed,
             }
@@ -231,9 +231,9 @@ pub fn flush_pass(shard: &Rc<Shard>) -> usize {
                 written += 1;
                 match flush_conn(conn, &mut ctx.channels, &shard.metrics) {
                     Flushed::Done => continue,
-                    Flushed::Blocked => conn::start_writer(shard, key, conn),
+                    Flushed::Blocked => conn::wait_writable(shard, conn),
                     Flushed::Failed => {
-                        sys::shutdown(conn.fd);
+                        sys::shutdown(conn.fd());
                         continue;
                     }
                 }

@@ -4,6 +4,8 @@
 //! - `config`: flags, `THRONG_*` variables and the TOML file, resolved into one [`config::Config`];
 //! - `shard`: one pinned thread per core running a monoio runtime (io_uring or epoll) with its own
 //!   `SO_REUSEPORT` listener, connection slab, timer wheel and pooled buffers;
+//! - `poller`: the shard's edge-triggered epoll set of connection sockets and the event loop over it (one
+//!   wait through the runtime for all of them; no task per connection);
 //! - `conn`: per-connection state (size budget checked at compile time), the readiness-driven read path
 //!   into the shard's pooled buffer, the bounded write queue, heartbeats and closes;
 //! - `timer`: the hierarchical timer wheel behind handshake timeouts, pings and idle timeouts;
@@ -21,6 +23,7 @@ pub mod conn;
 pub mod flush;
 pub mod http;
 pub mod metrics;
+pub mod poller;
 pub mod shard;
 pub mod sys;
 pub mod timer;

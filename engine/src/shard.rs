@@ -147,6 +147,8 @@ pub struct Shard {
     pub listener_fd: Cell<i32>,
     /// Wakes the flush task when frames were appended to a channel log.
     pub flush_wake: crate::flush::Notify,
+    /// Readiness of every connection socket of this shard.
+    pub poller: crate::poller::Poller,
     /// Owned state.
     pub inner: RefCell<Inner>,
 }
@@ -195,6 +197,13 @@ pub fn spawn(
 
 /// The shard's main future: binds, spawns the accept loop, then runs the tick loop until drained.
 async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
+    let poller = match crate::poller::Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::Error::new(e).context(format!("shard {id}: creating the epoll set"))));
+            return;
+        }
+    };
     let listener = match bind(shared.config.listen) {
         Ok(l) => {
             let _ = ready.send(Ok(()));
@@ -213,6 +222,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
         now: Cell::new(0),
         listener_fd: Cell::new(listener.as_raw_fd()),
         flush_wake: crate::flush::Notify::default(),
+        poller,
         inner: RefCell::new(Inner {
             conns: Slab::with_capacity(1024),
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
@@ -235,6 +245,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
         }),
         shared,
     });
+    monoio::spawn(crate::poller::run(shard.clone()));
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(crate::flush::flush_task(shard.clone()));
     monoio::spawn(crate::v1::inbox_task(shard.clone()));
@@ -251,7 +262,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     break;
                 }
                 ShardMetrics::inc(&shard.metrics.accepted_total);
-                conn::spawn(shard.clone(), stream);
+                conn::register(&shard, stream);
             }
             Err(e) => {
                 if shard.shared.draining.load(Ordering::Relaxed) {

@@ -1,10 +1,10 @@
 //! The few raw syscalls the shards make directly: non-blocking `recv` into the shard's pooled buffer,
 //! `sendmsg` of an iovec batch, `shutdown`, and the open-file limit.
 //!
-//! Why raw: a connection waits for readiness through the runtime (io_uring poll or epoll) and then reads
+//! Why raw: a connection waits for readiness in the shard's epoll set ([`crate::poller`]) and then reads
 //! synchronously into a buffer owned by the shard, so an idle connection pins no buffer (a pending
 //! io_uring `recv` would pin one per socket). Every call passes `MSG_DONTWAIT`, so it never blocks whatever
-//! mode the runtime left the socket in.
+//! mode the socket is in.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -68,8 +68,9 @@ pub fn send_vectored(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
-/// Shuts both directions of a socket down. A task waiting for readability then wakes and reads EOF, which is
-/// how the shard ends a connection from outside its task (timeouts, drain, slow consumers).
+/// Shuts both directions of a socket down. The shard's epoll set then reports the socket, the read finds
+/// EOF and the connection is removed: how the shard ends a connection from outside its read path
+/// (timeouts, drain, slow consumers).
 pub fn shutdown(fd: RawFd) {
     // SAFETY: shutdown takes no pointers; on a bad fd it merely fails, and the result is not needed.
     unsafe {

@@ -8,8 +8,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::rc::Rc;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,17 +118,14 @@ impl Setup {
             client.set_read_timeout(Some(Duration::from_secs(5))).expect("set_read_timeout");
             let (server, _) = listener.accept().expect("accept");
             server.set_nonblocking(true).expect("set_nonblocking");
-            let fd = server.as_raw_fd();
-            let stream = monoio::net::TcpStream::from_std(server).expect("from_std");
             let key = ConnKey { idx: i as u32, gen: 1 };
             let slot = channels[chan].subscribe(key, home.offset);
             let idx = conns.insert(Conn {
-                stream: Rc::new(stream),
+                sock: OwnedFd::from(server),
                 ws: WsConn::server(),
                 pending: Vec::new(),
                 outq: VecDeque::new(),
                 queued: 0,
-                fd,
                 gen: 1,
                 last_rx: 0,
                 timer: None,
