@@ -33,6 +33,7 @@ on_both_drivers! {
     echo_binary => echo_binary_uring, echo_binary_epoll;
     echo_large_message => echo_large_message_uring, echo_large_message_epoll;
     echo_one_byte_per_write => echo_one_byte_per_write_uring, echo_one_byte_per_write_epoll;
+    burst_past_the_read_bound => burst_past_the_read_bound_uring, burst_past_the_read_bound_epoll;
     rejected_upgrades => rejected_upgrades_uring, rejected_upgrades_epoll;
     http_endpoints => http_endpoints_uring, http_endpoints_epoll;
     ping_answered_with_exact_pong => ping_answered_with_exact_pong_uring, ping_answered_with_exact_pong_epoll;
@@ -105,6 +106,34 @@ fn echo_large_message(driver: Driver) {
     // And a text one of the same size, right after.
     let text = "é".repeat(35_000);
     c.echo_text(&text);
+}
+
+/// A pipelined burst of several MiB (more than one turn of 16 reads of 64 KiB, after which a connection yields
+/// to the others) while echoes flow back: with edge-triggered readiness nothing may be left unread, so every
+/// frame is echoed, in order. (Whether the burst is still queued in full when a turn ends depends on
+/// timing, so this does not pin the resume path down on its own; it guards the read loop as a whole.)
+fn burst_past_the_read_bound(driver: Driver) {
+    const FRAMES: u32 = 4000;
+    const SIZE: usize = 1000;
+    let srv = Server::start(driver, &[]);
+    let mut c = srv.ws();
+    let mut burst = Vec::with_capacity(FRAMES as usize * (SIZE + 8));
+    for i in 0..FRAMES {
+        let mut payload = vec![(i % 251) as u8; SIZE];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        burst.extend(client_frame(true, OpCode::Binary, &payload));
+    }
+    assert!(burst.len() > 16 * 64 * 1024 * 3, "the burst must exceed several read turns");
+    let mut writer = c.stream.try_clone().expect("try_clone");
+    let sender = std::thread::spawn(move || writer.write_all(&burst).map(|()| burst.len()));
+    for i in 0..FRAMES {
+        let f = c.read_frame();
+        assert_eq!((f.opcode, f.payload.len()), (OpCode::Binary, SIZE), "frame {i}");
+        assert_eq!(f.payload[..4], i.to_be_bytes(), "frame {i} out of order");
+        assert!(f.payload[4..].iter().all(|&b| b == (i % 251) as u8), "frame {i} corrupted");
+    }
+    sender.join().expect("sender thread").expect("writing the burst");
+    c.echo_text("still served after the burst");
 }
 
 fn echo_one_byte_per_write(driver: Driver) {
