@@ -34,6 +34,8 @@ on_both_drivers! {
     echo_large_message => echo_large_message_uring, echo_large_message_epoll;
     echo_one_byte_per_write => echo_one_byte_per_write_uring, echo_one_byte_per_write_epoll;
     burst_past_the_read_bound => burst_past_the_read_bound_uring, burst_past_the_read_bound_epoll;
+    input_left_after_a_read_turn_is_resumed =>
+        input_left_after_a_read_turn_is_resumed_uring, input_left_after_a_read_turn_is_resumed_epoll;
     rejected_upgrades => rejected_upgrades_uring, rejected_upgrades_epoll;
     http_endpoints => http_endpoints_uring, http_endpoints_epoll;
     ping_answered_with_exact_pong => ping_answered_with_exact_pong_uring, ping_answered_with_exact_pong_epoll;
@@ -134,6 +136,50 @@ fn burst_past_the_read_bound(driver: Driver) {
     }
     sender.join().expect("sender thread").expect("writing the burst");
     c.echo_text("still served after the burst");
+}
+
+/// The deterministic form of the case above. The server is frozen (SIGSTOP) while the client queues 2 MiB of
+/// frames, all of it in the server's receive buffer before it runs again; on SIGCONT there is one input edge
+/// for the socket, and one turn reads at most 16 x 64 KiB. No further edge comes (the client sends nothing
+/// more), so the rest is echoed only if the shard resumes the connection by itself.
+fn input_left_after_a_read_turn_is_resumed(driver: Driver) {
+    const SIZE: usize = 1000;
+    let srv = Server::start(driver, &["--max-message-size", "16777216", "--max-backlog-bytes", "67108864"]);
+    let mut c = srv.ws();
+    // Warm-up: one 8 MiB message each way grows both sockets' buffers (TCP autotuning), so that the
+    // burst below fits in them while the server is frozen.
+    let big = vec![7u8; 8 << 20];
+    let mut writer = c.stream.try_clone().expect("try_clone");
+    let frame = client_frame(true, OpCode::Binary, &big);
+    let warm = std::thread::spawn(move || writer.write_all(&frame));
+    let f = c.read_frame();
+    assert_eq!(f.payload.len(), big.len());
+    warm.join().expect("warm-up thread").expect("warm-up write");
+
+    let frames = (2 << 20) / (SIZE + 8);
+    let mut burst = Vec::new();
+    for i in 0..frames as u32 {
+        let mut payload = vec![(i % 251) as u8; SIZE];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        burst.extend(client_frame(true, OpCode::Binary, &payload));
+    }
+    srv.signal(libc::SIGSTOP);
+    let mut writer = c.stream.try_clone().expect("try_clone");
+    let sender = std::thread::spawn(move || writer.write_all(&burst));
+    // Wait until the kernel holds the whole burst on the server's side (nothing left unacknowledged).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(sender.is_finished() && support::unsent_bytes(&c.stream) == 0) {
+        assert!(Instant::now() < deadline, "the burst did not fit in the socket buffers");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sender.join().expect("sender thread").expect("writing the burst");
+    srv.signal(libc::SIGCONT);
+    for i in 0..frames as u32 {
+        let f = c.read_frame();
+        assert_eq!((f.opcode, f.payload.len()), (OpCode::Binary, SIZE), "frame {i}");
+        assert_eq!(f.payload[..4], i.to_be_bytes(), "frame {i} out of order");
+    }
+    c.echo_text("still served");
 }
 
 fn echo_one_byte_per_write(driver: Driver) {

@@ -164,7 +164,8 @@ impl Server {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn signal(&self, sig: libc::c_int) {
+    /// Sends `sig` to the server process (e.g. SIGSTOP/SIGCONT to freeze it while a client queues input).
+    pub fn signal(&self, sig: libc::c_int) {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped (so not reused).
         unsafe { libc::kill(pid, sig) };
