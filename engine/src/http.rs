@@ -2,7 +2,7 @@
 //! Each response is followed by closing the connection.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use throng_protocol::handshake::{self, Request, Status};
 
@@ -24,6 +24,13 @@ pub fn respond(shard: &Shard, req: &Request<'_>, out: &mut Vec<u8>) {
             if shard.shared.draining.load(Relaxed) {
                 ShardMetrics::inc(&shard.metrics.http_rejected_total);
                 handshake::write_rejection(out, Status::ServiceUnavailable, "draining");
+                return;
+            }
+            let (up, all) = (shard.shared.listening.load(Acquire), shard.shared.config.shards);
+            if up < all {
+                ShardMetrics::inc(&shard.metrics.http_rejected_total);
+                let reason = format!("starting: {up} of {all} shards listening");
+                handshake::write_rejection(out, Status::ServiceUnavailable, &reason);
                 return;
             }
             ("text/plain", "ok".to_string())

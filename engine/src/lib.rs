@@ -71,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         metrics: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
         draining: AtomicBool::new(false),
+        listening: AtomicUsize::new(0),
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),
         driver_name: driver.name(),

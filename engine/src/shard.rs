@@ -42,6 +42,9 @@ pub struct Shared {
     pub metrics: Vec<Arc<ShardMetrics>>,
     /// Set once on SIGTERM/SIGINT: shards stop accepting and close every connection with 1001.
     pub draining: AtomicBool,
+    /// Shards whose listener is bound. `/health` says `ok` only once all are: until then the kernel would
+    /// hand every connection to the shards already listening, and they would stay there.
+    pub listening: AtomicUsize,
     /// Connections open over all shards, for `max_connections` (touched once per accept and close).
     pub open_connections: AtomicUsize,
     /// When the process started.
@@ -206,6 +209,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
     };
     let listener = match bind(shared.config.listen) {
         Ok(l) => {
+            shared.listening.fetch_add(1, Ordering::Release);
             let _ = ready.send(Ok(()));
             l
         }
