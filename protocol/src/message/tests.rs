@@ -777,3 +777,48 @@ proptest! {
         prop_assert_eq!(d.decode(&p), Ok(Command::Ping { id: Some(3) }));
     }
 }
+
+/// The input that made the number retry quadratic: `[-[` then `1[` repeated, `len` bytes in all. The `-[`
+/// makes simd-json refuse a number (so the retry runs) and every `1` starts another number.
+fn number_retry_bomb(len: usize) -> Vec<u8> {
+    let mut v = b"[-[".to_vec();
+    while v.len() + 2 <= len {
+        v.extend_from_slice(b"1[");
+    }
+    v
+}
+
+/// Fastest of `runs` decodes of `payload`, in nanoseconds.
+fn fastest_decode_ns(payload: &[u8], runs: usize) -> u128 {
+    let mut d = Decoder::with_limits(Limits { max_data_bytes: 1 << 20, ..Limits::default() });
+    (0..runs)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let r = d.decode(payload);
+            let ns = t.elapsed().as_nanos();
+            assert_eq!(r.map_err(|e| e.code()), Err("bad_json"));
+            ns
+        })
+        .min()
+        .unwrap_or(0)
+        .max(1)
+}
+
+/// Decoding time grows linearly with the input, also for inputs built to trigger the number retry: 8x the
+/// bytes may cost at most ~3x8x the time (a quadratic decoder takes ~64x; the old retry scanned from every
+/// number start to the next `,` `}` `]` or space, and took 860 ms on 60 KiB in a release build). A ratio,
+/// not an absolute time, so a slow or busy machine does not change the verdict.
+#[test]
+fn decoding_is_linear_in_the_input() {
+    let small = number_retry_bomb(8 * 1024);
+    let large = number_retry_bomb(64 * 1024);
+    // Warm the decoder's buffers and the caches up first.
+    fastest_decode_ns(&large, 2);
+    let (t_small, t_large) = (fastest_decode_ns(&small, 7), fastest_decode_ns(&large, 7));
+    let ratio = t_large as f64 / t_small as f64;
+    assert!(ratio < 24.0, "8x the input took {ratio:.1}x the time ({t_small} ns -> {t_large} ns): not linear");
+    // The same input with a valid number where the bomb starts still decodes as an ordinary command error.
+    let mut ok = br#"{"type":"publish","channel":"c","data":"#.to_vec();
+    ok.extend_from_slice(&large[..large.len() - 1]);
+    assert_eq!(decode(std::str::from_utf8(&ok).unwrap()).map_err(|e| e.code()), Err("bad_json"));
+}
