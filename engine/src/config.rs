@@ -88,6 +88,42 @@ pub struct Cli {
     /// Log format: text or json. [default: text]
     #[arg(long, env = "THRONG_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Most bytes of channel history one shard keeps, over all its channels; past it the oldest messages
+    /// of the shard are dropped first (recovery from them then says `recovered:false`). [default: 67108864]
+    #[arg(long, env = "THRONG_MAX_HISTORY_BYTES")]
+    pub max_history_bytes: Option<usize>,
+    /// Most channels one shard holds (as home or with local subscribers); a publish or subscribe that would
+    /// create one more gets a `channel_limit` error. [default: 100000]
+    #[arg(long, env = "THRONG_MAX_CHANNELS")]
+    pub max_channels: Option<usize>,
+    /// Messages (pings included) one `/ws` connection may send per second, with a burst of as many; past
+    /// it commands get `rate_limited` errors, and a client that keeps on is closed with 4029. 0: no limit.
+    /// [default: 1000]
+    #[arg(long, env = "THRONG_MAX_MESSAGES_PER_SECOND")]
+    pub max_messages_per_second: Option<u32>,
+    /// Bytes one `/ws` connection may send per second (burst: a second's worth, at least one message of
+    /// `max_message_size`); enforced like the message rate. 0: no limit. [default: 1048576]
+    #[arg(long, env = "THRONG_MAX_BYTES_PER_SECOND")]
+    pub max_bytes_per_second: Option<u32>,
+    /// Most channels one connection may be subscribed to. [default: 256]
+    #[arg(long, env = "THRONG_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    /// Most bytes one shard holds for unfinished requests, frames and fragmented messages, over all its
+    /// connections; a connection that would pass it is closed with 1013. [default: 67108864]
+    #[arg(long, env = "THRONG_MAX_UNFINISHED_BYTES")]
+    pub max_unfinished_bytes: Option<usize>,
+    /// Seconds a client has to finish a message it has started (a frame or a fragmented message); past
+    /// it the connection is closed with 1008. [default: 15]
+    #[arg(long, env = "THRONG_MESSAGE_TIMEOUT")]
+    pub message_timeout: Option<f64>,
+    /// Most bytes of messages on their way to one shard from another (its ring and the sender's overflow
+    /// queue together); past it the full-ring policy applies (see docs). [default: 67108864]
+    #[arg(long, env = "THRONG_MAX_QUEUE_BYTES")]
+    pub max_queue_bytes: Option<usize>,
+    /// Validate the configuration (flags, variables and file), print it, and exit: 0 when it is valid,
+    /// 1 with the reason otherwise. Nothing is bound or started.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// The TOML file's shape: the same keys as the flags.
@@ -108,6 +144,14 @@ struct FileConfig {
     ring_capacity: Option<usize>,
     flush_pacing: Option<f64>,
     log_format: Option<LogFormat>,
+    max_history_bytes: Option<usize>,
+    max_channels: Option<usize>,
+    max_messages_per_second: Option<u32>,
+    max_bytes_per_second: Option<u32>,
+    max_subscriptions: Option<usize>,
+    max_unfinished_bytes: Option<usize>,
+    message_timeout: Option<f64>,
+    max_queue_bytes: Option<usize>,
     /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
     #[serde(default)]
     namespace: std::collections::BTreeMap<String, NamespaceFile>,
@@ -119,6 +163,7 @@ struct FileConfig {
 struct NamespaceFile {
     history_size: Option<usize>,
     history_ttl: Option<f64>,
+    history_bytes: Option<usize>,
     presence: Option<bool>,
     client_publish: Option<bool>,
     slow_consumer: Option<SlowConsumerPolicy>,
@@ -143,6 +188,8 @@ pub struct Namespace {
     pub history_size: usize,
     /// How long a message stays in history.
     pub history_ttl: Duration,
+    /// Most bytes of history kept per channel (oldest dropped first).
+    pub history_bytes: usize,
     /// Whether presence is tracked.
     pub presence: bool,
     /// Whether clients may publish (the backend always may).
@@ -157,6 +204,7 @@ impl Namespace {
             name: name.to_string(),
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            history_bytes: 1 << 20,
             presence: true,
             client_publish: true,
             slow_consumer: SlowConsumerPolicy::Close,
@@ -173,6 +221,8 @@ pub struct Namespaces {
     pub list: Vec<Namespace>,
     /// True when no namespace was configured: unknown names get the defaults.
     pub open: bool,
+    /// The defaults unknown names get when `open` (named `*`).
+    pub fallback: Namespace,
 }
 
 impl Namespaces {
@@ -186,13 +236,19 @@ impl Namespaces {
         self.find(name).map(|i| &self.list[i])
     }
 
-    /// Settings for `name`, falling back to the defaults when namespaces are open.
-    pub fn resolve(&self, name: &str) -> Option<Namespace> {
+    /// Settings for `name`, falling back to the defaults when namespaces are open (`user` and the default
+    /// namespace always exist).
+    pub fn resolve(&self, name: &str) -> Option<&Namespace> {
         match self.get(name) {
-            Some(n) => Some(n.clone()),
-            None if self.open || name == "user" => Some(Namespace::defaults(name)),
+            Some(n) => Some(n),
+            None if self.open => Some(&self.fallback),
             None => None,
         }
+    }
+
+    /// The settings of the namespace of a channel name (`ns:name`, or the default namespace), if it exists.
+    pub fn of_channel(&self, channel: &str) -> Option<&Namespace> {
+        self.resolve(channel.split_once(':').map_or("", |(ns, _)| ns))
     }
 }
 
@@ -229,6 +285,22 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Channel namespaces.
     pub namespaces: Namespaces,
+    /// History bytes per shard.
+    pub max_history_bytes: usize,
+    /// Channels per shard.
+    pub max_channels: usize,
+    /// Inbound messages per second per `/ws` connection (0: unlimited).
+    pub max_messages_per_second: u32,
+    /// Inbound bytes per second per `/ws` connection (0: unlimited).
+    pub max_bytes_per_second: u32,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Bytes held for unfinished requests, frames and messages per shard.
+    pub max_unfinished_bytes: usize,
+    /// Time to finish a started message.
+    pub message_timeout: Duration,
+    /// Bytes in flight toward one shard.
+    pub max_queue_bytes: usize,
 }
 
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -268,23 +340,80 @@ impl Config {
             flush_pacing: cli.flush_pacing.or(file.flush_pacing).unwrap_or(0.33),
             log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             namespaces: namespaces(&file.namespace)?,
+            max_history_bytes: cli.max_history_bytes.or(file.max_history_bytes).unwrap_or(64 << 20),
+            max_channels: cli.max_channels.or(file.max_channels).unwrap_or(100_000),
+            max_messages_per_second: cli.max_messages_per_second.or(file.max_messages_per_second).unwrap_or(1000),
+            max_bytes_per_second: cli.max_bytes_per_second.or(file.max_bytes_per_second).unwrap_or(1 << 20),
+            max_subscriptions: cli.max_subscriptions.or(file.max_subscriptions).unwrap_or(256),
+            max_unfinished_bytes: cli.max_unfinished_bytes.or(file.max_unfinished_bytes).unwrap_or(64 << 20),
+            message_timeout: secs("message_timeout", cli.message_timeout.or(file.message_timeout).unwrap_or(15.0))?,
+            max_queue_bytes: cli.max_queue_bytes.or(file.max_queue_bytes).unwrap_or(64 << 20),
         };
-        if cfg.shards == 0 || cfg.shards > 64 {
-            bail!("shards must be between 1 and 64, got {}", cfg.shards);
-        }
-        if cfg.max_message_size == 0 || cfg.max_message_size > u32::MAX as usize {
-            bail!("max_message_size must be between 1 and {}", u32::MAX);
-        }
-        if !(0.0..=4.0).contains(&cfg.flush_pacing) {
-            bail!("flush_pacing must be between 0 and 4, got {}", cfg.flush_pacing);
-        }
-        if cfg.ring_capacity < 2 {
-            bail!("ring_capacity must be at least 2");
-        }
-        if cfg.max_backlog_bytes < 1024 {
-            bail!("max_backlog_bytes must be at least 1024");
-        }
+        cfg.check()?;
         Ok(cfg)
+    }
+
+    /// Checks the values against each other and against their bounds; the error says what to change.
+    pub fn check(&self) -> anyhow::Result<()> {
+        const MIB: usize = 1 << 20;
+        let within = |name: &str, v: usize, lo: usize, hi: usize| -> anyhow::Result<()> {
+            if !(lo..=hi).contains(&v) {
+                bail!("{name} must be between {lo} and {hi}, got {v}");
+            }
+            Ok(())
+        };
+        let at_most = |name: &str, v: Duration, hi: u64| -> anyhow::Result<()> {
+            if v > Duration::from_secs(hi) {
+                bail!("{name} must be at most {hi} s, got {} s", v.as_secs_f64());
+            }
+            Ok(())
+        };
+        within("shards", self.shards, 1, 64)?;
+        within("max_message_size", self.max_message_size, 1, 256 * MIB)?;
+        within("max_backlog_bytes", self.max_backlog_bytes, 1024, 1024 * MIB)?;
+        if self.max_backlog_bytes < self.max_message_size + 1024 {
+            bail!(
+                "max_backlog_bytes ({}) must be at least max_message_size + 1024 ({}): an echo or a delivery of the \
+                 largest message must fit in a client's backlog",
+                self.max_backlog_bytes,
+                self.max_message_size + 1024
+            );
+        }
+        within("ring_capacity", self.ring_capacity, 2, 1 << 24)?;
+        if !(0.0..=4.0).contains(&self.flush_pacing) {
+            bail!("flush_pacing must be between 0 and 4, got {}", self.flush_pacing);
+        }
+        at_most("ping_interval", self.ping_interval, 86_400)?;
+        at_most("idle_timeout", self.idle_timeout, 7 * 86_400)?;
+        at_most("handshake_timeout", self.handshake_timeout, 300)?;
+        at_most("drain_timeout", self.drain_timeout, 3600)?;
+        at_most("message_timeout", self.message_timeout, 3600)?;
+        if self.idle_timeout <= self.ping_interval {
+            bail!(
+                "idle_timeout ({} s) must be longer than ping_interval ({} s): a silent connection is pinged after \
+                 ping_interval and closed only if it stays silent until idle_timeout",
+                self.idle_timeout.as_secs_f64(),
+                self.ping_interval.as_secs_f64()
+            );
+        }
+        within("max_history_bytes", self.max_history_bytes, 0, 1 << 40)?;
+        within("max_channels", self.max_channels, 1, 1 << 26)?;
+        within("max_subscriptions", self.max_subscriptions, 1, 1 << 16)?;
+        within("max_unfinished_bytes", self.max_unfinished_bytes, 64 * 1024, 1 << 40)?;
+        within("max_queue_bytes", self.max_queue_bytes, 64 * 1024, 1 << 40)?;
+        for ns in &self.namespaces.list {
+            let name = if ns.name.is_empty() { "default" } else { &ns.name };
+            within(&format!("namespace.{name}.history_size"), ns.history_size, 0, 1 << 20)?;
+            within(&format!("namespace.{name}.history_bytes"), ns.history_bytes, 0, 1 << 40)?;
+            at_most(&format!("namespace.{name}.history_ttl"), ns.history_ttl, 30 * 86_400)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes a reply built from history or presence may take: half the backlog bound, so that a reply to a
+    /// client with some backlog already can never push it past the bound.
+    pub fn max_reply_bytes(&self) -> usize {
+        self.max_backlog_bytes / 2
     }
 }
 
@@ -304,6 +433,7 @@ fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyho
             name: key.to_string(),
             history_size: f.history_size.unwrap_or(d.history_size),
             history_ttl: ttl,
+            history_bytes: f.history_bytes.unwrap_or(d.history_bytes),
             presence: f.presence.unwrap_or(d.presence),
             client_publish: f.client_publish.unwrap_or(d.client_publish),
             slow_consumer: f.slow_consumer.unwrap_or(d.slow_consumer),
@@ -315,7 +445,7 @@ fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyho
             list.push(Namespace::defaults(implicit));
         }
     }
-    Ok(Namespaces { list, open })
+    Ok(Namespaces { list, open, fallback: Namespace::defaults("*") })
 }
 
 #[cfg(test)]
@@ -358,5 +488,25 @@ mod tests {
         assert!(Config::load(cli).is_err());
         let cli = Cli::try_parse_from(["throng", "--shards", "0"]).unwrap();
         assert!(Config::load(cli).is_err());
+    }
+
+    fn load_err(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(std::iter::once("throng").chain(args.iter().copied())).unwrap();
+        format!("{:#}", Config::load(cli).expect_err("must be refused"))
+    }
+
+    #[test]
+    fn values_are_checked_against_each_other() {
+        let e = load_err(&["--ping-interval", "30", "--idle-timeout", "20"]);
+        assert!(e.contains("idle_timeout") && e.contains("ping_interval"), "{e}");
+        let e = load_err(&["--max-message-size", "1000000", "--max-backlog-bytes", "500000"]);
+        assert!(e.contains("max_backlog_bytes") && e.contains("max_message_size"), "{e}");
+        let e = load_err(&["--handshake-timeout", "100000"]);
+        assert!(e.contains("handshake_timeout must be at most"), "{e}");
+        let e = load_err(&["--max-subscriptions", "0"]);
+        assert!(e.contains("max_subscriptions"), "{e}");
+        let cli = Cli::try_parse_from(["throng"]).unwrap();
+        let c = Config::load(cli).expect("the embedded defaults are valid");
+        assert_eq!(c.max_reply_bytes(), c.max_backlog_bytes / 2);
     }
 }

@@ -1,32 +1,31 @@
 //! `throng`: a thread-per-core WebSocket connection engine.
 //!
 //! # Layout
-//! - `config`: flags, `THRONG_*` variables and the TOML file, resolved into one [`config::Config`];
-//! - `shard`: one pinned thread per core running a monoio runtime (io_uring or epoll) with its own
-//!   `SO_REUSEPORT` listener, connection slab, timer wheel and pooled buffers;
-//! - `poller`: the shard's edge-triggered epoll set of connection sockets and the event loop over it (one
-//!   wait through the runtime for all of them; no task per connection);
-//! - `conn`: per-connection state (size budget checked at compile time), the readiness-driven read path
-//!   into the shard's pooled buffer, the bounded write queue, heartbeats and closes;
-//! - `timer`: the hierarchical timer wheel behind handshake timeouts, pings and idle timeouts;
-//! - `http`: `/health`, `/metrics`, `/stats` on the same port;
-//! - `metrics`: per-shard counters with a single writer each;
-//! - `sys`: the handful of raw syscalls (non-blocking recv/sendmsg, shutdown, rlimit).
+//! Layers, each calling only the ones below it (the read path reaches the application through a trait it
+//! is handed, not by name):
+//! - `config`, `metrics`, `sys`: configuration (flags, `THRONG_*` variables, TOML, checks), per-shard
+//!   counters, the raw syscalls;
+//! - [`channel`]: channel state with no connection in it: homes and history ([`channel::home`],
+//!   [`channel::history`]), local logs ([`channel::local`]), the inter-shard bus ([`channel::bus`]);
+//! - [`conn`]: a connection: state and slab, the read path with its bounds ([`conn::read`]), the output
+//!   queue ([`conn::write`]), the close state machine ([`conn::close`]), its timer ([`conn::timers`]);
+//! - [`channel::delivery`], [`v1`], [`http`]: what uses connections and channels together: the broadcast
+//!   flush pass and slow consumers, wire protocol v1 commands and the answers from other shards, HTTP
+//!   (upgrades and `/health`, `/metrics`, `/stats`);
+//! - [`shard`]: one pinned thread per core running the shard loop ([`shard::event_loop`]) over its epoll
+//!   set ([`shard::poller`]), listener ([`shard::accept`]) and timer wheel ([`shard::timer`]).
 //!
 //! Start-up raises the open-file soft limit to the hard limit; SIGTERM or SIGINT drains: the shards stop
-//! accepting, close every WebSocket with 1001, and the process exits 0 within `drain_timeout`.
+//! accepting, close every WebSocket with 1001, and the process exits 0 within `drain_timeout`. A second
+//! SIGTERM or SIGINT exits at once.
 
-pub mod bus;
 pub mod channel;
 pub mod config;
 pub mod conn;
-pub mod flush;
 pub mod http;
 pub mod metrics;
-pub mod poller;
 pub mod shard;
 pub mod sys;
-pub mod timer;
 pub mod v1;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::channel::bus::Inbox;
 use crate::config::{Cli, Config, LogFormat};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Driver, Shared};
@@ -44,7 +44,12 @@ const FD_RESERVE: u64 = 64;
 
 /// Runs the engine with the given command line until it is drained by a signal.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let check_only = cli.check_config;
     let mut config = Config::load(cli)?;
+    if check_only {
+        println!("configuration is valid:\n{config:#?}");
+        return Ok(());
+    }
     init_logging(config.log_format);
     // Block the shutdown signals before any thread starts, so every thread inherits the mask and the main
     // thread alone receives them through sigtimedwait.
@@ -75,8 +80,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),
         driver_name: driver.name(),
-        inboxes: (0..shards).map(|_| bus::Inbox::new(config.ring_capacity)).collect::<Vec<_>>().into(),
-        boot_id: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        inboxes: (0..shards)
+            .map(|_| Inbox::new(config.ring_capacity))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("creating the inter-shard rings")?
+            .into(),
         config: config.clone(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -115,8 +123,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("a shard stopped unexpectedly");
         }
     };
-    tracing::info!(signal, drain_timeout = ?config.drain_timeout, "draining: closing every connection with 1001");
+    tracing::info!(
+        signal,
+        drain_timeout = ?config.drain_timeout,
+        "draining: closing every connection with 1001 (a second signal exits at once)"
+    );
     shared.draining.store(true, Ordering::SeqCst);
+    while !handles.iter().all(|h| h.is_finished()) {
+        if let Some(sig) = wait_signal(&signals, Duration::from_millis(50)) {
+            tracing::warn!(signal = sig, "second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        }
+    }
     for h in handles {
         if h.join().is_err() {
             anyhow::bail!("a shard panicked while draining");

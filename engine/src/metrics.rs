@@ -79,6 +79,32 @@ counters! {
     subscriptions_total: "counter",
     /// Gap markers sent (drop-oldest slow consumers, or deliveries dropped on a full ring).
     gaps_total: "counter",
+    /// Publishes and subscribes refused because the shard holds max_channels channels.
+    channel_limit_total: "counter",
+    /// Messages refused by the per-connection rate limits (max_messages_per_second, max_bytes_per_second).
+    rate_limited_total: "counter",
+    /// Subscribes refused because the connection holds max_subscriptions.
+    subscription_limit_total: "counter",
+    /// Connections closed with 1013 because the shard's max_unfinished_bytes was used up.
+    unfinished_limit_closes_total: "counter",
+    /// Connections closed with 1008 for not finishing a message within message_timeout.
+    message_timeouts_total: "counter",
+    /// History messages dropped to keep the shard within max_history_bytes.
+    history_evicted_total: "counter",
+    /// Pings answered by a later ping's pong (more than 16 in one read).
+    pongs_coalesced_total: "counter",
+    /// Times accepting paused because the process ran out of file descriptors.
+    accept_pauses_total: "counter",
+    /// Bytes of channel history held.
+    history_bytes: "gauge",
+    /// Channels held (homes plus channels with local subscribers).
+    channels: "gauge",
+    /// Bytes held for unfinished requests, frames and messages.
+    unfinished_bytes: "gauge",
+    /// Shard loop turns.
+    turns_total: "counter",
+    /// Turns that ended with work left over (a step used up its budget).
+    busy_turns_total: "counter",
 }
 
 impl ShardMetrics {
@@ -94,6 +120,12 @@ impl ShardMetrics {
         Self::add(c, 1);
     }
 
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
+    }
+
     /// Subtracts one from a gauge.
     #[inline]
     pub fn dec(c: &AtomicU64) {
@@ -101,8 +133,9 @@ impl ShardMetrics {
     }
 }
 
-/// Renders all shards' metrics in the Prometheus text format, with a `shard` label.
-pub fn prometheus(shards: &[std::sync::Arc<ShardMetrics>], extra: &[(&str, &str, u64)]) -> String {
+/// Renders all shards' metrics in the Prometheus text format, with a `shard` label, followed by the
+/// process-wide `extra` ones (name, kind, help, value).
+pub fn prometheus(shards: &[std::sync::Arc<ShardMetrics>], extra: &[(&str, &str, &str, u64)]) -> String {
     let mut out = String::with_capacity(4096);
     let mut rows: Vec<(&'static str, &'static str, &'static str, Vec<u64>)> = Vec::new();
     for (i, s) in shards.iter().enumerate() {
@@ -122,8 +155,8 @@ pub fn prometheus(shards: &[std::sync::Arc<ShardMetrics>], extra: &[(&str, &str,
             let _ = writeln!(out, "throng_{name}{{shard=\"{i}\"}} {v}");
         }
     }
-    for (name, help, v) in extra {
-        let _ = writeln!(out, "# HELP throng_{name} {help}\n# TYPE throng_{name} gauge\nthrong_{name} {v}");
+    for (name, kind, help, v) in extra {
+        let _ = writeln!(out, "# HELP throng_{name} {help}\n# TYPE throng_{name} {kind}\nthrong_{name} {v}");
     }
     out
 }
@@ -139,7 +172,7 @@ mod tests {
         let b = Arc::new(ShardMetrics::default());
         ShardMetrics::inc(&a.accepted_total);
         ShardMetrics::add(&b.accepted_total, 5);
-        let text = prometheus(&[a, b], &[("rss_bytes", "Resident memory", 42)]);
+        let text = prometheus(&[a, b], &[("rss_bytes", "gauge", "Resident memory", 42)]);
         assert!(text.contains("# TYPE throng_accepted_total counter\n"));
         assert!(text.contains("throng_accepted_total{shard=\"0\"} 1\n"));
         assert!(text.contains("throng_accepted_total{shard=\"1\"} 5\n"));

@@ -511,13 +511,21 @@ fn protocol_errors_close_1002(driver: Driver) {
 // 9. Idle timeout (also the server-started close handshake)
 
 fn idle_timeout(driver: Driver) {
-    let srv = Server::start(driver, &["--ping-interval", "10", "--idle-timeout", "0.5"]);
+    // A ping interval shorter than the idle timeout (the configuration requires it): the silent client gets
+    // a ping, does not answer it, and is closed at the idle timeout.
+    let srv = Server::start(driver, &["--ping-interval", "0.4", "--idle-timeout", "0.5"]);
     assert_eq!(srv.metric("throng_idle_timeouts_total"), 0);
 
     let mut silent = srv.ws();
     silent.set_read_timeout(Duration::from_secs(4));
     let t0 = Instant::now();
-    let f = silent.expect_close(1000);
+    let f = loop {
+        let f = silent.read_frame();
+        if f.opcode != OpCode::Ping {
+            break f;
+        }
+    };
+    assert_eq!(f.close_code(), Some(1000), "{f:?}");
     let waited = t0.elapsed();
     assert!(f.close_reason().contains("idle"), "reason {:?}", f.close_reason());
     assert!(waited < Duration::from_secs(2), "idle close after {waited:?}");
@@ -578,7 +586,7 @@ fn slow_consumer_quiet_closed_4008(driver: Driver) {
 /// then reads: whole echoes, the 4008 close, EOF. With `quiet`, it first waits until the server has taken
 /// every byte it sent (its send queue is empty), so nothing of its is in flight when the server closes.
 fn slow_consumer(driver: Driver, quiet: bool) {
-    let srv = Server::start(driver, &["--max-backlog-bytes", "65536"]);
+    let srv = Server::start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "32768"]);
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     sock.connect_timeout(&srv.addr.into(), Duration::from_secs(5)).expect("connect");

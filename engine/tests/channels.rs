@@ -10,18 +10,17 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::TcpStream;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::v1::{poll_until, Ws};
 use support::{Driver, Server};
 use throng::channel::home_of;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
 /// Shards every server in this file runs with.
 const SHARDS: usize = 4;
@@ -100,10 +99,12 @@ fn config_path() -> &'static str {
     })
 }
 
-/// Starts `throng --shards 4 --config <CONFIG> <extra>`.
+/// Starts `throng --shards 4 --config <CONFIG> <extra>`, without per-connection rate limits: these tests
+/// publish as fast as they can, and `hostile.rs` covers the limits.
 fn start(driver: Driver, extra: &[&str]) -> Server {
     let shards = SHARDS.to_string();
     let mut args = vec!["--shards", &shards, "--config", config_path()];
+    args.extend(["--max-messages-per-second", "0", "--max-bytes-per-second", "0"]);
     args.extend_from_slice(extra);
     Server::start(driver, &args)
 }
@@ -116,193 +117,6 @@ fn with_home(prefix: &str, home: usize) -> String {
 /// The first name `<prefix>-<i>` whose home shard is not `shard`.
 fn not_homed_on(prefix: &str, shard: usize) -> String {
     (0..).map(|i| format!("{prefix}-{i}")).find(|n| home_of(n, SHARDS) != shard).expect("some name fits")
-}
-
-/// Polls `check` every 20 ms until it returns `Ok`, failing with its last error after `timeout`.
-fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("not reached within {timeout:?}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// A v1 client: a tungstenite socket with timeouts, what its `welcome` said, and messages read while
-/// waiting for a reply (delivered by [`Ws::recv`] later, in order).
-struct Ws {
-    ws: WebSocket<TcpStream>,
-    /// The `client` of the welcome.
-    client: String,
-    /// The shard the connection lives on (from `client`).
-    shard: usize,
-    stash: VecDeque<Value>,
-    next_id: u64,
-}
-
-impl Ws {
-    /// Connects to `/ws?user=<user>` and reads the welcome.
-    fn connect(srv: &Server, user: &str) -> Ws {
-        let stream = TcpStream::connect_timeout(&srv.addr, IO_TIMEOUT).expect("connect");
-        Ws::over(stream, srv, user)
-    }
-
-    /// Connects until the connection lands on a shard for which `want` holds (SO_REUSEPORT picks it).
-    fn connect_where(srv: &Server, user: &str, want: impl Fn(usize) -> bool) -> Ws {
-        for _ in 0..100 {
-            let c = Ws::connect(srv, user);
-            if want(c.shard) {
-                return c;
-            }
-        }
-        panic!("100 connections never landed on a wanted shard");
-    }
-
-    /// Upgrades an already connected stream to `/ws?user=<user>` and reads the welcome.
-    fn over(stream: TcpStream, srv: &Server, user: &str) -> Ws {
-        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("set_read_timeout");
-        stream.set_write_timeout(Some(IO_TIMEOUT)).expect("set_write_timeout");
-        stream.set_nodelay(true).expect("set_nodelay");
-        let url = format!("ws://{}/ws?user={user}", srv.addr);
-        let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap_or_else(|e| panic!("upgrade {url}: {e}"));
-        let mut c = Ws { ws, client: String::new(), shard: usize::MAX, stash: VecDeque::new(), next_id: 1 };
-        let w = c.next_frame();
-        assert_eq!(w["type"], "welcome", "first message: {w}");
-        assert_eq!(w["user"], user, "{w}");
-        assert_eq!(w["version"], 1, "{w}");
-        c.client = w["client"].as_str().unwrap_or_else(|| panic!("welcome without client: {w}")).to_string();
-        let shard = c.client.split('-').next().and_then(|s| usize::from_str_radix(s, 16).ok());
-        c.shard = shard.unwrap_or_else(|| panic!("client id {:?} is not shard-gen-idx", c.client));
-        assert!(c.shard < SHARDS, "client id {:?} names shard {}", c.client, c.shard);
-        c
-    }
-
-    fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).unwrap_or_else(|e| panic!("{}: sending {text}: {e}", self.client));
-    }
-
-    /// Sends a command, giving it the next `id` if it has none; returns the id.
-    fn send(&mut self, mut cmd: Value) -> u64 {
-        let id = match cmd.get("id").and_then(Value::as_u64) {
-            Some(id) => id,
-            None => {
-                let id = self.next_id;
-                self.next_id += 1;
-                cmd["id"] = json!(id);
-                id
-            }
-        };
-        self.send_text(&cmd.to_string());
-        id
-    }
-
-    /// Reads the next text message from the socket (ignoring pings and pongs). Panics on a close frame, a
-    /// timeout or an error.
-    fn next_frame(&mut self) -> Value {
-        loop {
-            match self.ws.read() {
-                Ok(Message::Text(t)) => {
-                    return serde_json::from_str(t.as_str())
-                        .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.client, t.as_str()))
-                }
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                Ok(other) => panic!("{}: unexpected frame {other:?}", self.client),
-                Err(e) => panic!("{}: reading a message: {e}", self.client),
-            }
-        }
-    }
-
-    /// The next message: stashed ones first.
-    fn recv(&mut self) -> Value {
-        match self.stash.pop_front() {
-            Some(v) => v,
-            None => self.next_frame(),
-        }
-    }
-
-    /// The next message if one arrives within `wait`.
-    fn recv_within(&mut self, wait: Duration) -> Option<Value> {
-        if let Some(v) = self.stash.pop_front() {
-            return Some(v);
-        }
-        self.ws.get_mut().set_read_timeout(Some(wait)).expect("set_read_timeout");
-        let r = loop {
-            match self.ws.read() {
-                Ok(Message::Text(t)) => break Some(serde_json::from_str(t.as_str()).expect("JSON")),
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                Ok(other) => panic!("{}: unexpected frame {other:?}", self.client),
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    break None
-                }
-                Err(e) => panic!("{}: reading a message: {e}", self.client),
-            }
-        };
-        self.ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("set_read_timeout");
-        r
-    }
-
-    /// Sends `cmd` and returns the reply carrying its id; channel traffic read meanwhile is stashed.
-    fn call(&mut self, cmd: Value) -> Value {
-        let id = self.send(cmd);
-        loop {
-            let v = self.next_frame();
-            if v.get("id").and_then(Value::as_u64) == Some(id) {
-                return v;
-            }
-            self.stash.push_back(v);
-        }
-    }
-
-    /// Subscribes (optionally with `since`) and checks the reply is `subscribed`.
-    fn subscribe(&mut self, channel: &str, since: Option<Value>) -> Value {
-        let mut cmd = json!({"type": "subscribe", "channel": channel});
-        if let Some(s) = since {
-            cmd["since"] = s;
-        }
-        let r = self.call(cmd);
-        assert_eq!(r["type"], "subscribed", "{}: subscribe {channel}: {r}", self.client);
-        assert_eq!(r["channel"], channel, "{r}");
-        r
-    }
-
-    /// Publishes and returns the offset of the `published` reply.
-    fn publish(&mut self, channel: &str, data: Value) -> u64 {
-        let r = self.call(json!({"type": "publish", "channel": channel, "data": data}));
-        assert_eq!(r["type"], "published", "{}: publish to {channel}: {r}", self.client);
-        r["offset"].as_u64().unwrap_or_else(|| panic!("published without offset: {r}"))
-    }
-
-    /// Sends a `ping` and returns everything that arrived before its `pong` (stashed messages included).
-    /// Whatever the server wrote to this connection before it read the ping is in the result.
-    fn barrier(&mut self) -> Vec<Value> {
-        let id = self.send(json!({"type": "ping"}));
-        let mut before: Vec<Value> = self.stash.drain(..).collect();
-        loop {
-            let v = self.next_frame();
-            if v["type"] == "pong" && v["id"] == id {
-                return before;
-            }
-            before.push(v);
-        }
-    }
-
-    /// Reads until a close frame arrives, returning it with the text messages that preceded it.
-    fn read_until_close(&mut self) -> (Vec<Value>, Option<CloseFrame>) {
-        let mut msgs: Vec<Value> = self.stash.drain(..).collect();
-        loop {
-            match self.ws.read() {
-                Ok(Message::Text(t)) => msgs.push(serde_json::from_str(t.as_str()).expect("JSON")),
-                Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                Ok(Message::Close(f)) => return (msgs, f),
-                Ok(other) => panic!("{}: unexpected frame {other:?}", self.client),
-                Err(e) => panic!("{}: reading until the close frame ({} messages read): {e}", self.client, msgs.len()),
-            }
-        }
-    }
 }
 
 /// Checks `m` is a `message` of `channel` with `offset`; returns its data.
@@ -843,7 +657,7 @@ fn read_flood(c: &mut Ws, channel: &str, progress: &AtomicU64) {
 }
 
 fn slow_subscriber_closed_4008(driver: Driver) {
-    let srv = start(driver, &["--max-backlog-bytes", "65536"]);
+    let srv = start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "16384"]);
     let ch = "slowc:flood";
     let mut slow = small_buffer_client(&srv, "slow");
     slow.subscribe(ch, None);
@@ -878,7 +692,7 @@ fn slow_subscriber_closed_4008(driver: Driver) {
 }
 
 fn slow_subscriber_drop_oldest_gap(driver: Driver) {
-    let srv = start(driver, &["--max-backlog-bytes", "65536"]);
+    let srv = start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "16384"]);
     let ch = "lossy:flood";
     let mut slow = small_buffer_client(&srv, "slow");
     slow.subscribe(ch, None);
@@ -930,7 +744,7 @@ fn slow_subscriber_drop_oldest_gap(driver: Driver) {
 /// burst of publishes (here 100 messages of 1 KiB arriving in one TCP write, 105 KB against a 64 KiB bound)
 /// is appended to the channel log before the shard's flush task runs.
 fn burst_does_not_close_a_reading_subscriber(driver: Driver) {
-    let srv = start(driver, &["--max-backlog-bytes", "65536"]);
+    let srv = start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "16384"]);
     let pad = "x".repeat(1000);
     for policy in ["lossy", "slowc"] {
         // Reader, publisher and the channel's home all on one shard: the whole burst is appended to the log

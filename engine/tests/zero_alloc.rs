@@ -1,11 +1,11 @@
 //! Zero allocation and zero copy per delivery: a counting global allocator measures the channel log append
-//! and the flush of every subscriber (`throng::flush::flush_conn`, the code a shard's flush task runs) for a
+//! and the flush of every subscriber (`throng::channel::delivery::flush_conn`, the code a shard's flush pass
+//! runs) for a
 //! burst of messages to 1000 subscribers on real loopback sockets, and the frames the sockets received are
 //! checked to be the bytes of the one frame each publish encoded, which the log shares rather than copies.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slab::Slab;
+use throng::channel::delivery::flush_conn;
+use throng::channel::home::HistoryLimits;
 use throng::channel::{HistoryEntry, HomeChannel, LocalChannel};
 use throng::config::SlowConsumerPolicy;
+use throng::conn::write::Flushed;
 use throng::conn::{Conn, ConnKey, ConnSub, Phase};
-use throng::flush::{flush_conn, Flushed};
 use throng::metrics::ShardMetrics;
-use throng_protocol::conn::WsConn;
 
 /// Counts allocations (and reallocations) made by the current thread while counting is switched on.
 struct Counting;
@@ -110,7 +111,7 @@ impl Setup {
         let addr = listener.local_addr().expect("local_addr");
         let mut channels = Slab::new();
         let chan = channels.insert(LocalChannel::new(Arc::from(CHANNEL), SlowConsumerPolicy::Close));
-        let home = HomeChannel::new(CHANNEL, "e1".into(), 16, u64::MAX / 2);
+        let home = HomeChannel::new(CHANNEL, 0xe1, HistoryLimits { size: 16, ttl_ticks: u64::MAX / 2, bytes: 1 << 20 });
         let mut conns = Slab::with_capacity(SUBSCRIBERS);
         let mut clients = Vec::with_capacity(SUBSCRIBERS);
         for i in 0..SUBSCRIBERS {
@@ -120,22 +121,11 @@ impl Setup {
             server.set_nonblocking(true).expect("set_nonblocking");
             let key = ConnKey { idx: i as u32, gen: 1 };
             let slot = channels[chan].subscribe(key, home.offset);
-            let idx = conns.insert(Conn {
-                sock: OwnedFd::from(server),
-                ws: WsConn::server(),
-                pending: Vec::new(),
-                outq: VecDeque::new(),
-                queued: 0,
-                gen: 1,
-                last_rx: 0,
-                timer: None,
-                phase: Phase::V1,
-                flags: 0,
-                strikes: 0,
-                flush_mark: 0,
-                subs: vec![ConnSub { chan: chan as u32, slot: slot as u32 }],
-                user: Box::from("u"),
-            });
+            let mut conn = Conn::new(OwnedFd::from(server), 1, 0);
+            conn.phase = Phase::V1;
+            conn.subs = vec![ConnSub { chan: chan as u32, slot: slot as u32 }];
+            conn.user = Box::from("u");
+            let idx = conns.insert(conn);
             assert_eq!(idx, i);
             clients.push(client);
         }
@@ -148,7 +138,7 @@ impl Setup {
             .map(|_| {
                 let data =
                     format!("{{\"seq\":{},\"text\":\"the same bytes for every subscriber\"}}", self.home.offset + 1);
-                self.home.publish(data.as_bytes(), 0)
+                self.home.publish(data.as_bytes(), 0).0
             })
             .collect()
     }

@@ -162,6 +162,12 @@ impl WsConn {
         self.msg.is_some()
     }
 
+    /// Bytes allocated for the fragmented message in progress (0 when none is): what this state machine
+    /// holds on the caller's behalf, for a caller that bounds memory held per connection or in total.
+    pub fn assembled_capacity(&self) -> usize {
+        self.assembled.capacity()
+    }
+
     fn next_mask(&mut self) -> Option<[u8; 4]> {
         match self.role {
             Role::Server => None,

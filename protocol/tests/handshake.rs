@@ -292,3 +292,20 @@ fn fuzz_seeds_have_their_expected_outcomes() {
     }
     assert!(seen >= 12, "only {seen} seeds");
 }
+
+/// An upgrade request announcing a body is refused (400): its body would be read as WebSocket frames.
+/// `Content-Length: 0` is harmless and accepted.
+#[test]
+fn upgrade_with_a_body_is_refused() {
+    let base = "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    let with = |cl: &str| format!("{base}Content-Length: {cl}\r\n\r\n");
+    let body = with("5");
+    let req = parse_request(body.as_bytes(), DEFAULT_MAX_HEADER_BYTES).unwrap().unwrap();
+    let err = req.validate_upgrade().unwrap_err();
+    assert_eq!(err, throng_protocol::handshake::UpgradeError::HasBody);
+    assert_eq!(err.status().code(), 400);
+    let empty = with("0");
+    let req = parse_request(empty.as_bytes(), DEFAULT_MAX_HEADER_BYTES).unwrap().unwrap();
+    assert_eq!(req.validate_upgrade(), Ok(()));
+}

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod load;
+pub mod v1;
+
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -174,6 +177,31 @@ impl Server {
     /// Sends SIGTERM (graceful drain).
     pub fn sigterm(&self) {
         self.signal(libc::SIGTERM);
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the server has used so far, all threads, in nanoseconds (the first field of each thread's
+    /// `/proc/<pid>/task/<tid>/schedstat`: time on a CPU, at scheduler resolution rather than clock ticks).
+    pub fn cpu_ns(&self) -> u64 {
+        let dir = format!("/proc/{}/task", self.pid());
+        let mut total = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")).flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("schedstat")).unwrap_or_default();
+            total += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        total
+    }
+
+    /// The server's resident set size in bytes (`/proc/<pid>/statm`).
+    pub fn rss_bytes(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid())).expect("statm");
+        let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("statm rss");
+        // SAFETY: sysconf takes no pointers.
+        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
     }
 
     /// Waits up to `timeout` for the process to exit.
@@ -506,5 +534,60 @@ impl Client {
     /// Whether bytes are waiting (without blocking).
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+}
+
+/// A cgroup v1 `cpu` group capping the processes put into it at a share of one core: how a test saturates a
+/// server on a machine with two cores and no second host. Removed (after its processes have left or died)
+/// on drop.
+pub struct CpuCap {
+    dir: std::path::PathBuf,
+}
+
+impl CpuCap {
+    /// Creates a group allowed `percent` of one core (`cpu.cfs_quota_us` over a 100 ms period). `None` when
+    /// the `cpu` controller is not mounted at `/sys/fs/cgroup/cpu` or not writable (not root).
+    pub fn new(percent: u32) -> Option<CpuCap> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let root = std::path::Path::new("/sys/fs/cgroup/cpu");
+        if !root.join("cpu.cfs_quota_us").exists() {
+            return None;
+        }
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("throng-test-{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let cap = CpuCap { dir };
+        std::fs::write(cap.dir.join("cpu.cfs_period_us"), "100000").ok()?;
+        std::fs::write(cap.dir.join("cpu.cfs_quota_us"), (percent * 1000).to_string()).ok()?;
+        Some(cap)
+    }
+
+    /// Moves every thread of process `pid` into the group.
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", self.dir.display()));
+    }
+
+    /// How many 100 ms periods the group's processes were throttled in (proof the cap bit).
+    pub fn throttled_periods(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        // The group can only be removed once empty: move anything left back to the root group.
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = std::fs::write("/sys/fs/cgroup/cpu/cgroup.procs", pid);
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -118,6 +118,10 @@ pub enum UpgradeError {
     /// `Sec-WebSocket-Key` is not the base64 encoding of exactly 16 bytes. (400)
     #[error("Sec-WebSocket-Key must be base64 of 16 bytes")]
     InvalidKey,
+    /// The request announces a body (`Content-Length` above 0): the bytes after the head would be read as
+    /// WebSocket frames. (400)
+    #[error("a WebSocket upgrade request must not have a body")]
+    HasBody,
 }
 
 impl UpgradeError {
@@ -132,7 +136,8 @@ impl UpgradeError {
             UpgradeError::HttpVersion
             | UpgradeError::MissingHost
             | UpgradeError::MissingKey
-            | UpgradeError::InvalidKey => Status::BadRequest,
+            | UpgradeError::InvalidKey
+            | UpgradeError::HasBody => Status::BadRequest,
         }
     }
 
@@ -148,6 +153,7 @@ impl UpgradeError {
             UpgradeError::MissingHost => "missing Host header",
             UpgradeError::MissingKey => "missing Sec-WebSocket-Key",
             UpgradeError::InvalidKey => "Sec-WebSocket-Key must be base64 of 16 bytes",
+            UpgradeError::HasBody => "a WebSocket upgrade request must not have a body",
         }
     }
 
@@ -577,6 +583,9 @@ impl<'a> Request<'a> {
         let key = self.ws_key.ok_or(UpgradeError::MissingKey)?;
         if !is_valid_key(key) {
             return Err(UpgradeError::InvalidKey);
+        }
+        if self.content_length.is_some_and(|n| n > 0) {
+            return Err(UpgradeError::HasBody);
         }
         Ok(())
     }

@@ -182,12 +182,15 @@ pub fn encode_error(out: &mut Vec<u8>, id: Option<u64>, code: &str, reason: &str
 /// the reply to `presence`. `count` is the number of connections subscribed; `users` lists each distinct
 /// user with how many of its connections are subscribed (the list may be truncated by the caller, `count`
 /// stays exact).
+///
+/// `truncated` (written only when true) says the list was cut short of `count`'s users by a bound.
 pub fn encode_presence<'u>(
     out: &mut Vec<u8>,
     id: Option<u64>,
     channel: &str,
     count: u64,
     users: impl IntoIterator<Item = (&'u str, u32)>,
+    truncated: bool,
 ) {
     open(out, b"presence");
     opt_id(out, id);
@@ -195,6 +198,10 @@ pub fn encode_presence<'u>(
     json_str(out, channel);
     key(out, b"count");
     write_u64(out, count);
+    if truncated {
+        key(out, b"truncated");
+        bool_lit(out, true);
+    }
     key(out, b"users");
     out.push(b'[');
     for (i, (user, connections)) in users.into_iter().enumerate() {
@@ -213,7 +220,9 @@ pub fn encode_presence<'u>(
 /// `{"type":"history","id":5,"channel":"room:42","offset":40,"epoch":"e1","recovered":true,
 /// "messages":[{"offset":17,"data":<raw>},...]}`: the reply to `history`. `offset_now` and `epoch` are the
 /// channel's current position; `recovered` (omitted when `None`) says whether the messages are complete
-/// since the client's `since`; each message's `data` is spliced raw.
+/// since the client's `since`; `truncated` (written only when true) says older messages that `limit`
+/// allowed were left out by a size bound; each message's `data` is spliced raw.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_history<'m>(
     out: &mut Vec<u8>,
     id: Option<u64>,
@@ -222,6 +231,7 @@ pub fn encode_history<'m>(
     epoch: &str,
     messages: impl IntoIterator<Item = (u64, &'m [u8])>,
     recovered: Option<bool>,
+    truncated: bool,
 ) {
     open(out, b"history");
     opt_id(out, id);
@@ -234,6 +244,10 @@ pub fn encode_history<'m>(
     if let Some(r) = recovered {
         key(out, b"recovered");
         bool_lit(out, r);
+    }
+    if truncated {
+        key(out, b"truncated");
+        bool_lit(out, true);
     }
     key(out, b"messages");
     out.push(b'[');
@@ -486,30 +500,43 @@ mod tests {
     #[test]
     fn presence() {
         let mut out = Vec::new();
-        encode_presence(&mut out, Some(4), "room:42", 3, [("a", 2u32), ("b\\", 1)]);
+        encode_presence(&mut out, Some(4), "room:42", 3, [("a", 2u32), ("b\\", 1)], false);
         assert_eq!(
             parse(&out),
             json!({"type":"presence","id":4,"channel":"room:42","count":3,
                    "users":[{"user":"a","connections":2},{"user":"b\\","connections":1}]})
         );
         out.clear();
-        encode_presence(&mut out, None, "x", 0, std::iter::empty());
+        encode_presence(&mut out, None, "x", 0, std::iter::empty(), false);
         assert_eq!(parse(&out), json!({"type":"presence","channel":"x","count":0,"users":[]}));
+        out.clear();
+        encode_presence(&mut out, None, "x", 5, [("a", 1u32)], true);
+        assert_eq!(
+            parse(&out),
+            json!({"type":"presence","channel":"x","count":5,"truncated":true,"users":[{"user":"a","connections":1}]})
+        );
     }
 
     #[test]
     fn history() {
         let mut out = Vec::new();
         let msgs: [(u64, &[u8]); 2] = [(17, br#"{"a":1}"#), (18, b"\"two\"")];
-        encode_history(&mut out, Some(5), "room:42", 40, "e1", msgs, Some(true));
+        encode_history(&mut out, Some(5), "room:42", 40, "e1", msgs, Some(true), false);
         assert_eq!(
             parse(&out),
             json!({"type":"history","id":5,"channel":"room:42","offset":40,"epoch":"e1","recovered":true,
                    "messages":[{"offset":17,"data":{"a":1}},{"offset":18,"data":"two"}]})
         );
         out.clear();
-        encode_history(&mut out, None, "c", 0, "e", std::iter::empty(), None);
+        encode_history(&mut out, None, "c", 0, "e", std::iter::empty(), None, false);
         assert_eq!(parse(&out), json!({"type":"history","channel":"c","offset":0,"epoch":"e","messages":[]}));
+        out.clear();
+        encode_history(&mut out, None, "c", 9, "e", [(9, &b"1"[..])], Some(false), true);
+        assert_eq!(
+            parse(&out),
+            json!({"type":"history","channel":"c","offset":9,"epoch":"e","recovered":false,"truncated":true,
+                   "messages":[{"offset":9,"data":1}]})
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Plain HTTP requests on the WebSocket port: `/health`, `/metrics` (Prometheus text) and `/stats` (JSON).
-//! Each response is followed by closing the connection.
+//! The plain endpoints: `/health`, `/metrics` (Prometheus text) and `/stats` (JSON). Each response is
+//! followed by closing the connection.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
@@ -7,28 +7,28 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use throng_protocol::handshake::{self, Request, Status};
 
 use crate::metrics::{self, ShardMetrics};
-use crate::shard::Shard;
+use crate::shard::Env;
 use crate::sys;
 
 /// Writes the response to a non-upgrade request into `out`.
-pub fn respond(shard: &Shard, req: &Request<'_>, out: &mut Vec<u8>) {
-    ShardMetrics::inc(&shard.metrics.http_requests_total);
+pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>) {
+    ShardMetrics::inc(&env.metrics.http_requests_total);
     if req.method != "GET" && req.method != "HEAD" {
-        ShardMetrics::inc(&shard.metrics.http_rejected_total);
+        ShardMetrics::inc(&env.metrics.http_rejected_total);
         handshake::write_rejection(out, Status::MethodNotAllowed, "only GET is served here");
         return;
     }
     let head = req.method == "HEAD";
     let (ctype, body) = match req.path {
         "/health" => {
-            if shard.shared.draining.load(Relaxed) {
-                ShardMetrics::inc(&shard.metrics.http_rejected_total);
+            if env.shared.draining.load(Relaxed) {
+                ShardMetrics::inc(&env.metrics.http_rejected_total);
                 handshake::write_rejection(out, Status::ServiceUnavailable, "draining");
                 return;
             }
-            let (up, all) = (shard.shared.listening.load(Acquire), shard.shared.config.shards);
+            let (up, all) = (env.shared.listening.load(Acquire), env.shared.config.shards);
             if up < all {
-                ShardMetrics::inc(&shard.metrics.http_rejected_total);
+                ShardMetrics::inc(&env.metrics.http_rejected_total);
                 let reason = format!("starting: {up} of {all} shards listening");
                 handshake::write_rejection(out, Status::ServiceUnavailable, &reason);
                 return;
@@ -37,16 +37,23 @@ pub fn respond(shard: &Shard, req: &Request<'_>, out: &mut Vec<u8>) {
         }
         "/metrics" => {
             let rss = sys::rss_bytes().unwrap_or(0);
-            let uptime = shard.shared.started.elapsed().as_secs();
+            let uptime = env.shared.started.elapsed().as_secs();
+            let dropped = env.shared.inboxes.iter().map(|i| i.dropped.load(Relaxed)).sum();
             let extra = [
-                ("rss_bytes", "Resident set size of the process.", rss),
-                ("uptime_seconds", "Seconds since start.", uptime),
+                ("rss_bytes", "gauge", "Resident set size of the process.", rss),
+                ("uptime_seconds", "gauge", "Seconds since start.", uptime),
+                (
+                    "ring_dropped_total",
+                    "counter",
+                    "Deliveries dropped between shards (ring and overflow full).",
+                    dropped,
+                ),
             ];
-            ("text/plain; version=0.0.4", metrics::prometheus(&shard.shared.metrics, &extra))
+            ("text/plain; version=0.0.4", metrics::prometheus(&env.shared.metrics, &extra))
         }
-        "/stats" => ("application/json", stats(shard)),
+        "/stats" => ("application/json", stats(env)),
         _ => {
-            ShardMetrics::inc(&shard.metrics.http_rejected_total);
+            ShardMetrics::inc(&env.metrics.http_rejected_total);
             handshake::write_rejection(out, Status::NotFound, "unknown path");
             return;
         }
@@ -56,8 +63,8 @@ pub fn respond(shard: &Shard, req: &Request<'_>, out: &mut Vec<u8>) {
 }
 
 /// `/stats`: connections, memory and per-shard counters as one JSON object.
-fn stats(shard: &Shard) -> String {
-    let s = &shard.shared;
+fn stats(env: &Env) -> String {
+    let s = &env.shared;
     let mut o = String::with_capacity(1024);
     let _ = write!(
         o,

@@ -1,0 +1,267 @@
+//! Delivery: writes channel logs to subscribers, one `sendmsg` per connection per pass.
+//!
+//! A publish only appends a shared frame to a channel log and marks the channel dirty. The flush pass then
+//! walks the dirty channels' subscribers and writes, for each connection, its queued replies and every
+//! unsent frame of every channel it is subscribed to, gathered into one iovec batch. Frames published in a
+//! burst therefore reach a socket in one syscall, and nothing is allocated, copied or reference-counted per
+//! delivery: iovecs point into the log.
+//!
+//! A pass is resumable: the shard loop gives it a slice of time per turn ([`flush_turn`]) and it carries on
+//! from the same channel and subscriber in the next turn, so a pass over tens of thousands of subscribers
+//! never holds up timers, accepts or the inbox for longer than its slice.
+//!
+//! Adaptive pacing: when a pass took over 1 ms of the shard's time (it is saturated), the next one waits
+//! `flush_pacing` times as long (at most 10 ms), so more frames coalesce per write; under light load a pass
+//! runs in the turn after the publish, keeping latency low. One write costs about the same whatever it
+//! carries, so this trades latency for CPU per delivery (docs/benchmarks.md has the measured curve).
+
+use std::io::IoSlice;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::local::LocalChannel;
+use crate::config::SlowConsumerPolicy;
+use crate::conn::close::{self, Close};
+use crate::conn::write::{self, Flushed};
+use crate::conn::{flag, Conn, ConnKey, Conns};
+use crate::metrics::ShardMetrics;
+use crate::shard::{Ctx, Env};
+use crate::sys;
+
+/// Passes longer than this count as saturation and trigger pacing.
+const PACE_THRESHOLD: Duration = Duration::from_millis(1);
+/// Longest pause between passes.
+const PACE_MAX: Duration = Duration::from_millis(10);
+/// Most buffers gathered into one `sendmsg`.
+const MAX_IOV: usize = 256;
+/// Subscribers handled between two looks at the clock.
+const CLOCK_EVERY: usize = 32;
+
+/// Writes a connection's queue, then every unsent frame of its channels, in batches of `MAX_IOV` buffers.
+/// A frame the socket took only part of moves (its unsent rest) to the front of the queue, so cursors
+/// always point at whole frames and the stream stays frame-aligned whatever is queued next.
+pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &ShardMetrics) -> Flushed {
+    loop {
+        let (written, gathered, full) = {
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            let mut total = 0usize;
+            for b in conn.outq.iter() {
+                if n == MAX_IOV {
+                    break;
+                }
+                iov[n] = IoSlice::new(b);
+                total += b.len();
+                n += 1;
+            }
+            'subs: for s in conn.subs.iter().filter(|s| s.is_active()) {
+                let ch = &channels[s.chan as usize];
+                let cursor = ch.subs[s.slot as usize].cursor;
+                for e in ch.log.range((cursor - ch.base) as usize..) {
+                    if n == MAX_IOV {
+                        break 'subs;
+                    }
+                    iov[n] = IoSlice::new(&e.frame);
+                    total += e.frame.len();
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return Flushed::Done;
+            }
+            match sys::send_vectored(conn.fd(), &iov[..n]) {
+                Ok(w) => (w, total, n == MAX_IOV),
+                Err(_) => return Flushed::Failed,
+            }
+        };
+        ShardMetrics::add(&metrics.bytes_out_total, written as u64);
+        let mut left = write::consume_queue(conn, written);
+        let mut frames = 0u64;
+        if left > 0 {
+            for s in conn.subs.iter().filter(|s| s.is_active()) {
+                let ch = &mut channels[s.chan as usize];
+                let base = ch.base;
+                let sub = &mut ch.subs[s.slot as usize];
+                while left > 0 {
+                    let Some(e) = ch.log.get((sub.cursor - base) as usize) else { break };
+                    sub.cursor += 1;
+                    frames += 1;
+                    if e.frame.len() <= left {
+                        left -= e.frame.len();
+                    } else {
+                        let rest = e.frame.slice(left..);
+                        conn.queued += rest.len() as u32;
+                        conn.outq.push_back(rest);
+                        conn.flags |= flag::HEAD_STARTED;
+                        left = 0;
+                    }
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        ShardMetrics::add(&metrics.frames_out_total, frames);
+        if written < gathered {
+            return Flushed::Blocked;
+        }
+        if !full {
+            return Flushed::Done;
+        }
+    }
+}
+
+/// Room to write: flushes a connection that waits for it (queue and channel frames).
+pub fn on_writable(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
+    let Some(conn) = conns.get_mut(key) else { return };
+    if !conn.writer_active() {
+        return;
+    }
+    match flush_conn(conn, &mut ctx.chans.locals, &env.metrics) {
+        Flushed::Blocked => {}
+        Flushed::Done => {
+            conn.flags &= !flag::WRITER;
+            close::drained(conn);
+        }
+        Flushed::Failed => write::socket_failed(env, ctx, key, conn),
+    }
+}
+
+/// Applies the namespace's slow-consumer policy to a subscriber whose socket is full, if its unsent bytes
+/// (queue plus channel backlog) passed the bound.
+fn check_lag(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, ch_idx: usize, slot: usize) {
+    let bound = env.cfg().max_backlog_bytes as u64;
+    let ch = &ctx.chans.locals[ch_idx];
+    let cursor = ch.subs[slot].cursor;
+    if ch.lag(cursor) + u64::from(conn.queued) <= bound {
+        return;
+    }
+    match ch.policy {
+        SlowConsumerPolicy::Close => close::close(env, ctx, key, conn, Close::SlowConsumer),
+        SlowConsumerPolicy::DropOldest => {
+            let (new_cursor, skipped) = ch.skip_to_fit(cursor, bound / 2);
+            let name = ch.name.clone();
+            ctx.chans.locals[ch_idx].subs[slot].cursor = new_cursor;
+            if let Some((from, to)) = skipped {
+                ShardMetrics::inc(&env.metrics.gaps_total);
+                let gap = super::frame_bytes(|o| throng_protocol::message::encode_gap(o, &name, from, to));
+                // The queue is written before the channel's frames: the marker lands right after what was
+                // already sent, before the frames that follow the skipped ones.
+                write::push(conn, gap);
+            }
+        }
+    }
+}
+
+/// The flush pass in progress, and the pacing between passes.
+#[derive(Debug, Default)]
+pub struct FlushState {
+    /// Pass counter: a connection flushed in this pass is not flushed again in it.
+    pub pass: u32,
+    /// The dirty channels this pass covers, and how far it got.
+    channels: Vec<usize>,
+    pos: usize,
+    /// The current channel's subscribers when the pass reached it, and how far it got.
+    subs: Vec<(ConnKey, usize)>,
+    sub_pos: usize,
+    /// A pass is under way.
+    active: bool,
+    /// Time spent on this pass so far.
+    spent: Duration,
+    /// No new pass before this (pacing).
+    not_before: Option<Instant>,
+}
+
+impl FlushState {
+    /// Whether the flush step has work now: a pass to continue, or dirty channels and no pacing pause.
+    pub fn has_work(&self, dirty: bool, now: Instant) -> bool {
+        self.active || (dirty && self.not_before.is_none_or(|t| now >= t))
+    }
+
+    /// When a paced pass may start, if one waits.
+    pub fn paced_until(&self, dirty: bool) -> Option<Instant> {
+        (!self.active && dirty).then_some(self.not_before).flatten()
+    }
+}
+
+/// Runs the flush pass (starting one if none is under way) until it ends or `until` passes. Returns the
+/// number of connections written to.
+pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -> usize {
+    let t0 = Instant::now();
+    if !ctx.flush.active {
+        if ctx.chans.dirty.is_empty() {
+            return 0;
+        }
+        let f = &mut ctx.flush;
+        f.pass = f.pass.wrapping_add(1);
+        f.channels.clear();
+        std::mem::swap(&mut f.channels, &mut ctx.chans.dirty);
+        (f.pos, f.sub_pos, f.spent, f.active) = (0, 0, Duration::ZERO, true);
+        f.subs.clear();
+    }
+    let pass = ctx.flush.pass;
+    let mut written = 0;
+    let mut since_clock = 0;
+    while ctx.flush.pos < ctx.flush.channels.len() {
+        let ch_idx = ctx.flush.channels[ctx.flush.pos];
+        if ctx.flush.sub_pos == 0 {
+            // Starting this channel: take its subscribers as they are now. Later joiners are positioned at
+            // the log's end, and anything appended from here on marks the channel dirty for the next pass.
+            ctx.flush.subs.clear();
+            if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
+                ch.dirty = false;
+                ctx.flush.subs.extend(ch.subs.iter().map(|(slot, s)| (s.conn, slot)));
+            }
+        }
+        while ctx.flush.sub_pos < ctx.flush.subs.len() {
+            let (key, slot) = ctx.flush.subs[ctx.flush.sub_pos];
+            ctx.flush.sub_pos += 1;
+            since_clock += 1;
+            if since_clock == CLOCK_EVERY {
+                since_clock = 0;
+                if Instant::now() >= until {
+                    ctx.flush.sub_pos -= 1;
+                    ctx.flush.spent += t0.elapsed();
+                    return written;
+                }
+            }
+            let Some(conn) = conns.get_mut(key) else { continue };
+            // The slot must still be this connection's subscription (it may have left, and the slot been
+            // reused by another subscriber, since the pass took its list).
+            if ctx.chans.locals.get(ch_idx).is_none_or(|c| c.sub_of(slot, key).is_none()) {
+                continue;
+            }
+            // Write first; only what the socket would not take counts against the slow-consumer bound.
+            if conn.flush_mark != pass && !conn.writer_active() {
+                conn.flush_mark = pass;
+                written += 1;
+                match flush_conn(conn, &mut ctx.chans.locals, &env.metrics) {
+                    Flushed::Done => continue,
+                    Flushed::Blocked => write::wait_writable(env, conn),
+                    Flushed::Failed => {
+                        write::socket_failed(env, ctx, key, conn);
+                        continue;
+                    }
+                }
+            }
+            if conn.writer_active() {
+                check_lag(env, ctx, key, conn, ch_idx, slot);
+            }
+        }
+        if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
+            ch.trim();
+        }
+        ctx.flush.pos += 1;
+        ctx.flush.sub_pos = 0;
+    }
+    // The pass is over.
+    let f = &mut ctx.flush;
+    f.active = false;
+    f.spent += t0.elapsed();
+    let pace = env.cfg().flush_pacing;
+    f.not_before =
+        (f.spent > PACE_THRESHOLD && pace > 0.0).then(|| Instant::now() + f.spent.mul_f64(pace).min(PACE_MAX));
+    ctx.chans.outbox.drain();
+    written
+}

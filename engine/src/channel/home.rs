@@ -1,0 +1,355 @@
+//! A channel at its home shard: offsets, the epoch, bounded history, presence, and which shards listen.
+//!
+//! Every channel has one home shard ([`super::home_of`]). The home assigns offsets, so every subscriber
+//! anywhere sees one order; it keeps the history used for recovery and `history` — bounded by count, age
+//! and bytes per channel here, and in bytes per shard by [`super::history::HistoryBudget`] — the presence
+//! table (user -> connections, over all shards), and the set of shards that have subscribers. A publish is
+//! encoded **once** here into a complete WebSocket frame that every delivery shares.
+//!
+//! Plain data: no IO, time passed in as shard ticks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use throng_protocol::frame::{frame_with, OpCode};
+use throng_protocol::message;
+
+/// One published message kept in history.
+#[derive(Clone, Debug)]
+pub struct HistoryEntry {
+    /// Its offset.
+    pub offset: u64,
+    /// Tick it was published at, for the age bound.
+    pub at: u64,
+    /// The complete frame, shared with every delivery.
+    pub frame: Bytes,
+    /// Where the raw `data` starts in `frame` (it ends one byte before the frame's end, at the final `}`).
+    pub data_start: u32,
+}
+
+impl HistoryEntry {
+    /// The raw JSON `data` of the message.
+    pub fn data(&self) -> &[u8] {
+        &self.frame[self.data_start as usize..self.frame.len() - 1]
+    }
+}
+
+/// The result of positioning a subscriber against history.
+#[derive(Debug)]
+pub struct Recovery {
+    /// Whether every message after the client's position follows (false when it cannot be recovered).
+    pub recovered: bool,
+    /// The missed messages, oldest first (empty when not recovered).
+    pub missed: Vec<HistoryEntry>,
+}
+
+/// History bounds of a channel, from its namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most messages kept.
+    pub size: usize,
+    /// Longest a message is kept, in ticks.
+    pub ttl_ticks: u64,
+    /// Most bytes (of frames) kept.
+    pub bytes: usize,
+}
+
+/// A channel at its home shard.
+#[derive(Debug)]
+pub struct HomeChannel {
+    /// The channel name, shared with the messages sent to other shards.
+    pub name: Arc<str>,
+    /// Offset of the last published message (0: none yet).
+    pub offset: u64,
+    /// A random 64-bit value naming this incarnation of the channel's offsets: a new one whenever the
+    /// channel is created again (after being forgotten, on a restart, on another node).
+    pub epoch: u64,
+    /// Recent messages, oldest first, within `limits`.
+    pub history: VecDeque<HistoryEntry>,
+    /// Bytes of the frames in `history`.
+    pub history_bytes: usize,
+    /// History bounds.
+    pub limits: HistoryLimits,
+    /// Bit `i` set: shard `i` (other than the home) has subscribers and gets every message.
+    pub interested: u64,
+    /// user -> number of its subscribed connections, over all shards. Ordered, so that a presence reply
+    /// lists the first users without sorting the whole table per request.
+    pub presence: BTreeMap<Box<str>, u32>,
+    /// Subscribed connections over all shards.
+    pub connections: u64,
+}
+
+/// What a history change did, for the shard-wide byte budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freed {
+    /// Entries removed.
+    pub entries: usize,
+    /// Their bytes.
+    pub bytes: usize,
+}
+
+impl Freed {
+    fn add(&mut self, e: &HistoryEntry) {
+        self.entries += 1;
+        self.bytes += e.frame.len();
+    }
+}
+
+impl HomeChannel {
+    /// A new, empty channel.
+    pub fn new(name: &str, epoch: u64, limits: HistoryLimits) -> Self {
+        Self {
+            name: Arc::from(name),
+            offset: 0,
+            epoch,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            limits,
+            interested: 0,
+            presence: BTreeMap::new(),
+            connections: 0,
+        }
+    }
+
+    /// The epoch as the wire shows it: 16 lowercase hex digits.
+    pub fn epoch_str(&self) -> EpochStr {
+        EpochStr::new(self.epoch)
+    }
+
+    /// Assigns the next offset to `data` and encodes the message frame once; keeps it in history when the
+    /// bounds allow. Returns the entry, whether it was kept, and what the bounds dropped to make room.
+    pub fn publish(&mut self, data: &[u8], now: u64) -> (HistoryEntry, bool, Freed) {
+        self.offset += 1;
+        let offset = self.offset;
+        let mut buf = Vec::with_capacity(message::message_len(&self.name, offset, data) + 10);
+        let start = frame_with(&mut buf, OpCode::Text, |o| message::encode_message(o, &self.name, offset, data));
+        let frame = Bytes::from(buf).slice(start..);
+        let data_start = (frame.len() - 1 - data.len()) as u32;
+        let entry = HistoryEntry { offset, at: now, frame, data_start };
+        let keep = self.limits.size > 0 && entry.frame.len() <= self.limits.bytes;
+        let mut freed = Freed::default();
+        if keep {
+            self.history_bytes += entry.frame.len();
+            self.history.push_back(entry.clone());
+        } else {
+            // History must stay contiguous: no client that missed this message can be recovered any more,
+            // so what came before it is of no use.
+            while let Some(e) = self.pop_oldest() {
+                freed.add(&e);
+            }
+        }
+        let trimmed = self.trim(now);
+        freed.entries += trimmed.entries;
+        freed.bytes += trimmed.bytes;
+        (entry, keep, freed)
+    }
+
+    /// Drops history past its count, byte and age bounds.
+    pub fn trim(&mut self, now: u64) -> Freed {
+        let mut freed = Freed::default();
+        while self.history.len() > self.limits.size
+            || self.history_bytes > self.limits.bytes
+            || self.history.front().is_some_and(|e| now.saturating_sub(e.at) > self.limits.ttl_ticks)
+        {
+            let Some(e) = self.pop_oldest() else { break };
+            freed.add(&e);
+        }
+        freed
+    }
+
+    /// Removes the oldest history entry (the shard's byte budget evicts through this).
+    pub fn pop_oldest(&mut self) -> Option<HistoryEntry> {
+        let e = self.history.pop_front()?;
+        self.history_bytes -= e.frame.len();
+        if self.history.is_empty() && self.history.capacity() > 16 {
+            self.history = VecDeque::new();
+        }
+        Some(e)
+    }
+
+    /// Where in `history` the messages after `since` (offset, epoch) start, if every one of them is still
+    /// there (history is contiguous: [`HomeChannel::publish`] keeps it so). `None` when they cannot all be
+    /// given: another epoch, a position from the future, or messages already dropped.
+    pub fn after(&self, (seen, epoch): (u64, &str)) -> Option<usize> {
+        if epoch != self.epoch_str().as_str() || seen > self.offset {
+            return None;
+        }
+        if seen == self.offset {
+            return Some(self.history.len());
+        }
+        let first = self.history.front()?.offset;
+        (first <= seen + 1).then(|| (seen + 1 - first) as usize)
+    }
+
+    /// What a client that last saw `since` (offset, epoch) missed. `None` means no position was given.
+    /// `max_bytes` bounds the replay: when the missed frames would take more, nothing is replayed and the
+    /// client is told it was not recovered (a replay is never cut short silently).
+    pub fn recover(&mut self, since: Option<(u64, &str)>, now: u64, max_bytes: usize) -> (Recovery, Freed) {
+        let freed = self.trim(now);
+        let not = Recovery { recovered: false, missed: Vec::new() };
+        let Some(start) = since.and_then(|s| self.after(s)) else {
+            return (not, freed);
+        };
+        let missed = self.history.range(start..);
+        if missed.clone().map(|e| e.frame.len()).sum::<usize>() > max_bytes {
+            return (not, freed);
+        }
+        (Recovery { recovered: true, missed: missed.cloned().collect() }, freed)
+    }
+
+    /// Counts a subscribed connection of `user` (presence).
+    pub fn join(&mut self, user: &str) {
+        self.connections += 1;
+        match self.presence.get_mut(user) {
+            Some(n) => *n += 1,
+            None => {
+                self.presence.insert(user.into(), 1);
+            }
+        }
+    }
+
+    /// Forgets a subscribed connection of `user`.
+    pub fn leave(&mut self, user: &str) {
+        self.connections = self.connections.saturating_sub(1);
+        if let Some(n) = self.presence.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                self.presence.remove(user);
+            }
+        }
+    }
+
+    /// True when nothing keeps the channel alive: no subscribers anywhere and no history.
+    pub fn is_idle(&self) -> bool {
+        self.interested == 0 && self.connections == 0 && self.history.is_empty()
+    }
+}
+
+/// An epoch rendered as 16 lowercase hex digits, without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochStr([u8; 16]);
+
+impl EpochStr {
+    /// Renders `epoch`.
+    pub fn new(epoch: u64) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut b = [0u8; 16];
+        for (i, d) in b.iter_mut().enumerate() {
+            *d = HEX[(epoch >> (60 - 4 * i) & 0xf) as usize];
+        }
+        Self(b)
+    }
+
+    /// The digits.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(size: usize, ttl: u64, bytes: usize) -> HistoryLimits {
+        HistoryLimits { size, ttl_ticks: ttl, bytes }
+    }
+
+    #[test]
+    fn publish_encodes_once_and_keeps_history() {
+        let mut h = HomeChannel::new("chat:1", 1, limits(3, 100, 1 << 20));
+        for i in 0..5 {
+            let (e, kept, _) = h.publish(format!("{{\"n\":{i}}}").as_bytes(), 10);
+            assert!(kept);
+            assert_eq!(e.offset, i + 1);
+            assert_eq!(e.data(), format!("{{\"n\":{i}}}").as_bytes());
+            // A complete unmasked text frame with the message JSON.
+            assert_eq!(e.frame[0], 0x81);
+            let body = &e.frame[2..];
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(v["type"], "message");
+            assert_eq!(v["channel"], "chat:1");
+            assert_eq!(v["offset"], i + 1);
+        }
+        assert_eq!(h.history.len(), 3);
+        assert_eq!(h.history.front().unwrap().offset, 3);
+        assert_eq!(h.history_bytes, h.history.iter().map(|e| e.frame.len()).sum::<usize>());
+    }
+
+    #[test]
+    fn history_bytes_bound_drops_oldest_first() {
+        let mut h = HomeChannel::new("c", 1, limits(100, 1000, 300));
+        let data = vec![b'1'; 90];
+        let mut freed = Freed::default();
+        for _ in 0..5 {
+            let (_, kept, f) = h.publish(&data, 0);
+            assert!(kept);
+            freed.entries += f.entries;
+            freed.bytes += f.bytes;
+        }
+        // Frames are ~120 bytes: two fit in 300.
+        assert_eq!(h.history.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![4, 5]);
+        assert!(h.history_bytes <= 300);
+        assert_eq!(freed.entries, 3);
+        // A message larger than the whole bound is not kept, and what came before it is dropped: nobody
+        // who missed it can be recovered, and history stays contiguous.
+        let (_, kept, f) = h.publish(&[b'2'; 400], 0);
+        assert!(!kept);
+        assert_eq!(f.entries, 2);
+        assert!(h.history.is_empty() && h.history_bytes == 0);
+        let epoch = h.epoch_str();
+        let (r, _) = h.recover(Some((5, epoch.as_str())), 0, usize::MAX);
+        assert!(!r.recovered, "offset 6 is not in history");
+        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX);
+        assert!(r.recovered && r.missed.is_empty(), "nothing was missed after 6");
+        h.publish(&data, 0);
+        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX);
+        assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), [7]);
+    }
+
+    #[test]
+    fn recovery_rules() {
+        let mut h = HomeChannel::new("c", 0xe1, limits(3, 100, 1 << 20));
+        let e = h.epoch_str();
+        let e = e.as_str();
+        assert_eq!(e, "00000000000000e1");
+        for _ in 0..5 {
+            h.publish(b"1", 0);
+        }
+        // History holds 3..=5.
+        let (r, _) = h.recover(Some((2, e)), 0, usize::MAX);
+        assert!(r.recovered);
+        assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let (r, _) = h.recover(Some((4, e)), 0, usize::MAX);
+        assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![5]);
+        assert!(h.recover(Some((5, e)), 0, usize::MAX).0.recovered);
+        assert!(!h.recover(Some((1, e)), 0, usize::MAX).0.recovered, "offset 2 was evicted");
+        assert!(!h.recover(Some((4, "other")), 0, usize::MAX).0.recovered, "epoch changed");
+        assert!(!h.recover(Some((9, e)), 0, usize::MAX).0.recovered, "position from the future");
+        assert!(!h.recover(None, 0, usize::MAX).0.recovered);
+        // A replay larger than the reply bound is refused whole, not cut.
+        let one = h.history[0].frame.len();
+        let (r, _) = h.recover(Some((2, e)), 0, 3 * one - 1);
+        assert!(!r.recovered && r.missed.is_empty());
+        // Age bound: everything older than 100 ticks is gone.
+        let (r, freed) = h.recover(Some((4, e)), 1000, usize::MAX);
+        assert!(!r.recovered);
+        assert_eq!(freed.entries, 3);
+        assert!(h.history.is_empty());
+        assert_eq!(h.history_bytes, 0);
+    }
+
+    #[test]
+    fn presence_counts_and_is_ordered() {
+        let mut h = HomeChannel::new("c", 1, limits(0, 1, 0));
+        h.join("b");
+        h.join("a");
+        h.join("a");
+        assert_eq!((h.connections, h.presence.len(), h.presence["a"]), (3, 2, 2));
+        assert_eq!(h.presence.keys().map(|k| &**k).collect::<Vec<_>>(), ["a", "b"]);
+        h.leave("a");
+        h.leave("b");
+        assert_eq!((h.connections, h.presence.len(), h.presence["a"]), (1, 1, 1));
+    }
+}

@@ -1,0 +1,405 @@
+//! Channels: homes, local logs, the shard-wide history budget, the inter-shard bus, and delivery.
+//!
+//! - [`home`]: a channel at its home shard (offsets, epoch, bounded history, presence);
+//! - [`local`]: a channel's log of frames and cursors on a shard with subscribers;
+//! - [`history`]: `max_history_bytes` over all of a shard's channels, oldest first;
+//! - [`bus`]: the rings between shards, bounded in messages and bytes, and the full-ring policy;
+//! - [`delivery`]: the flush pass that writes logs to subscribers, and the slow-consumer policy.
+//!
+//! [`Channels`] holds a shard's channel state and the operations on it that do not involve a connection:
+//! publishing at the home, positioning subscribers, presence and history replies, joining and leaving.
+//! Connection-facing commands are in `crate::v1`; this module never touches a connection, which is what
+//! lets the connection layer end subscriptions when it closes without depending on the command layer.
+
+pub mod bus;
+pub mod delivery;
+pub mod history;
+pub mod home;
+pub mod local;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use slab::Slab;
+use throng_protocol::frame::{frame_with, OpCode};
+use throng_protocol::message;
+
+pub use home::{HistoryEntry, HomeChannel};
+pub use local::LocalChannel;
+
+use crate::config::Namespace;
+use crate::conn::{ConnKey, ConnSub};
+use crate::metrics::ShardMetrics;
+use crate::shard::Env;
+use bus::{Outbox, ReplyTo, ShardMsg};
+use history::HistoryBudget;
+use home::HistoryLimits;
+
+/// The home shard of a channel: a fixed hash of its name (FNV-1a), the same on every shard.
+pub fn home_of(name: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+/// A request refused by a bound: the `error` reply's code and reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Human-readable reason.
+    pub reason: &'static str,
+}
+
+/// A publish or subscribe that would create a channel past `max_channels`.
+pub const CHANNEL_LIMIT: Refusal =
+    Refusal { code: "channel_limit", reason: "this shard holds max_channels channels; retry later" };
+
+/// Appends one unmasked text frame whose payload `body` writes, with the header right before it.
+pub fn text_frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+    let base = out.len();
+    let start = frame_with(out, OpCode::Text, body);
+    out.drain(base..start);
+}
+
+/// A text frame as shared bytes (for replies crossing shards).
+pub fn frame_bytes(body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut v = Vec::with_capacity(128);
+    text_frame(&mut v, body);
+    Bytes::from(v)
+}
+
+/// A shard's channel state.
+#[derive(Debug)]
+pub struct Channels {
+    /// Channels with local subscribers, and their delivery logs.
+    pub locals: Slab<LocalChannel>,
+    /// Channel name -> index in `locals`.
+    pub local_index: HashMap<Arc<str>, usize>,
+    /// Channels whose home is this shard.
+    pub homes: Slab<HomeChannel>,
+    /// Channel name -> index in `homes`.
+    pub home_index: HashMap<Arc<str>, usize>,
+    /// History bytes over all homes, oldest first.
+    pub budget: HistoryBudget,
+    /// Local channels with frames appended since their last flush.
+    pub dirty: Vec<usize>,
+    /// Messages to other shards, with the full-ring policy.
+    pub outbox: Outbox,
+    /// `unsubscribe` ids of subscriptions cancelled before their home confirmed them, answered (after the
+    /// `subscribed`) when the confirmation arrives. Rarely non-empty.
+    pub cancelled: Vec<(ConnKey, usize, Option<u64>)>,
+    /// SplitMix64 state for epochs, seeded from the kernel: epochs differ across shards, restarts, nodes.
+    epoch_state: u64,
+}
+
+impl Channels {
+    /// Empty state around the shard's outbox.
+    pub fn new(outbox: Outbox, max_history_bytes: usize) -> Self {
+        Self {
+            locals: Slab::new(),
+            local_index: HashMap::new(),
+            homes: Slab::new(),
+            home_index: HashMap::new(),
+            budget: HistoryBudget::new(max_history_bytes),
+            dirty: Vec::new(),
+            outbox,
+            cancelled: Vec::new(),
+            epoch_state: crate::sys::random_u64(),
+        }
+    }
+
+    /// A fresh random epoch (SplitMix64: distinct outputs for every step of one shard's sequence).
+    fn next_epoch(&mut self) -> u64 {
+        self.epoch_state = self.epoch_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.epoch_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The home of `name` on this shard, created if needed (within `max_channels`).
+    fn home_entry(&mut self, env: &Env, name: &str) -> Result<usize, Refusal> {
+        if let Some(&i) = self.home_index.get(name) {
+            return Ok(i);
+        }
+        if self.homes.len() >= env.cfg().max_channels {
+            ShardMetrics::inc(&env.metrics.channel_limit_total);
+            return Err(CHANNEL_LIMIT);
+        }
+        let limits =
+            env.cfg().namespaces.of_channel(name).map_or(HistoryLimits { size: 0, ttl_ticks: 1, bytes: 0 }, |ns| {
+                HistoryLimits { size: ns.history_size, ttl_ticks: Env::ticks(ns.history_ttl), bytes: ns.history_bytes }
+            });
+        let epoch = self.next_epoch();
+        let i = self.homes.insert(HomeChannel::new(name, epoch, limits));
+        self.home_index.insert(self.homes[i].name.clone(), i);
+        Ok(i)
+    }
+
+    /// The local channel `name`, created if needed (within `max_channels`).
+    pub fn local_entry(&mut self, env: &Env, name: &str, ns: &Namespace) -> Result<usize, Refusal> {
+        if let Some(&i) = self.local_index.get(name) {
+            return Ok(i);
+        }
+        if self.locals.len() >= env.cfg().max_channels {
+            ShardMetrics::inc(&env.metrics.channel_limit_total);
+            return Err(CHANNEL_LIMIT);
+        }
+        let name: Arc<str> = Arc::from(name);
+        let i = self.locals.insert(LocalChannel::new(name.clone(), ns.slow_consumer));
+        self.local_index.insert(name, i);
+        Ok(i)
+    }
+
+    /// Removes a local channel that ended up with nobody on it (a subscription refused or undone before
+    /// it started).
+    pub fn drop_local_if_unused(&mut self, idx: usize) {
+        let ch = &self.locals[idx];
+        if ch.subs.is_empty() && ch.pending == 0 {
+            let name = ch.name.clone();
+            self.local_index.remove(&name);
+            self.locals.remove(idx);
+        }
+    }
+
+    /// Queues a local channel for the next flush pass.
+    pub fn mark_dirty(&mut self, idx: usize) {
+        let ch = &mut self.locals[idx];
+        if !ch.dirty {
+            ch.dirty = true;
+            self.dirty.push(idx);
+        }
+    }
+
+    /// Publishes at the home: assigns the offset, encodes the frame once, keeps it in history within the
+    /// channel's and the shard's bounds, appends it to the local log and sends one pointer to every other
+    /// interested shard. Returns the offset.
+    pub fn publish(&mut self, env: &Env, name: &str, data: &[u8]) -> Result<u64, Refusal> {
+        let i = self.home_entry(env, name)?;
+        let home = &mut self.homes[i];
+        let (entry, kept, freed) = home.publish(data, env.now);
+        self.budget.freed(freed);
+        if kept {
+            self.budget.kept(i, home, entry.offset, entry.frame.len());
+        }
+        let (channel, mut interested) = (home.name.clone(), home.interested);
+        let evicted = self.budget.enforce(&mut self.homes);
+        ShardMetrics::add(&env.metrics.history_evicted_total, evicted as u64);
+        if let Some(&idx) = self.local_index.get(name) {
+            if self.locals[idx].append(entry.offset, &entry.frame) {
+                self.mark_dirty(idx);
+            }
+        }
+        while interested != 0 {
+            let dest = interested.trailing_zeros() as usize;
+            interested &= interested - 1;
+            let msg = ShardMsg::Deliver { channel: channel.clone(), offset: entry.offset, frame: entry.frame.clone() };
+            let _ = self.outbox.send(dest, msg);
+        }
+        ShardMetrics::inc(&env.metrics.publishes_total);
+        Ok(entry.offset)
+    }
+
+    /// Subscribes at the home: presence, interest, recovery. Returns the `subscribed` reply frame, the
+    /// missed frames (bounded by the reply bound), and the offset the subscriber is positioned at.
+    pub fn subscribe_at_home(
+        &mut self,
+        env: &Env,
+        name: &str,
+        reply: ReplyTo,
+        since: Option<(u64, &str)>,
+        user: Option<&str>,
+    ) -> Result<(Bytes, Vec<Bytes>, u64), Refusal> {
+        let i = self.home_entry(env, name)?;
+        let home = &mut self.homes[i];
+        if let Some(u) = user {
+            home.join(u);
+        }
+        if usize::from(reply.shard) != env.id {
+            home.interested |= 1 << reply.shard;
+        }
+        let (rec, freed) = home.recover(since, env.now, env.cfg().max_reply_bytes());
+        self.budget.freed(freed);
+        let recovered = since.is_some() && rec.recovered;
+        let (offset, epoch) = (home.offset, home.epoch_str());
+        let frame = frame_bytes(|o| message::encode_subscribed(o, reply.id, name, offset, epoch.as_str(), recovered));
+        Ok((frame, rec.missed.into_iter().map(|e| e.frame).collect(), offset))
+    }
+
+    /// A subscriber left (`last`: the shard `from` has no subscribers of the channel any more).
+    pub fn unsubscribe_at_home(&mut self, name: &str, from: usize, user: Option<&str>, last: bool, me: usize) {
+        if let Some(&i) = self.home_index.get(name) {
+            let home = &mut self.homes[i];
+            if let Some(u) = user {
+                home.leave(u);
+            }
+            if last && from != me {
+                home.interested &= !(1u64 << from);
+            }
+        }
+    }
+
+    /// The `presence` reply. Users are listed in name order, as many as fit in the reply bound (at most
+    /// 1000), without sorting the table per request; `count` stays exact. A channel with no state is not
+    /// created: it has no subscribers.
+    pub fn presence_reply(&self, env: &Env, name: &str, id: Option<u64>) -> Bytes {
+        const MAX_USERS: usize = 1000;
+        let Some(home) = self.home_index.get(name).map(|&i| &self.homes[i]) else {
+            return frame_bytes(|o| message::encode_presence(o, id, name, 0, std::iter::empty(), false));
+        };
+        // A user costs at most 6 bytes per byte of its name (JSON escapes) plus the object around it.
+        let mut room = env.cfg().max_reply_bytes().saturating_sub(256);
+        let listed = home
+            .presence
+            .iter()
+            .take(MAX_USERS)
+            .take_while(|(u, _)| {
+                let cost = 6 * u.len() + 40;
+                let fits = cost <= room;
+                room = room.saturating_sub(cost);
+                fits
+            })
+            .count();
+        let truncated = listed < home.presence.len();
+        let users = home.presence.iter().take(listed).map(|(u, n)| (&**u, *n));
+        frame_bytes(|o| message::encode_presence(o, id, name, home.connections, users, truncated))
+    }
+
+    /// The `history` reply: the newest messages (after `since`, when given), at most `limit`, as many as fit
+    /// in the reply bound. `truncated` says the bound left some out; `recovered` (with `since`) is true only
+    /// when every message after `since` is in the reply. A channel with no state is not created.
+    pub fn history_reply(
+        &mut self,
+        env: &Env,
+        name: &str,
+        id: Option<u64>,
+        since: Option<(u64, &str)>,
+        limit: u32,
+    ) -> Bytes {
+        let Some(&i) = self.home_index.get(name) else {
+            let recovered = since.map(|_| false);
+            return frame_bytes(|o| message::encode_history(o, id, name, 0, "", std::iter::empty(), recovered, false));
+        };
+        let home = &mut self.homes[i];
+        self.budget.freed(home.trim(env.now));
+        let (start, recovered) = match since {
+            Some(s) => match home.after(s) {
+                Some(start) => (start, Some(true)),
+                None => (home.history.len(), Some(false)),
+            },
+            None => (0, None),
+        };
+        let candidates = home.history.len() - start;
+        let wanted = candidates.min(limit as usize);
+        let mut room = env.cfg().max_reply_bytes().saturating_sub(256 + 6 * name.len());
+        let fit = home
+            .history
+            .iter()
+            .rev()
+            .take(wanted)
+            .take_while(|e| {
+                let cost = e.data().len() + 48;
+                let fits = cost <= room;
+                room = room.saturating_sub(cost);
+                fits
+            })
+            .count();
+        let first = home.history.len() - fit;
+        let recovered = recovered.map(|r| r && fit == candidates);
+        let (offset, epoch) = (home.offset, home.epoch_str());
+        let msgs = home.history.range(first..).map(|e| (e.offset, e.data()));
+        frame_bytes(|o| message::encode_history(o, id, name, offset, epoch.as_str(), msgs, recovered, fit < wanted))
+    }
+
+    /// Removes one subscription of a connection (unsubscribe, or the connection closing). Tells the home
+    /// when presence is tracked or this was the shard's last subscriber of the channel.
+    pub fn leave(&mut self, env: &Env, user: &str, sub: ConnSub) {
+        let idx = sub.chan as usize;
+        let Some(ch) = self.locals.get_mut(idx) else { return };
+        // A pending subscription is undone when its confirmation arrives (see `v1::on_subscribed`).
+        if !sub.is_active() {
+            return;
+        }
+        ch.subs.try_remove(sub.slot as usize);
+        let name = ch.name.clone();
+        let last = ch.subs.is_empty() && ch.pending == 0;
+        let presence = env.cfg().namespaces.of_channel(&name).is_some_and(|n| n.presence);
+        if last {
+            self.local_index.remove(&name);
+            self.locals.remove(idx);
+        }
+        let user = presence.then(|| Box::<str>::from(user));
+        let home = home_of(&name, env.shards());
+        if home == env.id {
+            self.unsubscribe_at_home(&name, env.id, user.as_deref(), last, env.id);
+        } else if user.is_some() || last {
+            let msg = ShardMsg::Unsubscribe { channel: name.as_ref().into(), shard: env.id as u16, user, last };
+            let _ = self.outbox.send(home, msg);
+        }
+    }
+
+    /// Takes back at the home what it counted for a subscription that ended before it was confirmed.
+    pub fn undo_subscription(&mut self, env: &Env, idx: usize, channel: &Arc<str>, user: Option<Box<str>>) {
+        let ch = &self.locals[idx];
+        let last = ch.subs.is_empty() && ch.pending == 0;
+        if last {
+            self.local_index.remove(channel);
+            self.locals.remove(idx);
+        }
+        let home = home_of(channel, env.shards());
+        if home == env.id {
+            self.unsubscribe_at_home(channel, env.id, user.as_deref(), last, env.id);
+        } else {
+            let msg = ShardMsg::Unsubscribe { channel: channel.as_ref().into(), shard: env.id as u16, user, last };
+            let _ = self.outbox.send(home, msg);
+        }
+    }
+
+    /// A message published at another shard, for the local subscribers.
+    pub fn deliver(&mut self, name: &str, offset: u64, frame: &Bytes) {
+        if let Some(&idx) = self.local_index.get(name) {
+            if self.locals[idx].append(offset, frame) {
+                self.mark_dirty(idx);
+            }
+        }
+    }
+
+    /// Deliveries `from..=to` were dropped on their way here: every local subscriber gets a `gap` marker,
+    /// in the log, behind the frames before it.
+    pub fn lost(&mut self, env: &Env, name: &str, from: u64, to: u64) {
+        let Some(&idx) = self.local_index.get(name) else { return };
+        let gap = frame_bytes(|o| message::encode_gap(o, name, from, to));
+        if self.locals[idx].append_marker(gap) {
+            ShardMetrics::inc(&env.metrics.gaps_total);
+            self.mark_dirty(idx);
+        }
+    }
+
+    /// Once per tick: retry overflowed ring messages; every few seconds, age history and forget idle
+    /// channels. A channel is forgotten (its next incarnation gets a new epoch) only when nothing refers
+    /// to it: no subscribers on any shard, this one included, and no history left.
+    pub fn housekeeping(&mut self, env: &Env) {
+        self.outbox.drain();
+        if env.now.is_multiple_of(Env::ticks(std::time::Duration::from_secs(2))) {
+            let mut forget = Vec::new();
+            for (i, h) in self.homes.iter_mut() {
+                let freed = h.trim(env.now);
+                self.budget.freed(freed);
+                if h.is_idle() && !self.local_index.contains_key(&h.name) {
+                    forget.push(i);
+                }
+            }
+            for i in forget {
+                let h = self.homes.remove(i);
+                self.home_index.remove(&h.name);
+            }
+        }
+        ShardMetrics::set(&env.metrics.history_bytes, self.budget.total() as u64);
+        ShardMetrics::set(&env.metrics.channels, (self.homes.len() + self.locals.len()) as u64);
+    }
+}

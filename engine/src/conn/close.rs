@@ -1,0 +1,170 @@
+//! The close state machine: every way a connection ends goes through [`close`], which moves it
+//! `Open -> Closing -> Draining -> (EOF) removed`, or straight to `Aborted`.
+//!
+//! - **Closing**: the connection's subscriptions are ended first (so no channel frame can follow), then the
+//!   last bytes — our close frame, the protocol state machine's failing close or close echo, or an HTTP
+//!   response — go into `ctx.out` and are written behind whatever was queued before. Nothing is queued
+//!   after them: replies and deliveries check [`super::Phase::is_open`], and the WebSocket state machine
+//!   sends nothing once it has sent a close.
+//! - **Draining** ([`drained`]): once those bytes are with the kernel, only the write side is shut down
+//!   (FIN). Shutting the read side too while the peer still sends would make the kernel answer its data
+//!   with a reset, which throws away our unsent bytes — the very close frame. So reading goes on, and
+//!   discards, until the peer's EOF or until [`CLOSE_GRACE`] runs out. After a complete close handshake
+//!   (the peer's close frame arrived) there is nothing to wait for and the socket is shut down at once.
+//! - **Aborted**: shut down both ways (handshake timeout, grace over, socket error); the EOF that the shard's
+//!   epoll set then reports removes the connection.
+//!
+//! Abuse accounting lives here too ([`strike`]): refused commands and rate-limited messages add up to a
+//! close with 1008 or 4029.
+
+use std::time::Duration;
+
+use throng_protocol::frame::close as code;
+
+use super::{flag, read, write, Conn, ConnKey, Conns, Phase};
+use crate::metrics::ShardMetrics;
+use crate::shard::{Ctx, Env};
+use crate::sys;
+
+/// How long a connection we are closing may take to answer before its socket is shut down.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Refused commands a connection may send (net of accepted ones) before it is closed.
+pub const MAX_STRIKES: u8 = 16;
+
+/// How a connection is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close<'a> {
+    /// A WebSocket close frame with this code and reason, from the server.
+    Ws(u16, &'a str),
+    /// A slow consumer (4008): what was queued but has not started going out is dropped first.
+    SlowConsumer,
+    /// The WebSocket state machine failed the connection and has written its close frame to `ctx.out`.
+    Failed,
+    /// The peer's close frame arrived (the echo, if one was due, is in `ctx.out`).
+    PeerClosed,
+    /// An HTTP response is in `ctx.out`: send it, then close.
+    AfterResponse,
+    /// No goodbye: shut the socket down now.
+    Abort,
+}
+
+/// Closes a connection (see the module docs). Idempotent: a connection already closing only moves on
+/// (a peer's close completes the handshake; an abort ends the wait).
+pub fn close(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, how: Close<'_>) {
+    if conn.phase.is_closing() {
+        match how {
+            Close::Abort => abort(conn),
+            Close::PeerClosed => {
+                conn.flags |= flag::PEER_CLOSED;
+                if conn.phase == Phase::Draining {
+                    abort(conn);
+                }
+                // Closing: `drained` shuts the socket once our close frame is out.
+            }
+            _ => {}
+        }
+        ctx.out.clear();
+        return;
+    }
+    // No channel data after this point.
+    for sub in std::mem::take(&mut conn.subs) {
+        ctx.chans.leave(env, &conn.user, sub);
+    }
+    match how {
+        Close::Ws(code, reason) => {
+            conn.ws.close(code, reason, &mut ctx.out);
+        }
+        Close::SlowConsumer => {
+            ShardMetrics::inc(&env.metrics.slow_consumers_total);
+            // Keep a partly written front buffer whole, so the stream stays frame-aligned; drop the rest.
+            let keep = usize::from(conn.flags & flag::HEAD_STARTED != 0);
+            conn.outq.truncate(keep);
+            conn.queued = conn.outq.iter().map(|b| b.len() as u32).sum();
+            ctx.out.clear();
+            conn.ws.close(code::SLOW_CONSUMER, "slow consumer: backlog over max_backlog_bytes", &mut ctx.out);
+        }
+        Close::Failed | Close::AfterResponse => {}
+        Close::PeerClosed => conn.flags |= flag::PEER_CLOSED,
+        Close::Abort => {
+            ctx.out.clear();
+            abort(conn);
+            return;
+        }
+    }
+    conn.phase = Phase::Closing;
+    let deadline = env.now + Env::ticks(CLOSE_GRACE);
+    match conn.timer {
+        Some(t) if ctx.wheel.reset(t, deadline) => {}
+        _ => conn.timer = Some(ctx.wheel.insert(deadline, key)),
+    }
+    write::send_out(env, ctx, key, conn);
+}
+
+/// The last bytes of a closing connection are with the kernel: half-close, or close outright after a
+/// complete close handshake.
+pub fn drained(conn: &mut Conn) {
+    if conn.phase != Phase::Closing {
+        return;
+    }
+    if conn.flags & flag::PEER_CLOSED != 0 {
+        abort(conn);
+    } else {
+        sys::shutdown_write(conn.fd());
+        conn.phase = Phase::Draining;
+    }
+}
+
+fn abort(conn: &mut Conn) {
+    sys::shutdown(conn.fd());
+    conn.phase = Phase::Aborted;
+    conn.flags &= !flag::WRITER;
+}
+
+/// Counts a refused command (or a message over the rate limit) against the connection; at
+/// [`MAX_STRIKES`] it is closed, with 4029 when the last refusal was the rate limit's and 1008 otherwise.
+/// Returns true when it closed the connection (the caller then sends no error reply).
+pub fn strike(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, rate_limited: bool) -> bool {
+    ShardMetrics::inc(&env.metrics.bad_commands_total);
+    if rate_limited {
+        ShardMetrics::inc(&env.metrics.rate_limited_total);
+        conn.flags |= flag::RATE_LIMITED;
+    } else {
+        conn.flags &= !flag::RATE_LIMITED;
+    }
+    conn.strikes = conn.strikes.saturating_add(1);
+    if conn.strikes < MAX_STRIKES {
+        return false;
+    }
+    ShardMetrics::inc(&env.metrics.abuse_closes_total);
+    let how = if rate_limited {
+        Close::Ws(code::RATE_LIMITED, "rate limit exceeded: too many messages or bytes per second")
+    } else {
+        Close::Ws(code::POLICY, "too many invalid commands")
+    };
+    close(env, ctx, key, conn, how);
+    true
+}
+
+/// An accepted command: abuse is counted net of good behaviour.
+pub fn forgive(conn: &mut Conn) {
+    conn.strikes = conn.strikes.saturating_sub(1);
+}
+
+/// Removes a connection whose socket is finished with (EOF, error, or never registered): ends its
+/// subscriptions (a peer that vanished never went through [`close`]), cancels its timer, and gives back
+/// what it held. Dropping it closes the socket, which also takes it out of the epoll set. Returns false
+/// when the key no longer names a connection.
+pub fn remove(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) -> bool {
+    let Some(mut c) = conns.remove(key) else { return false };
+    for sub in std::mem::take(&mut c.subs) {
+        ctx.chans.leave(env, &c.user, sub);
+    }
+    if let Some(t) = c.timer {
+        ctx.wheel.cancel(t);
+    }
+    read::forget(ctx, &c);
+    env.shared.open_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    ShardMetrics::dec(&env.metrics.connections);
+    true
+}

@@ -1,0 +1,338 @@
+//! The read path: a connection that waits for readiness holds no buffer; on an input event it reads with a
+//! non-blocking `recv` straight into the shard's scratch buffer and lets the sans-IO `WsConn` parse frames
+//! there, unmasking them in place. Only an unfinished request's or frame's bytes are kept, in
+//! `Conn::pending`, and the next read appends to them directly.
+//!
+//! What a client can make this path spend or hold is bounded:
+//! - **Reads per event**: [`READS_PER_EVENT`]; a connection with more input is resumed by the shard loop
+//!   after the others (edge-triggered: no new event would come for what is left in the socket).
+//! - **Unfinished bytes**: pending request/frame bytes and fragmented messages count against the shard's
+//!   `max_unfinished_bytes`; a connection that grows past it is closed with 1013, and one that holds an
+//!   unfinished message longer than `message_timeout` with 1008 (see [`super::timers`]).
+//! - **Rate** (`/ws`): a token bucket per connection for messages (pings included) and one for bytes,
+//!   refilled on every read from the ticks elapsed since the last; a message over either is refused
+//!   (`rate_limited`, or a ping left unanswered) and counted as a strike ([`super::close::strike`]).
+//! - **Pongs**: at most [`PONGS_PER_READ`] per read are answered in order; past that only the latest ping
+//!   of the read gets its pong (RFC 6455 5.5.3 allows answering only the most recent one).
+//! - **Request heads** are parsed only once their end has arrived, so a head trickled a byte at a time
+//!   costs linear, not quadratic, time.
+
+use std::ops::Range;
+use std::os::fd::AsFd;
+
+use throng_protocol::conn::{Event, MessageData, MessageKind, Step};
+use throng_protocol::frame::{close as code, OpCode};
+use throng_protocol::handshake::{self, Request};
+
+use super::close::{self, Close};
+use super::timers::{self, NOT_HOLDING};
+use super::{write, Conn, ConnKey, Conns, Phase};
+use crate::metrics::ShardMetrics;
+use crate::shard::{Ctx, Env};
+use crate::sys::{self, Recv};
+
+/// Reads one connection may make per readiness event before the others get their turn.
+pub const READS_PER_EVENT: usize = 16;
+/// Pongs answered in order per read; later pings in the same read are coalesced into one pong.
+pub const PONGS_PER_READ: usize = 16;
+/// Replies gathered for one connection before they are written, even in the middle of a read.
+const OUT_FLUSH: usize = 256 * 1024;
+/// Message tokens are counted in twentieths, one tick's refill at one message per second.
+const MSG_UNIT: u32 = 20;
+
+/// What the application does with what a connection sends: the shard supplies it (`/ws` commands,
+/// `/echo`, HTTP routing), so this layer knows nothing of them.
+pub trait Sink {
+    /// A complete HTTP request head on a connection in the handshake phase. The sink writes the response
+    /// (a 101 and what follows it, or a plain response) to `ctx.out` and sets `conn.phase`; a phase other
+    /// than `Echo` or `V1` ends the connection once the response is out.
+    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>);
+
+    /// A complete, admitted message on an upgraded connection. Replies go to `ctx.out`.
+    fn message(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, kind: MessageKind, data: &[u8]);
+
+    /// A message refused by the rate limit, on `/ws`. The sink answers it (or not) and counts the strike.
+    fn rate_limited(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, data: &[u8]);
+}
+
+/// Outcome of handling a readiness event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Drained: wait for the next edge.
+    Continue,
+    /// Stopped early (fairness bound) with input possibly left: resume without waiting for an edge.
+    More,
+    /// The socket is finished with (EOF, error): remove the connection.
+    End,
+}
+
+/// Fills a connection's token buckets for the ticks elapsed since its last read, and stamps the read.
+fn refill(env: &Env, conn: &mut Conn) {
+    let cfg = env.cfg();
+    let elapsed = u64::from((env.now as u32).wrapping_sub(conn.last_rx));
+    conn.last_rx = env.now as u32;
+    if conn.phase != Phase::V1 {
+        return;
+    }
+    let (msg_cap, byte_cap) = bucket_caps(env);
+    // One tick is a twentieth of a second: a rate of R per second refills R twentieths per tick.
+    let msgs = u64::from(conn.msg_credit) + elapsed * u64::from(cfg.max_messages_per_second);
+    conn.msg_credit = msgs.min(u64::from(msg_cap)) as u32;
+    let bytes = u64::from(conn.byte_credit) + elapsed * u64::from(cfg.max_bytes_per_second) / 20;
+    conn.byte_credit = bytes.min(u64::from(byte_cap)) as u32;
+}
+
+/// Capacity of the message bucket (one second's worth, in twentieths) and of the byte bucket (one second's
+/// worth, but at least one largest message).
+pub fn bucket_caps(env: &Env) -> (u32, u32) {
+    let cfg = env.cfg();
+    let msgs = cfg.max_messages_per_second.saturating_mul(MSG_UNIT);
+    let bytes = cfg.max_bytes_per_second.max((cfg.max_message_size + 16).min(u32::MAX as usize) as u32);
+    (msgs, bytes)
+}
+
+/// Takes one message of `len` bytes from the buckets; false when either is short (the message is refused
+/// and takes nothing). Unlimited when the configured rate is 0.
+fn admit(env: &Env, conn: &mut Conn, len: usize) -> bool {
+    let cfg = env.cfg();
+    let msg_ok = cfg.max_messages_per_second == 0 || conn.msg_credit >= MSG_UNIT;
+    let byte_ok = cfg.max_bytes_per_second == 0 || conn.byte_credit as usize >= len;
+    if !(msg_ok && byte_ok) {
+        return false;
+    }
+    if cfg.max_messages_per_second > 0 {
+        conn.msg_credit -= MSG_UNIT;
+    }
+    if cfg.max_bytes_per_second > 0 {
+        conn.byte_credit -= len as u32;
+    }
+    true
+}
+
+/// Reads everything available (within [`READS_PER_EVENT`]), hands what it completes to `sink`, writes the
+/// replies.
+pub fn on_readable(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    scratch: &mut [u8],
+    key: ConnKey,
+    sink: &mut impl Sink,
+) -> Flow {
+    let Some(conn) = conns.get_mut(key) else {
+        return Flow::Continue;
+    };
+    refill(env, conn);
+    let held_before = conn.held_bytes();
+    let flow = read_loop(env, ctx, scratch, key, conn, sink);
+    // What the connection holds for unfinished input now, against the shard's budget and deadline.
+    let held = conn.held_bytes();
+    ctx.unfinished = ctx.unfinished - held_before + held;
+    if held == 0 {
+        conn.held_since = NOT_HOLDING;
+    } else if conn.phase.is_open() {
+        if conn.held_since == NOT_HOLDING {
+            timers::started_holding(env, ctx, conn);
+        }
+        if held > held_before && ctx.unfinished > env.cfg().max_unfinished_bytes {
+            ShardMetrics::inc(&env.metrics.unfinished_limit_closes_total);
+            let how = Close::Ws(code::OVERLOADED, "server busy: too many unfinished messages, retry later");
+            close::close(env, ctx, key, conn, how);
+        }
+    }
+    flow
+}
+
+/// Called when a connection is removed: gives back what it held for unfinished input.
+pub fn forget(ctx: &mut Ctx, conn: &Conn) {
+    ctx.unfinished -= conn.held_bytes();
+}
+
+fn read_loop(
+    env: &Env,
+    ctx: &mut Ctx,
+    scratch: &mut [u8],
+    key: ConnKey,
+    conn: &mut Conn,
+    sink: &mut impl Sink,
+) -> Flow {
+    for _ in 0..READS_PER_EVENT {
+        let res = if conn.pending.is_empty() {
+            match sys::recv(conn.fd(), scratch) {
+                Ok(Recv::Data(n)) => {
+                    ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
+                    let used = process(env, ctx, key, conn, &mut scratch[..n], 0, sink);
+                    if used < n {
+                        conn.pending.extend_from_slice(&scratch[used..n]);
+                    }
+                    Some(n)
+                }
+                Ok(Recv::WouldBlock) => return Flow::Continue,
+                Ok(Recv::Eof) | Err(_) => None,
+            }
+        } else {
+            // Append to the unfinished frame's bytes (reading straight into them, not via scratch).
+            let old = conn.pending.len();
+            let want = (conn.pending.capacity() - old).max(scratch.len());
+            conn.pending.resize(old + want, 0);
+            match sys::recv(conn.sock.as_fd(), &mut conn.pending[old..]) {
+                Ok(Recv::Data(n)) => {
+                    ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
+                    conn.pending.truncate(old + n);
+                    let mut pending = std::mem::take(&mut conn.pending);
+                    let used = process(env, ctx, key, conn, &mut pending, old, sink);
+                    pending.drain(..used);
+                    // An idle connection keeps no buffer.
+                    conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+                    Some(scratch.len().min(n))
+                }
+                Ok(Recv::WouldBlock) => {
+                    conn.pending.truncate(old);
+                    return Flow::Continue;
+                }
+                Ok(Recv::Eof) | Err(_) => None,
+            }
+        };
+        write::send_out(env, ctx, key, conn);
+        match res {
+            None => return Flow::End,
+            // A short read means the socket is drained for now.
+            Some(n) if n < scratch.len() => return Flow::Continue,
+            Some(_) => {}
+        }
+    }
+    Flow::More
+}
+
+/// Handles the bytes in `buf` (`buf[fresh..]` arrived with this read). Returns how many were consumed; the
+/// rest is an unfinished request or frame to keep.
+fn process(
+    env: &Env,
+    ctx: &mut Ctx,
+    key: ConnKey,
+    conn: &mut Conn,
+    buf: &mut [u8],
+    fresh: usize,
+    sink: &mut impl Sink,
+) -> usize {
+    let mut off = 0;
+    if conn.phase == Phase::Handshake {
+        // Parse only once the head's end has arrived: looking for it in the new bytes alone keeps a head
+        // trickled a byte at a time linear.
+        let max = handshake::DEFAULT_MAX_HEADER_BYTES;
+        let tail = &buf[fresh.saturating_sub(3)..];
+        if buf.len() < max && !tail.windows(4).any(|w| w == b"\r\n\r\n") {
+            return 0;
+        }
+        match handshake::parse_request(buf, max) {
+            Ok(None) => return 0,
+            Ok(Some(req)) => {
+                off = req.header_len;
+                sink.request(env, ctx, key, conn, &req);
+                if !conn.phase.is_open() {
+                    return buf.len();
+                }
+                ShardMetrics::inc(&env.metrics.upgrades_total);
+            }
+            Err(e) => {
+                ShardMetrics::inc(&env.metrics.http_rejected_total);
+                handshake::write_rejection(&mut ctx.out, e.status(), &e.to_string());
+                close::close(env, ctx, key, conn, Close::AfterResponse);
+                return buf.len();
+            }
+        }
+    }
+    // Closing: only a WebSocket that sent its close still listens, for the peer's close frame.
+    if conn.phase.is_closing() && conn.ws.state() != throng_protocol::conn::State::CloseSent {
+        return buf.len();
+    }
+    let mut pongs = 0;
+    let mut latest_ping: Option<Range<usize>> = None;
+    while off < buf.len() {
+        let out_before = ctx.out.len();
+        match conn.ws.handle_read(&mut buf[off..], &env.limits, &mut ctx.out) {
+            Ok(Step::NeedMore) => {
+                // Reserve room for the whole frame so the next reads land in one buffer without regrowth,
+                // when the shard's budget for unfinished bytes allows it.
+                if let Ok(Some(h)) = throng_protocol::frame::parse_header(&buf[off..]) {
+                    let frame = h.frame_len() as usize;
+                    let room = env.cfg().max_unfinished_bytes.saturating_sub(ctx.unfinished);
+                    if frame > buf.len() - off && conn.pending.capacity() < frame && frame <= room {
+                        conn.pending.reserve_exact(frame);
+                    }
+                }
+                break;
+            }
+            Ok(Step::Consumed(n)) => off += n,
+            Ok(Step::Event(n, ev)) => {
+                let base = off;
+                off += n;
+                if !matches!(ev, Event::Ping(_)) {
+                    // A run of pings ended: its latest gets its pong now, before what follows it.
+                    if let Some(r) = latest_ping.take() {
+                        conn.ws.encode_frame(&mut ctx.out, true, OpCode::Pong, &buf[r]);
+                    }
+                }
+                match ev {
+                    Event::Message { kind, data } => {
+                        ShardMetrics::inc(&env.metrics.messages_in_total);
+                        let payload = match &data {
+                            MessageData::InPlace(r) => &buf[base + r.start..base + r.end],
+                            MessageData::Assembled(v) => &v[..],
+                        };
+                        if conn.phase == Phase::V1 && !admit(env, conn, payload.len()) {
+                            sink.rate_limited(env, ctx, key, conn, payload);
+                        } else {
+                            sink.message(env, ctx, key, conn, kind, payload);
+                        }
+                        if conn.phase.is_closing() {
+                            return buf.len();
+                        }
+                        if ctx.out.len() >= OUT_FLUSH {
+                            write::send_out(env, ctx, key, conn);
+                        }
+                    }
+                    Event::Ping(r) => {
+                        if conn.phase == Phase::V1 && !admit(env, conn, n) {
+                            // Over the rate: not answered, and counted.
+                            ctx.out.truncate(out_before);
+                            if close::strike(env, ctx, key, conn, true) {
+                                return buf.len();
+                            }
+                            continue;
+                        }
+                        pongs += 1;
+                        if pongs > PONGS_PER_READ {
+                            // The pong just written is the last thing in `out`: take it back, and answer
+                            // only the latest ping once this read is done.
+                            ctx.out.truncate(out_before);
+                            ShardMetrics::inc(&env.metrics.pongs_coalesced_total);
+                            latest_ping = Some(base + r.start..base + r.end);
+                        }
+                    }
+                    Event::Pong(_) => {}
+                    Event::Closed { .. } => {
+                        close::close(env, ctx, key, conn, Close::PeerClosed);
+                        return buf.len();
+                    }
+                }
+            }
+            Err(e) => {
+                let m = &env.metrics;
+                ShardMetrics::inc(match e.close_code() {
+                    code::INVALID_PAYLOAD => &m.invalid_utf8_total,
+                    code::TOO_BIG => &m.too_big_total,
+                    _ => &m.protocol_errors_total,
+                });
+                close::close(env, ctx, key, conn, Close::Failed);
+                return buf.len();
+            }
+        }
+    }
+    if let Some(r) = latest_ping {
+        if conn.phase.is_open() {
+            conn.ws.encode_frame(&mut ctx.out, true, OpCode::Pong, &buf[r]);
+        }
+    }
+    off
+}

@@ -1,0 +1,105 @@
+//! A connection's one timer in the shard's wheel: the handshake deadline, then the heartbeat (ping a silent
+//! connection, close an idle one), the deadline for finishing a started message, and the close grace.
+//!
+//! Ordinary traffic never touches the wheel: reads store the current tick in `Conn::last_rx`, and the
+//! heartbeat looks at it when it fires. Only a change in what a connection owes (starting to hold an
+//! unfinished message) may pull its timer earlier.
+
+use throng_protocol::frame::{close as code, OpCode};
+
+use super::close::{self, Close};
+use super::write;
+use super::{Conn, ConnKey, Conns, Phase};
+use crate::metrics::ShardMetrics;
+use crate::shard::{Ctx, Env};
+
+/// `Conn::held_since` of a connection that holds no unfinished message.
+pub const NOT_HOLDING: u32 = u32::MAX;
+
+/// Arms the handshake deadline of a connection just accepted.
+pub fn arm_handshake(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
+    let deadline = env.now + Env::ticks(env.cfg().handshake_timeout);
+    conn.timer = Some(ctx.wheel.insert(deadline, key));
+}
+
+/// Replaces the handshake deadline with the first heartbeat (the connection was just upgraded).
+pub fn arm_heartbeat(env: &Env, ctx: &mut Ctx, conn: &mut Conn) {
+    if let Some(t) = conn.timer {
+        let deadline = next_deadline(env, ctx, conn);
+        ctx.wheel.reset(t, deadline);
+    }
+}
+
+/// The connection started holding an unfinished message at `env.now`: make sure its timer fires by the
+/// message deadline.
+pub fn started_holding(env: &Env, ctx: &mut Ctx, conn: &mut Conn) {
+    conn.held_since = env.now as u32;
+    let due = env.now + Env::ticks(env.cfg().message_timeout);
+    if let Some(t) = conn.timer {
+        if ctx.wheel.deadline(t).is_some_and(|d| d > due) {
+            ctx.wheel.reset(t, due);
+        }
+    }
+}
+
+/// When an open connection's timer must next fire: when it will have been silent for `ping_interval`
+/// (jittered down by up to 10%, so connections opened together do not ping together), its idle deadline,
+/// or its message deadline, whichever is first.
+fn next_deadline(env: &Env, ctx: &mut Ctx, conn: &Conn) -> u64 {
+    let cfg = env.cfg();
+    let now = env.now;
+    let ping = Env::ticks(cfg.ping_interval);
+    let mut x = ctx.rng;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    ctx.rng = x;
+    let jitter = u64::from(x) % (ping / 10).max(1);
+    let last = u64::from(conn.last_rx);
+    let ping_at = if now.saturating_sub(last) >= ping - jitter { now + ping - jitter } else { last + ping - jitter };
+    let mut at = ping_at.min(last + Env::ticks(cfg.idle_timeout));
+    if conn.held_since != NOT_HOLDING {
+        at = at.min(u64::from(conn.held_since) + Env::ticks(cfg.message_timeout));
+    }
+    at.max(now + 1)
+}
+
+/// Handles a connection's timer, due now.
+pub fn fire(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
+    let Some(conn) = conns.get_mut(key) else { return };
+    conn.timer = None;
+    let now = env.now;
+    let cfg = env.cfg();
+    match conn.phase {
+        Phase::Handshake => {
+            ShardMetrics::inc(&env.metrics.handshake_timeouts_total);
+            close::close(env, ctx, key, conn, Close::Abort);
+        }
+        Phase::Closing | Phase::Draining | Phase::Aborted => close::close(env, ctx, key, conn, Close::Abort),
+        Phase::Echo | Phase::V1 => {
+            let silent = now.saturating_sub(u64::from(conn.last_rx));
+            if conn.held_since != NOT_HOLDING
+                && now.saturating_sub(u64::from(conn.held_since)) >= Env::ticks(cfg.message_timeout)
+            {
+                ShardMetrics::inc(&env.metrics.message_timeouts_total);
+                let how = Close::Ws(code::POLICY, "message not finished within message_timeout");
+                close::close(env, ctx, key, conn, how);
+            } else if silent >= Env::ticks(cfg.idle_timeout) {
+                ShardMetrics::inc(&env.metrics.idle_timeouts_total);
+                close::close(env, ctx, key, conn, Close::Ws(code::NORMAL, "idle timeout"));
+            } else {
+                // Only a connection silent for (about) a ping interval is pinged.
+                let ping = Env::ticks(cfg.ping_interval);
+                if silent >= ping - ping / 10 {
+                    ShardMetrics::inc(&env.metrics.pings_sent_total);
+                    conn.ws.encode_frame(&mut ctx.out, true, OpCode::Ping, b"");
+                    write::send_out(env, ctx, key, conn);
+                }
+                if conn.phase.is_open() {
+                    let deadline = next_deadline(env, ctx, conn);
+                    conn.timer = Some(ctx.wheel.insert(deadline, key));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Taking connections from the listener: at most [`ACCEPT_BUDGET`] per turn, so accepting goes on at a fair
+//! share under any load (and a flood of connects cannot starve the connections already held).
+//!
+//! - Over `max_connections` (counted over all shards) a new connection is refused at once: a canned `503`
+//!   is written to it and it is closed, before any of its request is parsed. What it already sent is read
+//!   and discarded first, so the close is a FIN, not a reset that could destroy the 503 on its way.
+//! - Out of file descriptors (`EMFILE`, `ENFILE`), accepting pauses for [`OUT_OF_FDS_PAUSE`] (or until a
+//!   connection closes) instead of spinning on a listener that stays readable; the kernel's listen queue
+//!   holds the newcomers meanwhile. The pause is counted and logged (at most every 5 s).
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use throng_protocol::handshake::{self, Status};
+
+use super::poller::{Poller, Ready};
+use super::{Ctx, Env};
+use crate::conn::{close, timers, Conn, ConnKey, Conns};
+use crate::metrics::ShardMetrics;
+use crate::sys::{self, Accept};
+
+/// Connections accepted per turn at most.
+pub const ACCEPT_BUDGET: usize = 64;
+/// How long accepting pauses when the process is out of file descriptors.
+pub const OUT_OF_FDS_PAUSE: Duration = Duration::from_millis(100);
+
+/// The listener and what the shard knows about it.
+#[derive(Debug)]
+pub struct Acceptor {
+    /// The listening socket; `None` once the shard drains.
+    listener: Option<OwnedFd>,
+    /// The listener reported connections and has not been found empty since (edge-triggered).
+    pub ready: bool,
+    /// Accepting is paused until then (out of descriptors).
+    pub paused_until: Option<Instant>,
+    last_warn: Option<Instant>,
+    /// The response to a connection over `max_connections`.
+    over_capacity: Vec<u8>,
+}
+
+impl Acceptor {
+    /// Wraps a listener (already in the shard's epoll set).
+    pub fn new(listener: OwnedFd) -> Self {
+        let mut over_capacity = Vec::new();
+        handshake::write_rejection(&mut over_capacity, Status::ServiceUnavailable, "server at max_connections");
+        // Reported ready at first: connections may have queued before the listener joined the set.
+        Self { listener: Some(listener), ready: true, paused_until: None, last_warn: None, over_capacity }
+    }
+
+    /// True when the accept step has work now.
+    pub fn has_work(&self, now: Instant) -> bool {
+        self.listener.is_some() && self.ready && self.paused_until.is_none_or(|t| now >= t)
+    }
+
+    /// Stops accepting for good (drain): the listener is shut down and closed, so the kernel stops queueing
+    /// connections for this shard and refuses new ones once every shard has done so.
+    pub fn close(&mut self) {
+        if let Some(l) = self.listener.take() {
+            sys::shutdown(l.as_fd());
+        }
+    }
+
+    /// A connection closed: if accepting was paused for want of descriptors, one is free now.
+    pub fn fd_released(&mut self) {
+        self.paused_until = None;
+    }
+}
+
+/// The accept step of a turn. Each new connection is put at the front of `ready`, so its request (usually
+/// already there) is read in this turn's connection step: a connection's first read, like its handshake
+/// deadline, does not wait behind a backlog of busy connections (at most [`ACCEPT_BUDGET`] go first).
+pub fn accept_turn(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    poller: &Poller,
+    acc: &mut Acceptor,
+    scratch: &mut [u8],
+    ready: &mut VecDeque<(ConnKey, Ready)>,
+) {
+    let Some(listener) = &acc.listener else { return };
+    for _ in 0..ACCEPT_BUDGET {
+        match sys::accept(listener.as_fd()) {
+            Accept::Conn(fd) => {
+                ShardMetrics::inc(&env.metrics.accepted_total);
+                let shared = &env.shared;
+                let max = shared.config.max_connections.unwrap_or(usize::MAX);
+                if shared.open_connections.fetch_add(1, Ordering::Relaxed) >= max {
+                    shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    refuse(env, &acc.over_capacity, fd, scratch);
+                    continue;
+                }
+                if let Some(key) = register(env, ctx, conns, poller, fd) {
+                    ready.push_front((key, Ready { read: true, write: false }));
+                }
+            }
+            Accept::WouldBlock => {
+                acc.ready = false;
+                return;
+            }
+            Accept::OutOfFds(e) => {
+                ShardMetrics::inc(&env.metrics.accept_pauses_total);
+                let now = Instant::now();
+                acc.paused_until = Some(now + OUT_OF_FDS_PAUSE);
+                if acc.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                    acc.last_warn = Some(now);
+                    tracing::warn!(
+                        shard = env.id,
+                        error = %e,
+                        open = env.shared.open_connections.load(Ordering::Relaxed),
+                        "out of file descriptors: accepting paused (raise the open-file limit, or lower \
+                         max_connections so that newcomers get a 503 instead of waiting)"
+                    );
+                }
+                return;
+            }
+            Accept::Failed(_) => ShardMetrics::inc(&env.metrics.io_errors_total),
+        }
+    }
+}
+
+/// Answers a connection over `max_connections` with 503 and closes it, without parsing anything it sent.
+fn refuse(env: &Env, response: &[u8], fd: OwnedFd, scratch: &mut [u8]) {
+    ShardMetrics::inc(&env.metrics.over_capacity_total);
+    ShardMetrics::inc(&env.metrics.http_rejected_total);
+    // Whatever the client sent so far is discarded, so closing sends a FIN rather than a reset.
+    for _ in 0..4 {
+        match sys::recv(fd.as_fd(), scratch) {
+            Ok(sys::Recv::Data(n)) if n == scratch.len() => continue,
+            _ => break,
+        }
+    }
+    let _ = sys::send_vectored(fd.as_fd(), &[IoSlice::new(response)]);
+    sys::shutdown_write(fd.as_fd());
+}
+
+/// Registers an accepted connection: a slab entry with its handshake deadline, and its socket in the
+/// shard's epoll set.
+fn register(env: &Env, ctx: &mut Ctx, conns: &mut Conns, poller: &Poller, fd: OwnedFd) -> Option<ConnKey> {
+    sys::set_nodelay(fd.as_fd());
+    ShardMetrics::inc(&env.metrics.connections);
+    let key = conns.insert(|gen| Conn::new(fd, gen, env.now));
+    let conn = conns.get_mut(key)?;
+    timers::arm_handshake(env, ctx, key, conn);
+    if let Err(e) = poller.add_conn(conn.fd(), key) {
+        ShardMetrics::inc(&env.metrics.io_errors_total);
+        tracing::warn!(shard = env.id, error = %e, "adding a connection to the epoll set failed; closing it");
+        close::remove(env, ctx, conns, key);
+        return None;
+    }
+    Some(key)
+}

@@ -1,0 +1,278 @@
+//! The shard loop: one task that owns the shard and runs it in turns. Each turn gives every kind of work
+//! its share, in this order, each with a bound:
+//!
+//! | step | what | bound per turn |
+//! |---|---|---|
+//! | 1. timers | advance the shard clock; fire due connection timers (handshake, heartbeat, message deadline, close grace); once per tick: ring retries, history ageing, drain | [`TIMER_BUDGET`] timers or [`STEP_SLICE`] |
+//! | 2. inbox | messages from other shards (deliveries, requests for channels homed here, answers) | [`INBOX_BUDGET`] messages or [`STEP_SLICE`] |
+//! | 3. accept | new connections | [`ACCEPT_BUDGET`] connections |
+//! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes | [`EVENT_BUDGET`] events or [`STEP_SLICE`] |
+//! | 5. flush | the broadcast flush pass, resumed where the last turn left it (unless paced) | [`FLUSH_SLICE`] |
+//!
+//! Work left over by a step (a budget used up, a connection stopped at its read bound, more events in the
+//! set) waits for the same step in the next turn, so no kind of work can starve another: a timer fires at
+//! most one tick plus one turn late whatever the load, accepting continues at its share, and `/health`
+//! answers. A turn lasts at most about `3 × STEP_SLICE + FLUSH_SLICE` plus one item's overrun (one
+//! connection's read turn, one message's decode: both linear in bytes that are bounded).
+//!
+//! When a turn finds nothing to do, the shard parks: it waits through the runtime for its epoll set
+//! (connections, listener, and the doorbell other shards ring when they send while it is parked), at most
+//! until the next tick, a paced flush, or the end of an accept pause. The loop never relies on the runtime
+//! to schedule anything else: monoio runs its timers and cross-thread wake-ups only when it parks, and the
+//! loop never parks while there is work.
+//!
+//! [`READS_PER_EVENT`]: crate::conn::read::READS_PER_EVENT
+//! [`ACCEPT_BUDGET`]: super::accept::ACCEPT_BUDGET
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use throng_protocol::conn::MessageKind;
+use throng_protocol::frame::{close as code, OpCode};
+use throng_protocol::handshake::Request;
+
+use super::accept;
+use super::poller::{Ready, DOORBELL, LISTENER};
+use super::{Ctx, Env, Shard, TICK};
+use crate::channel::delivery;
+use crate::conn::close::{self, Close};
+use crate::conn::read::{self, Flow, Sink};
+use crate::conn::{timers, Conn, ConnKey, Phase};
+use crate::metrics::ShardMetrics;
+use crate::sys;
+
+/// Timers fired per turn at most.
+pub const TIMER_BUDGET: usize = 1024;
+/// Messages from other shards handled per turn at most.
+pub const INBOX_BUDGET: usize = 4096;
+/// Readiness events handled per turn at most (also the batch taken from the epoll set at once).
+pub const EVENT_BUDGET: usize = 256;
+/// Time one of the timer, inbox and connection steps may take per turn.
+pub const STEP_SLICE: Duration = Duration::from_millis(2);
+/// Time the flush pass may take per turn.
+pub const FLUSH_SLICE: Duration = Duration::from_millis(4);
+
+/// Where connections' input goes: HTTP requests to [`crate::http`], `/ws` messages to [`crate::v1`], `/echo`
+/// messages back to their sender.
+struct App;
+
+impl Sink for App {
+    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>) {
+        crate::http::on_request(env, ctx, key, conn, req);
+    }
+
+    fn message(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, kind: MessageKind, data: &[u8]) {
+        match (conn.phase, kind) {
+            (Phase::V1, MessageKind::Text) => crate::v1::on_command(env, ctx, key, conn, data),
+            (Phase::V1, MessageKind::Binary) => crate::v1::on_binary(env, ctx, key, conn),
+            (Phase::Echo, _) => {
+                let op = if kind == MessageKind::Text { OpCode::Text } else { OpCode::Binary };
+                conn.ws.encode_frame(&mut ctx.out, true, op, data);
+                ShardMetrics::inc(&env.metrics.frames_out_total);
+            }
+            _ => {}
+        }
+    }
+
+    fn rate_limited(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, data: &[u8]) {
+        crate::v1::on_rate_limited(env, ctx, key, conn, data);
+    }
+}
+
+/// Loop state that lives only across turns.
+struct Turns {
+    start: Instant,
+    /// Readiness events taken from the set and not handled yet (new connections first).
+    ready: VecDeque<(ConnKey, Ready)>,
+    /// Connections stopped at their read bound: resumed after the next batch taken from the set, so they
+    /// never keep the set from being looked at.
+    again: Vec<ConnKey>,
+    events: Vec<libc::epoll_event>,
+    /// The last look at the set filled the batch: more may be waiting there.
+    set_full: bool,
+    /// The timer step stopped at its budget with timers still due.
+    timers_left: bool,
+    /// The tick housekeeping last ran at.
+    housekept: u64,
+    /// When the drain must end, once it has begun.
+    drain_deadline: Option<Instant>,
+}
+
+/// Runs the shard until it has drained.
+pub async fn run(mut sh: Shard) {
+    let mut t = Turns {
+        start: Instant::now(),
+        ready: VecDeque::with_capacity(2 * EVENT_BUDGET),
+        again: Vec::new(),
+        events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BUDGET],
+        set_full: false,
+        timers_left: false,
+        housekept: u64::MAX,
+        drain_deadline: None,
+    };
+    let inboxes = sh.env.shared.inboxes.clone();
+    let inbox = &inboxes[sh.env.id];
+    loop {
+        ShardMetrics::inc(&sh.env.metrics.turns_total);
+        let now = Instant::now();
+        sh.env.now = (now.duration_since(t.start).as_millis() / TICK.as_millis()) as u64;
+
+        // 1. Timers, housekeeping, drain.
+        timer_step(&mut sh, &mut t, now);
+        if let Some(deadline) = t.drain_deadline {
+            if sh.conns.is_empty() || now >= deadline {
+                if !sh.conns.is_empty() {
+                    tracing::warn!(shard = sh.env.id, left = sh.conns.len(), "drain timeout");
+                }
+                return;
+            }
+        }
+
+        // 2. Inbox.
+        let until = Instant::now() + STEP_SLICE;
+        let mut inbox_left = false;
+        for n in 0..INBOX_BUDGET {
+            if n % 64 == 63 && Instant::now() >= until {
+                inbox_left = true;
+                break;
+            }
+            let Some(msg) = inbox.try_recv() else { break };
+            crate::v1::inbox::handle(&sh.env, &mut sh.ctx, &mut sh.conns, msg);
+        }
+        sh.ctx.chans.outbox.drain();
+
+        // 3. Accept.
+        if sh.acceptor.has_work(Instant::now()) {
+            let Shard { env, ctx, conns, poller, acceptor, scratch } = &mut sh;
+            accept::accept_turn(env, ctx, conns, poller, acceptor, scratch, &mut t.ready);
+        }
+
+        // 4. Connections.
+        event_step(&mut sh, &mut t);
+
+        // 5. Flush.
+        let now = Instant::now();
+        let dirty = !sh.ctx.chans.dirty.is_empty();
+        if sh.ctx.flush.has_work(dirty, now) {
+            delivery::flush_turn(&sh.env, &mut sh.ctx, &mut sh.conns, now + FLUSH_SLICE);
+        }
+
+        // 6. Park when nothing is left.
+        ShardMetrics::set(&sh.env.metrics.unfinished_bytes, sh.ctx.unfinished as u64);
+        let now = Instant::now();
+        let dirty = !sh.ctx.chans.dirty.is_empty();
+        let busy = !t.ready.is_empty()
+            || !t.again.is_empty()
+            || t.set_full
+            || t.timers_left
+            || inbox_left
+            || !inbox.rx.is_empty()
+            || sh.acceptor.has_work(now)
+            || sh.ctx.flush.has_work(dirty, now);
+        if busy {
+            ShardMetrics::inc(&sh.env.metrics.busy_turns_total);
+            continue;
+        }
+        let next_tick = t.start + TICK * (sh.env.now as u32 + 1);
+        let wake = [Some(next_tick), sh.ctx.flush.paced_until(dirty), sh.acceptor.paused_until]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_tick);
+        inbox.parked.store(true, Ordering::SeqCst);
+        if !inbox.rx.is_empty() {
+            inbox.parked.store(false, Ordering::Relaxed);
+            continue;
+        }
+        sh.poller.wait(wake.saturating_duration_since(now)).await;
+        inbox.parked.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Step 1: the clock's timers, once-per-tick housekeeping, and the drain.
+fn timer_step(sh: &mut Shard, t: &mut Turns, now: Instant) {
+    let env = &sh.env;
+    let until = now + STEP_SLICE;
+    let mut fired = 0;
+    t.timers_left = false;
+    loop {
+        if fired == TIMER_BUDGET || (fired % 64 == 63 && Instant::now() >= until) {
+            // Stopped by a budget, not by an empty wheel: more may be due.
+            t.timers_left = true;
+            break;
+        }
+        let Some((tk, key)) = sh.ctx.wheel.poll(env.now) else { break };
+        fired += 1;
+        // A stale timer (its connection gone, or the key re-armed since) is skipped.
+        if sh.conns.get(key).is_some_and(|c| c.timer == Some(tk)) {
+            timers::fire(env, &mut sh.ctx, &mut sh.conns, key);
+        }
+    }
+    if t.housekept == env.now {
+        return;
+    }
+    t.housekept = env.now;
+    sh.ctx.chans.housekeeping(env);
+    if env.shared.draining.load(Ordering::Relaxed) && t.drain_deadline.is_none() {
+        t.drain_deadline = Some(now + env.cfg().drain_timeout);
+        start_drain(sh);
+    }
+}
+
+/// Stops accepting; every upgraded connection gets a 1001 close, the others are shut down.
+fn start_drain(sh: &mut Shard) {
+    sh.acceptor.close();
+    for key in sh.conns.keys() {
+        let Some(conn) = sh.conns.get_mut(key) else { continue };
+        let how = match conn.phase {
+            Phase::Echo | Phase::V1 => Close::Ws(code::GOING_AWAY, "server shutting down"),
+            Phase::Handshake => Close::Abort,
+            Phase::Closing | Phase::Draining | Phase::Aborted => continue,
+        };
+        close::close(&sh.env, &mut sh.ctx, key, conn, how);
+    }
+}
+
+/// Step 4: readiness events, refilled from the epoll set once the previous batch is handled.
+fn event_step(sh: &mut Shard, t: &mut Turns) {
+    if t.ready.is_empty() {
+        let n = sh.poller.take(&mut t.events);
+        t.set_full = n == t.events.len();
+        for ev in &t.events[..n] {
+            let (bits, data) = (ev.events, ev.u64);
+            match data {
+                LISTENER => sh.acceptor.ready = true,
+                DOORBELL => sys::eventfd_clear(sh.env.shared.inboxes[sh.env.id].doorbell.as_fd()),
+                _ => t.ready.push_back((ConnKey::from_u64(data), Ready::from_bits(bits))),
+            }
+        }
+        t.ready.extend(t.again.drain(..).map(|key| (key, Ready { read: true, write: false })));
+    } else {
+        t.set_full = false;
+    }
+    let until = Instant::now() + STEP_SLICE;
+    let mut app = App;
+    for n in 0..EVENT_BUDGET {
+        if n % 16 == 15 && Instant::now() >= until {
+            break;
+        }
+        let Some((key, ready)) = t.ready.pop_front() else { break };
+        let Shard { env, ctx, conns, scratch, acceptor, .. } = &mut *sh;
+        if ready.write {
+            delivery::on_writable(env, ctx, conns, key);
+        }
+        if ready.read {
+            match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
+                Flow::Continue => {}
+                Flow::More => t.again.push(key),
+                Flow::End => {
+                    if close::remove(env, ctx, conns, key) {
+                        acceptor.fd_released();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Shards: one thread per core, pinned, each running its own monoio runtime with its own `SO_REUSEPORT`
+//! listener, connection slab, timer wheel and pooled buffers. A connection lives and dies on the shard that
+//! accepted it; nothing on the per-message path crosses threads or takes a lock.
+//!
+//! A shard is one task: the loop in [`event_loop`], which owns all of the shard's state (no `RefCell`, no
+//! `Rc`) and gives every kind of work its turn in a fixed order with a bound per turn. It waits through the
+//! runtime only when there is nothing to do: for its epoll set ([`poller`]: connections, the listener, the
+//! inbox doorbell) to become readable, or for the next tick.
+//!
+//! - [`event_loop`]: the turn, its order and its budgets;
+//! - [`accept`]: taking connections from the listener, refusing them at capacity, pausing when out of
+//!   descriptors;
+//! - [`poller`]: the epoll set;
+//! - [`timer`]: the hierarchical timer wheel.
+
+pub mod accept;
+pub mod event_loop;
+pub mod poller;
+pub mod timer;
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use throng_protocol::conn::Limits;
+use throng_protocol::message::{Decoder, Limits as DecodeLimits};
+
+use crate::channel::bus::{Inbox, Outbox};
+use crate::channel::delivery::FlushState;
+use crate::channel::Channels;
+use crate::config::{Config, DriverChoice};
+use crate::conn::{ConnKey, Conns};
+use crate::metrics::ShardMetrics;
+use timer::TimerWheel;
+
+/// Length of one timer-wheel tick.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Size of the per-shard receive buffer every connection reads into.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// io_uring submission queue entries per shard.
+const URING_ENTRIES: u32 = 1024;
+
+/// State shared by all shards (read-mostly).
+#[derive(Debug)]
+pub struct Shared {
+    /// The resolved configuration.
+    pub config: Config,
+    /// Every shard's counters, indexed by shard id.
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    /// Set once on SIGTERM/SIGINT: shards stop accepting and close every connection with 1001.
+    pub draining: AtomicBool,
+    /// Shards whose listener is bound. `/health` says `ok` only once all are: until then the kernel would
+    /// hand every connection to the shards already listening, and they would stay there.
+    pub listening: AtomicUsize,
+    /// Connections open over all shards, for `max_connections` (touched once per accept and close).
+    pub open_connections: AtomicUsize,
+    /// When the process started.
+    pub started: Instant,
+    /// The driver the shards actually run on ("io_uring" or "epoll").
+    pub driver_name: &'static str,
+    /// Every shard's inbound ring.
+    pub inboxes: Arc<[Inbox]>,
+}
+
+/// Which driver to build, after resolving `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+impl Driver {
+    /// Resolves the configured choice against what the kernel allows.
+    pub fn resolve(choice: DriverChoice) -> anyhow::Result<Self> {
+        let uring = monoio::utils::detect_uring();
+        match choice {
+            DriverChoice::Auto if uring => Ok(Self::Uring),
+            DriverChoice::Auto | DriverChoice::Epoll => Ok(Self::Epoll),
+            DriverChoice::Uring if uring => Ok(Self::Uring),
+            DriverChoice::Uring => anyhow::bail!("--driver uring: io_uring is not available on this kernel"),
+        }
+    }
+
+    /// A short name for logs and `/stats`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+/// What every handler on a shard reads: who the shard is, the configuration, its counters, and the current
+/// time. Nothing here changes during a step of the loop; `now` advances between turns.
+#[derive(Debug)]
+pub struct Env {
+    /// Shard index.
+    pub id: usize,
+    /// State shared by all shards.
+    pub shared: Arc<Shared>,
+    /// This shard's counters (this shard is their only writer).
+    pub metrics: Arc<ShardMetrics>,
+    /// WebSocket size limits, from the configuration.
+    pub limits: Limits,
+    /// Current time in wheel ticks since the shard started.
+    pub now: u64,
+}
+
+impl Env {
+    /// The configuration.
+    pub fn cfg(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shared.metrics.len()
+    }
+
+    /// Converts a duration to whole ticks (at least one).
+    pub fn ticks(d: Duration) -> u64 {
+        (d.as_millis() / TICK.as_millis()).max(1) as u64
+    }
+}
+
+/// The mutable state handlers work with besides the connection slab (kept apart so a connection and the
+/// rest can be borrowed at once).
+#[derive(Debug)]
+pub struct Ctx {
+    /// Pooled output buffer: replies produced for one connection are gathered here, then written. It only
+    /// ever holds one connection's bytes, and is empty between handlers.
+    pub out: Vec<u8>,
+    /// Every connection's timer.
+    pub wheel: TimerWheel<ConnKey>,
+    /// Xorshift state for ping jitter.
+    pub rng: u32,
+    /// The JSON command decoder, its buffers reused for every command on this shard.
+    pub decoder: Decoder,
+    /// Channels: homes, local logs, history budget, the outbox to other shards.
+    pub chans: Channels,
+    /// Bytes held for unfinished requests, frames and messages over all connections.
+    pub unfinished: usize,
+    /// The flush pass in progress and its pacing.
+    pub flush: FlushState,
+}
+
+/// One shard: everything its loop owns.
+#[derive(Debug)]
+pub struct Shard {
+    /// Identity, configuration, counters, time.
+    pub env: Env,
+    /// The connections.
+    pub conns: Conns,
+    /// Everything else handlers change.
+    pub ctx: Ctx,
+    /// The pooled receive buffer: every read on this shard lands here first.
+    pub scratch: Box<[u8]>,
+    /// Readiness of the connections, the listener and the doorbell.
+    pub poller: poller::Poller,
+    /// The listener and its state.
+    pub acceptor: accept::Acceptor,
+}
+
+/// Binds the shard's listener with `SO_REUSEPORT`, non-blocking.
+fn bind(addr: SocketAddr) -> anyhow::Result<OwnedFd> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    sock.listen(4096).with_context(|| format!("listening on {addr}"))?;
+    Ok(sock.into())
+}
+
+/// Starts shard `id` on its own thread, pinned to a core. `ready` gets the bind result.
+pub fn spawn(
+    id: usize,
+    shared: Arc<Shared>,
+    driver: Driver,
+    core: Option<core_affinity::CoreId>,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("throng-shard-{id}")).spawn(move || {
+        if let Some(core) = core {
+            core_affinity::set_for_current(core);
+        }
+        let result = match driver {
+            Driver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(run(id, shared, ready.clone()))),
+            Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(run(id, shared, ready.clone()))),
+        };
+        if let Err(e) = result {
+            let _ = ready.send(Err(anyhow::Error::new(e).context(format!("shard {id}: building the runtime"))));
+        }
+    })
+}
+
+/// The shard's one task: binds, builds its state, and runs the loop until drained.
+async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
+    let setup = || -> anyhow::Result<Shard> {
+        let poller = poller::Poller::new().context("creating the epoll set")?;
+        let listener = bind(shared.config.listen)?;
+        poller.add_listener(&listener)?;
+        poller.add_doorbell(&shared.inboxes[id].doorbell)?;
+        let cfg = &shared.config;
+        let max_message = cfg.max_message_size;
+        let outbox = Outbox::new(shared.inboxes.clone(), cfg.ring_capacity, cfg.max_queue_bytes);
+        Ok(Shard {
+            env: Env {
+                id,
+                metrics: shared.metrics[id].clone(),
+                limits: Limits { max_frame: max_message, max_message },
+                now: 0,
+                shared: shared.clone(),
+            },
+            conns: Conns::default(),
+            ctx: Ctx {
+                out: Vec::with_capacity(SCRATCH_BYTES),
+                wheel: TimerWheel::new(0),
+                rng: 0x2545_F491 ^ (id as u32).wrapping_mul(0x9E37_79B9),
+                decoder: Decoder::with_limits(DecodeLimits { max_data_bytes: max_message, ..DecodeLimits::default() }),
+                chans: Channels::new(outbox, cfg.max_history_bytes),
+                unfinished: 0,
+                flush: FlushState::default(),
+            },
+            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            poller,
+            acceptor: accept::Acceptor::new(listener),
+        })
+    };
+    let shard = match setup() {
+        Ok(s) => {
+            shared.listening.fetch_add(1, Ordering::Release);
+            let _ = ready.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.context(format!("shard {id}"))));
+            return;
+        }
+    };
+    event_loop::run(shard).await;
+}
