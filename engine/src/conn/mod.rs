@@ -16,10 +16,8 @@ pub mod read;
 pub mod timers;
 pub mod write;
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use bytes::Bytes;
 use slab::Slab;
 use throng_protocol::conn::WsConn;
 
@@ -123,7 +121,7 @@ pub struct Conn {
     /// Bytes of an unfinished request or frame; empty (no allocation) between messages.
     pub pending: Vec<u8>,
     /// Frames the socket has not taken yet; empty (no allocation) unless the client reads slower than we write.
-    pub outq: VecDeque<Bytes>,
+    pub outq: write::OutQueue,
     /// Bytes in `outq`, for the slow-consumer bound.
     pub queued: u32,
     /// Generation (see [`ConnKey`]).
@@ -157,7 +155,7 @@ pub struct Conn {
 
 impl Conn {
     /// Per-connection size budget in bytes.
-    pub const SIZE_BUDGET: usize = 192;
+    pub const SIZE_BUDGET: usize = 168;
 
     /// A connection just accepted, in the handshake phase.
     pub fn new(sock: OwnedFd, gen: u32, now: u64) -> Self {
@@ -165,7 +163,7 @@ impl Conn {
             sock,
             ws: WsConn::server(),
             pending: Vec::new(),
-            outq: VecDeque::new(),
+            outq: write::OutQueue::default(),
             queued: 0,
             gen,
             last_rx: now as u32,

@@ -6,6 +6,7 @@
 //! that has started going out is never cut — and a connection whose queue then passes the bound is a slow
 //! consumer: [`super::close`] drops what has not started and closes it with 4008.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes};
@@ -15,6 +16,55 @@ use super::{flag, Conn, ConnKey, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 use crate::sys;
+
+/// A connection's queue of bytes the socket has not taken yet. Nothing is allocated, and it takes 8 bytes
+/// of the connection's state, until a write leaves something unsent; emptied, it frees its memory again.
+// The box is the point: 8 bytes per idle connection instead of an empty deque's 32.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+pub struct OutQueue(Option<Box<VecDeque<Bytes>>>);
+
+impl OutQueue {
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    /// The queued buffers, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    /// Queues `b` last.
+    pub fn push_back(&mut self, b: Bytes) {
+        self.0.get_or_insert_with(Default::default).push_back(b);
+    }
+
+    /// The oldest buffer.
+    pub fn front_mut(&mut self) -> Option<&mut Bytes> {
+        self.0.as_mut()?.front_mut()
+    }
+
+    /// Removes the oldest buffer; frees the queue once it is empty.
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let q = self.0.as_mut()?;
+        let b = q.pop_front();
+        if q.is_empty() {
+            self.0 = None;
+        }
+        b
+    }
+
+    /// Keeps the `n` oldest buffers.
+    pub fn truncate(&mut self, n: usize) {
+        if let Some(q) = &mut self.0 {
+            q.truncate(n);
+            if q.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
 
 /// Outcome of writing to one connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -93,9 +143,6 @@ pub fn consume_queue(conn: &mut Conn, mut written: usize) -> usize {
             conn.flags |= flag::HEAD_STARTED;
             written = 0;
         }
-    }
-    if conn.outq.is_empty() && conn.outq.capacity() > 0 {
-        conn.outq = Default::default();
     }
     written
 }
