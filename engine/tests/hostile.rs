@@ -10,6 +10,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use std::net::TcpStream;
+
 use serde_json::{json, Value};
 use support::load::EchoLoad;
 use support::v1::Ws;
@@ -46,6 +48,66 @@ on_both_drivers! {
         long_history_reply_is_never_cut_uring, long_history_reply_is_never_cut_epoll;
     epochs_are_random => epochs_are_random_uring, epochs_are_random_epoll;
     no_data_after_close => no_data_after_close_uring, no_data_after_close_epoll;
+    history_memory_is_bounded => history_memory_is_bounded_uring, history_memory_is_bounded_epoll;
+    channel_limit_is_refused => channel_limit_is_refused_uring, channel_limit_is_refused_epoll;
+    message_rate_limit_then_4029 => message_rate_limit_then_4029_uring, message_rate_limit_then_4029_epoll;
+    byte_rate_limit_then_4029 => byte_rate_limit_then_4029_uring, byte_rate_limit_then_4029_epoll;
+    ping_flood_is_rate_limited => ping_flood_is_rate_limited_uring, ping_flood_is_rate_limited_epoll;
+    subscription_limit_is_refused => subscription_limit_is_refused_uring, subscription_limit_is_refused_epoll;
+    every_refusal_is_a_strike => every_refusal_is_a_strike_uring, every_refusal_is_a_strike_epoll;
+    unfinished_budget_closes_1013 => unfinished_budget_closes_1013_uring, unfinished_budget_closes_1013_epoll;
+    unfinished_message_deadline => unfinished_message_deadline_uring, unfinished_message_deadline_epoll;
+    presence_reply_is_bounded => presence_reply_is_bounded_uring, presence_reply_is_bounded_epoll;
+    accept_pauses_out_of_fds => accept_pauses_out_of_fds_uring, accept_pauses_out_of_fds_epoll;
+}
+
+/// Per-connection rate limits off: for tests about other bounds that send fast.
+const NO_RATE_LIMITS: [&str; 4] = ["--max-messages-per-second", "0", "--max-bytes-per-second", "0"];
+
+fn start(driver: Driver, args: &[&str]) -> Server {
+    Server::start(driver, args)
+}
+
+fn start_unlimited(driver: Driver, args: &[&str]) -> Server {
+    Server::start(driver, &[args, &NO_RATE_LIMITS[..]].concat())
+}
+
+/// Sends `cmd` with `id` and reads until the reply with that id (skipping channel traffic).
+fn call_raw(c: &mut Client, mut cmd: Value, id: u64) -> Value {
+    cmd["id"] = json!(id);
+    send_json(c, cmd);
+    loop {
+        let v = next_json(c);
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
+/// Reads frames until the close frame; returns the text messages before it and the close.
+fn until_close(c: &mut Client) -> (Vec<Value>, support::Frame) {
+    let mut msgs = Vec::new();
+    loop {
+        let f = c.read_frame();
+        match f.opcode {
+            OpCode::Text => msgs.push(json_of(&f.payload)),
+            OpCode::Close => return (msgs, f),
+            OpCode::Ping | OpCode::Pong => {}
+            _ => panic!("unexpected {f:?}"),
+        }
+    }
+}
+
+/// A bystander on the same (only) shard still works: ping, publish and subscribe.
+fn bystander_works(srv: &Server, tag: &str) {
+    let mut b = Ws::connect(srv, "bystander");
+    let r = b.call(json!({"type": "ping"}));
+    assert_eq!(r["type"], "pong", "{tag}: {r}");
+    let ch = format!("by:{tag}");
+    b.subscribe(&ch, None);
+    let off = b.publish(&ch, json!("still here"));
+    let m = b.recv();
+    assert_eq!((&m["type"], &m["offset"]), (&json!("message"), &json!(off)), "{tag}: {m}");
 }
 
 /// An upgraded raw `/ws` client whose welcome has been read.
@@ -383,4 +445,310 @@ fn no_data_after_close(driver: Driver) {
     }
     let rest = sub.read_to_end();
     assert!(rest.is_empty(), "{} bytes after the close frame (after {frames} messages)", rest.len());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Memory a client can make the server keep
+
+/// 3,000 publishes of 16 KB to fresh channels (48 MB of history under the old code, kept 300 s) leave the
+/// server within its 4 MiB history budget plus the channels' bookkeeping; the oldest messages of the shard
+/// went first, and recovery from them says so.
+fn history_memory_is_bounded(driver: Driver) {
+    let srv = start_unlimited(driver, &["--max-history-bytes", "4194304"]);
+    let mut c = Ws::connect(&srv, "hoarder");
+    let first = c.subscribe("hoard:0", None);
+    let epoch0 = first["epoch"].clone();
+    let before = srv.rss_bytes();
+    let blob = "z".repeat(16_000);
+    for i in 0..3000 {
+        let off = c.publish(&format!("hoard:{i}"), json!({"blob": blob}));
+        assert_eq!(off, 1);
+    }
+    let grown = srv.rss_bytes().saturating_sub(before);
+    let held = srv.metric("throng_history_bytes");
+    let evicted = srv.metric("throng_history_evicted_total");
+    eprintln!("RSS grew {} KiB; history {} KiB; {evicted} messages evicted", grown / 1024, held / 1024);
+    assert!(held <= 4 << 20, "history holds {held} bytes, over the 4 MiB budget");
+    assert!(evicted >= 2700, "only {evicted} messages evicted");
+    assert!(grown < 12 << 20, "RSS grew {} MiB for a 4 MiB history budget", grown >> 20);
+    // The first channel's message was evicted: recovering it is refused; the last one is still there.
+    let r = c.call(json!({"type": "history", "channel": "hoard:0", "since": {"offset": 0, "epoch": epoch0}}));
+    assert_eq!((&r["recovered"], r["messages"].as_array().map(Vec::len)), (&json!(false), Some(0)), "{r}");
+    let r = c.call(json!({"type": "history", "channel": "hoard:2999", "limit": 10}));
+    assert_eq!(r["messages"].as_array().map(Vec::len), Some(1), "{r}");
+    bystander_works(&srv, "history");
+}
+
+/// Past `max_channels`, a publish or subscribe that would create a channel gets `channel_limit`; channels
+/// that exist go on working.
+fn channel_limit_is_refused(driver: Driver) {
+    let srv = start_unlimited(driver, &["--max-channels", "50"]);
+    let mut c = Ws::connect(&srv, "creator");
+    for i in 0..50 {
+        c.publish(&format!("many:{i}"), json!(i));
+    }
+    let r = c.call(json!({"type": "publish", "channel": "many:50", "data": 1}));
+    assert_eq!((&r["type"], &r["code"]), (&json!("error"), &json!("channel_limit")), "{r}");
+    let r = c.call(json!({"type": "subscribe", "channel": "many:51"}));
+    assert_eq!((&r["type"], &r["code"]), (&json!("error"), &json!("channel_limit")), "{r}");
+    // Existing channels: publish works; subscribing needs a local channel (the shard holds 50 homes and
+    // no local channel yet, so one more is fine).
+    assert_eq!(c.publish("many:7", json!("again")), 2);
+    c.subscribe("many:7", None);
+    assert!(srv.metric("throng_channel_limit_total") >= 2);
+    // Refused commands are strikes: the connection is still open after two.
+    let r = c.call(json!({"type": "ping"}));
+    assert_eq!(r["type"], "pong");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Rate limits
+
+/// Over `max_messages_per_second`: `rate_limited` errors (carrying the command's id) first, then, as the
+/// client keeps on, a close with 4029; the other connections on the shard are not affected.
+fn message_rate_limit_then_4029(driver: Driver) {
+    let srv = start(driver, &["--max-messages-per-second", "20"]);
+    let mut c = raw_v1(&srv, "chatty");
+    let mut burst = Vec::new();
+    for id in 0..200u64 {
+        burst.extend(client_frame(true, OpCode::Text, json!({"type": "ping", "id": id}).to_string().as_bytes()));
+    }
+    c.write(&burst);
+    let (msgs, close) = until_close(&mut c);
+    let pongs = msgs.iter().filter(|m| m["type"] == "pong").count();
+    let limited: Vec<&Value> = msgs.iter().filter(|m| m["code"] == "rate_limited").collect();
+    assert!((19..=21).contains(&pongs), "{pongs} pongs for a burst of 20 per second");
+    assert!(!limited.is_empty() && limited.iter().all(|m| m["id"].is_u64()), "{msgs:?}");
+    assert_eq!(close.close_code(), Some(4029), "{:?}", close.close_reason());
+    assert!(srv.metric("throng_rate_limited_total") >= 16);
+    bystander_works(&srv, "rate");
+}
+
+/// Over `max_bytes_per_second`: the same, counted in bytes (its burst is one largest message).
+fn byte_rate_limit_then_4029(driver: Driver) {
+    let srv = start(driver, &["--max-bytes-per-second", "40000", "--max-message-size", "32768"]);
+    let mut c = raw_v1(&srv, "bulky");
+    let blob = "b".repeat(20_000);
+    let mut accepted = 0;
+    let mut errors = 0;
+    for id in 0..40u64 {
+        let cmd = json!({"type": "publish", "id": id, "channel": "bulk:1", "data": blob});
+        send_json(&mut c, cmd);
+        let f = c.read_frame();
+        if f.opcode == OpCode::Close {
+            assert_eq!(f.close_code(), Some(4029), "{:?}", f.close_reason());
+            assert!((1..=3).contains(&accepted), "{accepted} publishes of 20 KB within 40 KB/s");
+            assert!(errors >= 15, "closed after {errors} errors");
+            bystander_works(&srv, "bytes");
+            return;
+        }
+        let r = json_of(&f.payload);
+        match r["type"].as_str() {
+            Some("published") => accepted += 1,
+            Some("error") => {
+                assert_eq!((&r["code"], &r["id"]), (&json!("rate_limited"), &json!(id)), "{r}");
+                errors += 1;
+            }
+            _ => panic!("{r}"),
+        }
+    }
+    panic!("never closed: {accepted} accepted, {errors} refused");
+}
+
+/// WebSocket pings count as messages: a ping flood past the rate is left unanswered and closes with 4029.
+fn ping_flood_is_rate_limited(driver: Driver) {
+    let srv = start(driver, &["--max-messages-per-second", "10"]);
+    let mut c = raw_v1(&srv, "pinger");
+    let mut burst = Vec::new();
+    for i in 0..100 {
+        burst.extend(client_frame(true, OpCode::Ping, format!("{i}").as_bytes()));
+    }
+    c.write(&burst);
+    let mut pongs = 0;
+    let close = loop {
+        let f = c.read_frame();
+        match f.opcode {
+            OpCode::Pong => pongs += 1,
+            OpCode::Close => break f,
+            _ => panic!("unexpected {f:?}"),
+        }
+    };
+    assert_eq!(close.close_code(), Some(4029));
+    assert!((1..=11).contains(&pongs), "{pongs} pongs at 10 messages per second");
+    bystander_works(&srv, "pings");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Subscriptions and strikes
+
+fn subscription_limit_is_refused(driver: Driver) {
+    let srv = start(driver, &["--max-subscriptions", "3"]);
+    let mut c = Ws::connect(&srv, "collector");
+    for i in 0..3 {
+        c.subscribe(&format!("sub:{i}"), None);
+    }
+    let r = c.call(json!({"type": "subscribe", "channel": "sub:3"}));
+    assert_eq!((&r["type"], &r["code"]), (&json!("error"), &json!("too_many_subscriptions")), "{r}");
+    assert_eq!(srv.metric("throng_subscription_limit_total"), 1);
+    let r = c.call(json!({"type": "unsubscribe", "channel": "sub:0"}));
+    assert_eq!(r["type"], "unsubscribed");
+    c.subscribe("sub:3", None);
+    bystander_works(&srv, "subs");
+}
+
+/// Every kind of refused command counts toward the abuse close, not only malformed ones: a client that
+/// repeats a forbidden, over-limit or pointless command is closed with 1008 after 16.
+fn every_refusal_is_a_strike(driver: Driver) {
+    let srv = start(driver, &["--max-subscriptions", "1"]);
+    let kinds = [
+        json!({"type": "subscribe", "channel": "user:someone-else"}),
+        json!({"type": "publish", "channel": "user:me", "data": 1}),
+        json!({"type": "unsubscribe", "channel": "never:subscribed"}),
+        json!({"type": "refresh", "token": "x"}),
+        json!({"type": "subscribe", "channel": "second:one"}),
+    ];
+    for (k, cmd) in kinds.iter().enumerate() {
+        let mut c = raw_v1(&srv, "me");
+        if k == 4 {
+            assert_eq!(
+                call_raw(&mut c, json!({"type": "subscribe", "channel": "first:one"}), 999)["type"],
+                "subscribed"
+            );
+        }
+        let mut burst = Vec::new();
+        for id in 0..40u64 {
+            let mut cmd = cmd.clone();
+            cmd["id"] = json!(id);
+            burst.extend(client_frame(true, OpCode::Text, cmd.to_string().as_bytes()));
+        }
+        c.write(&burst);
+        let (msgs, close) = until_close(&mut c);
+        assert_eq!(close.close_code(), Some(1008), "{cmd}: {:?}", close.close_reason());
+        assert_eq!(msgs.len(), 15, "{cmd}: {} error replies before the close", msgs.len());
+        assert!(msgs.iter().all(|m| m["type"] == "error"), "{cmd}: {msgs:?}");
+    }
+    // Binary messages on /ws too.
+    let mut c = raw_v1(&srv, "binary");
+    let mut burst = Vec::new();
+    for _ in 0..20 {
+        burst.extend(client_frame(true, OpCode::Binary, b"\x00\x01"));
+    }
+    c.write(&burst);
+    let (_, close) = until_close(&mut c);
+    assert_eq!(close.close_code(), Some(1008));
+    bystander_works(&srv, "strikes");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Unfinished messages
+
+/// Two connections each holding a 60 KB frame half-sent: the second would pass the shard's 64 KiB budget
+/// for unfinished input and is closed with 1013; the first finishes its message and gets its echo.
+fn unfinished_budget_closes_1013(driver: Driver) {
+    let srv = start(driver, &["--max-unfinished-bytes", "65536", "--max-message-size", "61440"]);
+    let payload = vec![0x61u8; 60_000];
+    let frame = client_frame(true, OpCode::Binary, &payload);
+    let mut a = srv.ws();
+    a.write(&frame[..30_000]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut b = srv.ws();
+    b.write(&frame[..30_000]);
+    let close = b.read_frame();
+    assert_eq!(close.close_code(), Some(1013), "{:?}", close.close_reason());
+    assert_eq!(srv.metric("throng_unfinished_limit_closes_total"), 1);
+    a.write(&frame[30_000..]);
+    let echo = a.read_frame();
+    assert!(echo.payload == payload, "the first connection's message was damaged");
+    // With the budget free again, a newcomer's large message goes through.
+    drop(b);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = srv.ws();
+    c.write(&frame);
+    assert!(c.read_frame().payload == payload);
+}
+
+/// A message started and not finished within `message_timeout` closes the connection with 1008 (a half
+/// frame, or a fragmented message whose last fragment never comes); a connection sending slowly but
+/// finishing in time is not affected.
+fn unfinished_message_deadline(driver: Driver) {
+    let srv = start(driver, &["--message-timeout", "1"]);
+    let started = Instant::now();
+    let mut half = srv.ws();
+    half.write(&client_frame(true, OpCode::Text, &[b'x'; 1000])[..500]);
+    let mut fragments = srv.ws();
+    fragments.write(&client_frame(false, OpCode::Text, b"first part"));
+    let mut slow = srv.ws();
+    for (what, c) in [("half frame", &mut half), ("fragments", &mut fragments)] {
+        let f = c.read_frame();
+        let after = started.elapsed();
+        assert_eq!(f.close_code(), Some(1008), "{what}: {:?}", f.close_reason());
+        assert!(after >= Duration::from_millis(900) && after < Duration::from_millis(2500), "{what}: {after:?}");
+    }
+    assert_eq!(srv.metric("throng_message_timeouts_total"), 2);
+    // 600 ms per message, a byte every 100 ms: within the deadline.
+    let frame = client_frame(true, OpCode::Text, b"slow");
+    for chunk in frame.chunks(2) {
+        slow.write(chunk);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(slow.read_frame().payload, b"slow");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Presence
+
+/// A presence reply on a channel with many users is bounded by the reply bound (half the backlog): users
+/// listed in name order, `truncated`, `count` exact. Not sorted per request (the table is ordered).
+fn presence_reply_is_bounded(driver: Driver) {
+    let srv = start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "16384"]);
+    let names: Vec<String> = (0..120).map(|i| format!("{i:03}{}", "u".repeat(120))).collect();
+    let mut conns: Vec<Ws> = names.iter().map(|n| Ws::connect(&srv, n)).collect();
+    for c in &mut conns {
+        c.subscribe("crowd:1", None);
+    }
+    let r = conns[0].call(json!({"type": "presence", "channel": "crowd:1"}));
+    assert_eq!(r["count"], 120, "{r}");
+    let users = r["users"].as_array().expect("users");
+    assert!(users.len() < 120 && !users.is_empty(), "{} users listed", users.len());
+    assert_eq!(r["truncated"], true);
+    let listed: Vec<&str> = users.iter().map(|u| u["user"].as_str().unwrap()).collect();
+    assert_eq!(listed, names[..listed.len()].iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Out of file descriptors
+
+/// With a 128-descriptor limit and `max_connections` set above it, the server runs out of descriptors:
+/// it pauses accepting instead of spinning on the listener (little CPU while connections wait in the
+/// kernel's queue), keeps serving the connections it has, and accepts the waiting ones once some close.
+fn accept_pauses_out_of_fds(driver: Driver) {
+    let srv = Server::start_with_nofile(driver, &["--max-connections", "1000"], Some(128));
+    assert!(srv.log().contains("max_connections exceeds"), "{}", srv.log());
+    let mut held: Vec<Client> = (0..40).map(|_| srv.ws()).collect();
+    // Far more than the descriptors left: these wait in the listen queue.
+    let waiting: Vec<TcpStream> = (0..150).map(|_| TcpStream::connect(srv.addr).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = srv.cpu_ns();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = Duration::from_nanos(srv.cpu_ns() - cpu0);
+    assert!(spent < Duration::from_millis(100), "{spent:?} of CPU in 1 s while out of descriptors");
+    held[0].echo_text("still served");
+    drop(waiting);
+    held.truncate(10);
+    // Room again: a newcomer is served (possibly after the queued ones are accepted and dropped).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = srv.connect();
+        c.set_read_timeout(Duration::from_secs(5));
+        c.write(upgrade_request("/echo", SAMPLE_KEY).as_bytes());
+        let mut buf = [0u8; 12];
+        if std::io::Read::read(&mut c.stream, &mut buf).unwrap_or(0) == 12 && buf.starts_with(b"HTTP/1.1 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection accepted again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resp = srv.get("/metrics");
+    let pauses = support::sum_metric(&resp.text(), "throng_accept_pauses_total").unwrap_or(0);
+    assert!(pauses >= 1, "no accept pause counted");
 }

@@ -265,3 +265,42 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
     ctx.chans.outbox.drain();
     written
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::conn::{ConnSub, Phase};
+
+    /// A `gap` marker for deliveries lost between shards reaches a subscriber after the frames logged
+    /// before it and before the ones logged after it. (It used to go into the connection's queue, which
+    /// is written before the channel's frames: ahead of messages older than the loss.)
+    #[test]
+    fn gap_marker_arrives_in_log_order() {
+        let (server, mut client) = UnixStream::pair().expect("socketpair");
+        server.set_nonblocking(true).expect("nonblocking");
+        let mut channels = Slab::new();
+        let idx = channels.insert(LocalChannel::new(Arc::from("c"), SlowConsumerPolicy::Close));
+        let key = ConnKey { idx: 0, gen: 1 };
+        let slot = channels[idx].subscribe(key, 0);
+        let mut conn = Conn::new(OwnedFd::from(server), 1, 0);
+        conn.phase = Phase::V1;
+        conn.subs.push(ConnSub { chan: idx as u32, slot: slot as u32 });
+        let ch = &mut channels[idx];
+        ch.append(1, &Bytes::from_static(b"[one]"));
+        ch.append(2, &Bytes::from_static(b"[two]"));
+        ch.append_marker(Bytes::from_static(b"[gap 3-5]"));
+        ch.append(6, &Bytes::from_static(b"[six]"));
+        let metrics = ShardMetrics::default();
+        assert_eq!(flush_conn(&mut conn, &mut channels, &metrics), Flushed::Done);
+        let mut got = vec![0u8; 24];
+        client.read_exact(&mut got).expect("read");
+        assert_eq!(got, b"[one][two][gap 3-5][six]");
+    }
+}

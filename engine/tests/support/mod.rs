@@ -102,9 +102,22 @@ impl Server {
     /// `/health` answers `ok` and `/stats` names the requested driver. `--shards` defaults to 1 to keep the
     /// suite lean on a small machine.
     pub fn start(driver: Driver, args: &[&str]) -> Server {
+        Self::start_with_nofile(driver, args, None)
+    }
+
+    /// [`Server::start`] with the server's open-file limit (soft and hard) set to `nofile` (through
+    /// util-linux `prlimit`), to run it out of descriptors.
+    pub fn start_with_nofile(driver: Driver, args: &[&str], nofile: Option<u32>) -> Server {
         for attempt in 1.. {
             let addr = SocketAddr::from(([127, 0, 0, 1], fresh_port()));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_throng"));
+            let mut cmd = match nofile {
+                None => Command::new(env!("CARGO_BIN_EXE_throng")),
+                Some(n) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--nofile={n}:{n}")).arg(env!("CARGO_BIN_EXE_throng"));
+                    c
+                }
+            };
             for (k, _) in std::env::vars_os() {
                 if k.to_string_lossy().starts_with("THRONG_") {
                     cmd.env_remove(k);
