@@ -752,3 +752,50 @@ fn accept_pauses_out_of_fds(driver: Driver) {
     let pauses = support::sum_metric(&resp.text(), "throng_accept_pauses_total").unwrap_or(0);
     assert!(pauses >= 1, "no accept pause counted");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Configuration
+
+/// `throng --check-config` validates without starting: 0 and the resolved settings when valid, 1 and the
+/// reason when not (values checked against each other and their bounds).
+#[test]
+fn check_config_reports_and_exits() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_throng"))
+            .arg("--check-config")
+            .args(args)
+            .env_remove("THRONG_CONFIG")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running throng --check-config");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = run(&["--listen", "127.0.0.1:1"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("configuration is valid") && stdout.contains("max_history_bytes"), "{stdout}");
+    for (args, reason) in [
+        (&["--ping-interval", "30", "--idle-timeout", "20"][..], "idle_timeout"),
+        (&["--max-message-size", "2000000"][..], "max_backlog_bytes"),
+        (&["--handshake-timeout", "1000"][..], "handshake_timeout must be at most 300"),
+        (&["--max-channels", "0"][..], "max_channels"),
+    ] {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+    let path = std::env::temp_dir().join(format!("throng-check-{}.toml", std::process::id()));
+    std::fs::write(&path, "[namespace.chat]\nhistory_ttl = -1\n").expect("write");
+    let (code, _, stderr) = run(&["--config", path.to_str().expect("UTF-8 path")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("namespace.chat.history_ttl"), "{stderr}");
+    let _ = std::fs::remove_file(path);
+    // Nothing is bound: checking a configuration whose port is taken still succeeds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, stdout, stderr) = run(&["--listen", &addr]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+}
