@@ -2,6 +2,7 @@
 //! it over real sockets, checking replies byte for byte where they are deterministic. Every test runs once per
 //! I/O driver (`<name>_uring`, `<name>_epoll`).
 
+#[macro_use]
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
@@ -10,23 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::{client_close, client_frame, expected_101, upgrade_request, Client, Driver, Server, SAMPLE_KEY};
 use throng_protocol::frame::OpCode;
-
-/// Defines `<uring>` and `<epoll>` tests that run `body(Driver)` on the named driver.
-macro_rules! on_both_drivers {
-    ($($(#[$attr:meta])* $body:ident => $uring:ident, $epoll:ident;)*) => {$(
-        #[test]
-        $(#[$attr])*
-        fn $uring() {
-            $body(Driver::Uring)
-        }
-
-        #[test]
-        $(#[$attr])*
-        fn $epoll() {
-            $body(Driver::Epoll)
-        }
-    )*};
-}
 
 on_both_drivers! {
     upgrade_then_echo_hello => upgrade_then_echo_hello_uring, upgrade_then_echo_hello_epoll;

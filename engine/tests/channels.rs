@@ -8,6 +8,7 @@
 //! landed on is read from its `welcome` (`client` is `"{shard:x}-{gen:x}-{idx:x}"`), so that every test
 //! covers channels homed on the client's own shard and on another one.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,23 +49,6 @@ client_publish = false
 [namespace.quiet]
 presence = false
 "#;
-
-/// Defines `<uring>` and `<epoll>` tests that run `body(Driver)` on the named driver.
-macro_rules! on_both_drivers {
-    ($($(#[$attr:meta])* $body:ident => $uring:ident, $epoll:ident;)*) => {$(
-        #[test]
-        $(#[$attr])*
-        fn $uring() {
-            $body(Driver::Uring)
-        }
-
-        #[test]
-        $(#[$attr])*
-        fn $epoll() {
-            $body(Driver::Epoll)
-        }
-    )*};
-}
 
 on_both_drivers! {
     fanout_every_message_once => fanout_every_message_once_uring, fanout_every_message_once_epoll;

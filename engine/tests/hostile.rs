@@ -6,6 +6,7 @@
 //! shard unaffected. Saturation comes from a cgroup v1 CPU cap on the server (15% of a core) under a
 //! closed-loop echo load when the `cpu` controller is writable, and from the load alone otherwise.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -17,23 +18,6 @@ use support::load::EchoLoad;
 use support::v1::Ws;
 use support::{client_frame, upgrade_request, Client, CpuCap, Driver, Server, SAMPLE_KEY};
 use throng_protocol::frame::OpCode;
-
-/// Defines `<uring>` and `<epoll>` tests that run `body(Driver)` on the named driver.
-macro_rules! on_both_drivers {
-    ($($(#[$attr:meta])* $body:ident => $uring:ident, $epoll:ident;)*) => {$(
-        #[test]
-        $(#[$attr])*
-        fn $uring() {
-            $body(Driver::Uring)
-        }
-
-        #[test]
-        $(#[$attr])*
-        fn $epoll() {
-            $body(Driver::Epoll)
-        }
-    )*};
-}
 
 on_both_drivers! {
     quadratic_message_is_cheap => quadratic_message_is_cheap_uring, quadratic_message_is_cheap_epoll;

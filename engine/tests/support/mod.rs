@@ -9,6 +9,24 @@
 pub mod load;
 pub mod v1;
 
+/// Defines `<uring>` and `<epoll>` tests that run `body(Driver)` on the named driver (the test file imports
+/// `Driver`).
+macro_rules! on_both_drivers {
+    ($($(#[$attr:meta])* $body:ident => $uring:ident, $epoll:ident;)*) => {$(
+        #[test]
+        $(#[$attr])*
+        fn $uring() {
+            $body(Driver::Uring)
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn $epoll() {
+            $body(Driver::Epoll)
+        }
+    )*};
+}
+
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
