@@ -95,6 +95,8 @@ pub struct Channels {
     pub cancelled: Vec<(ConnKey, usize, Option<u64>)>,
     /// SplitMix64 state for epochs, seeded from the kernel: epochs differ across shards, restarts, nodes.
     epoch_state: u64,
+    /// The tick history was last aged at.
+    aged_at: u64,
 }
 
 impl Channels {
@@ -110,6 +112,7 @@ impl Channels {
             outbox,
             cancelled: Vec::new(),
             epoch_state: crate::sys::random_u64(),
+            aged_at: 0,
         }
     }
 
@@ -385,7 +388,9 @@ impl Channels {
     /// to it: no subscribers on any shard, this one included, and no history left.
     pub fn housekeeping(&mut self, env: &Env) {
         self.outbox.drain();
-        if env.now.is_multiple_of(Env::ticks(std::time::Duration::from_secs(2))) {
+        // Every 2 s of shard time (a long turn may skip ticks, so not "on ticks divisible by 40").
+        if env.now >= self.aged_at + Env::ticks(std::time::Duration::from_secs(2)) {
+            self.aged_at = env.now;
             let mut forget = Vec::new();
             for (i, h) in self.homes.iter_mut() {
                 let freed = h.trim(env.now);

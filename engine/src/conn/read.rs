@@ -39,6 +39,12 @@ pub const PONGS_PER_READ: usize = 16;
 const OUT_FLUSH: usize = 256 * 1024;
 /// Message tokens are counted in twentieths, one tick's refill at one message per second.
 const MSG_UNIT: u32 = 20;
+/// Unfinished bytes held in a buffer of at most this size are carried through the scratch buffer (copied
+/// in front of the next read), so a connection trickling a small message pins no more than it sent; a
+/// larger frame is reserved whole and read into directly.
+const SMALL_PENDING: usize = 16 * 1024;
+/// Largest read straight into a reserved frame (bounds the zero-filling before each read).
+const MAX_DIRECT_READ: usize = 256 * 1024;
 
 /// What the application does with what a connection sends: the shard supplies it (`/ws` commands,
 /// `/echo`, HTTP routing), so this layer knows nothing of them.
@@ -157,24 +163,33 @@ fn read_loop(
     sink: &mut impl Sink,
 ) -> Flow {
     for _ in 0..READS_PER_EVENT {
-        let res = if conn.pending.is_empty() {
-            match sys::recv(conn.fd(), scratch) {
+        let old = conn.pending.len();
+        // (bytes read, or None at EOF or on an error; bytes the read could have taken)
+        let (res, offered) = if conn.pending.capacity() <= SMALL_PENDING {
+            // Through the scratch buffer, behind the (small) unfinished bytes, which are copied in front.
+            let offered = scratch.len() - old;
+            match sys::recv(conn.fd(), &mut scratch[old..]) {
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
-                    let used = process(env, ctx, key, conn, &mut scratch[..n], 0, sink);
-                    if used < n {
-                        conn.pending.extend_from_slice(&scratch[used..n]);
+                    scratch[..old].copy_from_slice(&conn.pending);
+                    conn.pending.clear();
+                    let end = old + n;
+                    let used = process(env, ctx, key, conn, &mut scratch[..end], old, sink);
+                    conn.pending.extend_from_slice(&scratch[used..end]);
+                    if conn.pending.is_empty() {
+                        // An idle connection keeps no buffer.
+                        conn.pending = Vec::new();
                     }
-                    Some(n)
+                    (Some(n), offered)
                 }
                 Ok(Recv::WouldBlock) => return Flow::Continue,
-                Ok(Recv::Eof) | Err(_) => None,
+                Ok(Recv::Eof) | Err(_) => (None, offered),
             }
         } else {
-            // Append to the unfinished frame's bytes (reading straight into them, not via scratch).
-            let old = conn.pending.len();
-            let want = (conn.pending.capacity() - old).max(scratch.len());
-            conn.pending.resize(old + want, 0);
+            // A large frame, reserved whole when its header arrived: read straight into its buffer, at most
+            // MAX_DIRECT_READ at a time (the room is zero-filled before the read).
+            let offered = (conn.pending.capacity() - old).clamp(SMALL_PENDING, MAX_DIRECT_READ);
+            conn.pending.resize(old + offered, 0);
             match sys::recv(conn.sock.as_fd(), &mut conn.pending[old..]) {
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
@@ -182,22 +197,21 @@ fn read_loop(
                     let mut pending = std::mem::take(&mut conn.pending);
                     let used = process(env, ctx, key, conn, &mut pending, old, sink);
                     pending.drain(..used);
-                    // An idle connection keeps no buffer.
                     conn.pending = if pending.is_empty() { Vec::new() } else { pending };
-                    Some(scratch.len().min(n))
+                    (Some(n), offered)
                 }
                 Ok(Recv::WouldBlock) => {
                     conn.pending.truncate(old);
                     return Flow::Continue;
                 }
-                Ok(Recv::Eof) | Err(_) => None,
+                Ok(Recv::Eof) | Err(_) => (None, offered),
             }
         };
         write::send_out(env, ctx, key, conn);
         match res {
             None => return Flow::End,
             // A short read means the socket is drained for now.
-            Some(n) if n < scratch.len() => return Flow::Continue,
+            Some(n) if n < offered => return Flow::Continue,
             Some(_) => {}
         }
     }
