@@ -178,7 +178,7 @@ pub fn eventfd_clear(fd: BorrowedFd<'_>) {
 }
 
 /// 8 random bytes from the kernel (`getrandom`), for channel epochs and other values that must differ
-/// across restarts and nodes. Falls back to the clock and the thread only if the syscall is unavailable.
+/// across restarts and nodes. Falls back to the clock and the process id only if the syscall fails.
 pub fn random_u64() -> u64 {
     let mut v: u64 = 0;
     // SAFETY: writes at most 8 bytes into `v`, valid and writable for the call.
@@ -187,7 +187,7 @@ pub fn random_u64() -> u64 {
         return v;
     }
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    t ^ (std::process::id() as u64) << 32 ^ (&v as *const u64 as u64)
+    t ^ u64::from(std::process::id()) << 32
 }
 
 /// Raises the soft open-file limit to the hard limit. Returns (soft, hard) after the change.
