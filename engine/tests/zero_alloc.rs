@@ -17,7 +17,7 @@ use throng::channel::delivery::flush_conn;
 use throng::channel::home::HistoryLimits;
 use throng::channel::{HistoryEntry, HomeChannel, LocalChannel};
 use throng::config::SlowConsumerPolicy;
-use throng::conn::write::Flushed;
+use throng::conn::write::{Flushed, QueuePool};
 use throng::conn::{Conn, ConnKey, ConnSub, Phase};
 use throng::metrics::ShardMetrics;
 
@@ -101,6 +101,7 @@ struct Setup {
     chan: usize,
     home: HomeChannel,
     metrics: ShardMetrics,
+    queues: QueuePool,
     /// The receiving ends, by connection index.
     clients: Vec<TcpStream>,
 }
@@ -129,7 +130,7 @@ impl Setup {
             assert_eq!(idx, i);
             clients.push(client);
         }
-        Setup { conns, channels, chan, home, metrics: ShardMetrics::default(), clients }
+        Setup { conns, channels, chan, home, metrics: ShardMetrics::default(), queues: QueuePool::default(), clients }
     }
 
     /// Publishes `n` messages at the home (encoding each frame once; not measured).
@@ -152,7 +153,7 @@ impl Setup {
         }
         let mut done = 0;
         for (_, conn) in self.conns.iter_mut() {
-            if flush_conn(conn, &mut self.channels, &self.metrics) == Flushed::Done {
+            if flush_conn(conn, &mut self.channels, &mut self.queues, &self.metrics) == Flushed::Done {
                 done += 1;
             }
         }
@@ -232,7 +233,7 @@ fn delivery_allocates_nothing_and_copies_nothing() {
         let (done, flush_allocs) = allocations(|| {
             let mut done = 0;
             for (_, conn) in s.conns.iter_mut() {
-                if flush_conn(conn, &mut s.channels, &s.metrics) == Flushed::Done {
+                if flush_conn(conn, &mut s.channels, &mut s.queues, &s.metrics) == Flushed::Done {
                     done += 1;
                 }
             }

@@ -23,7 +23,7 @@ use slab::Slab;
 use super::local::LocalChannel;
 use crate::config::SlowConsumerPolicy;
 use crate::conn::close::{self, Close};
-use crate::conn::write::{self, Flushed};
+use crate::conn::write::{self, Flushed, QueuePool};
 use crate::conn::{flag, Conn, ConnKey, Conns};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
@@ -41,7 +41,12 @@ const CLOCK_EVERY: usize = 32;
 /// Writes a connection's queue, then every unsent frame of its channels, in batches of `MAX_IOV` buffers.
 /// A frame the socket took only part of moves (its unsent rest) to the front of the queue, so cursors
 /// always point at whole frames and the stream stays frame-aligned whatever is queued next.
-pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &ShardMetrics) -> Flushed {
+pub fn flush_conn(
+    conn: &mut Conn,
+    channels: &mut Slab<LocalChannel>,
+    queues: &mut QueuePool,
+    metrics: &ShardMetrics,
+) -> Flushed {
     loop {
         let (written, gathered, full) = {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
@@ -76,7 +81,7 @@ pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &
             }
         };
         ShardMetrics::add(&metrics.bytes_out_total, written as u64);
-        let mut left = write::consume_queue(conn, written);
+        let mut left = write::consume_queue(conn, written, queues);
         let mut frames = 0u64;
         if left > 0 {
             for s in conn.subs.iter().filter(|s| s.is_active()) {
@@ -92,7 +97,7 @@ pub fn flush_conn(conn: &mut Conn, channels: &mut Slab<LocalChannel>, metrics: &
                     } else {
                         let rest = e.frame.slice(left..);
                         conn.queued += rest.len() as u32;
-                        conn.outq.push_back(rest);
+                        conn.outq.push_back(rest, queues);
                         conn.flags |= flag::HEAD_STARTED;
                         left = 0;
                     }
@@ -118,7 +123,7 @@ pub fn on_writable(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
     if !conn.writer_active() {
         return;
     }
-    match flush_conn(conn, &mut ctx.chans.locals, &env.metrics) {
+    match flush_conn(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics) {
         Flushed::Blocked => {}
         Flushed::Done => {
             conn.flags &= !flag::WRITER;
@@ -148,7 +153,7 @@ fn check_lag(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, ch_idx: us
                 let gap = super::frame_bytes(|o| throng_protocol::message::encode_gap(o, &name, from, to));
                 // The queue is written before the channel's frames: the marker lands right after what was
                 // already sent, before the frames that follow the skipped ones.
-                write::push(conn, gap);
+                write::push(conn, gap, &mut ctx.queues);
             }
         }
     }
@@ -236,7 +241,7 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
             if conn.flush_mark != pass && !conn.writer_active() {
                 conn.flush_mark = pass;
                 written += 1;
-                match flush_conn(conn, &mut ctx.chans.locals, &env.metrics) {
+                match flush_conn(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics) {
                     Flushed::Done => continue,
                     Flushed::Blocked => write::wait_writable(env, conn),
                     Flushed::Failed => {
@@ -298,7 +303,8 @@ mod tests {
         ch.append_marker(Bytes::from_static(b"[gap 3-5]"));
         ch.append(6, &Bytes::from_static(b"[six]"));
         let metrics = ShardMetrics::default();
-        assert_eq!(flush_conn(&mut conn, &mut channels, &metrics), Flushed::Done);
+        let mut queues = QueuePool::default();
+        assert_eq!(flush_conn(&mut conn, &mut channels, &mut queues, &metrics), Flushed::Done);
         let mut got = vec![0u8; 24];
         client.read_exact(&mut got).expect("read");
         assert_eq!(got, b"[one][two][gap 3-5][six]");

@@ -79,7 +79,7 @@ pub fn close(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, how: Close
             ShardMetrics::inc(&env.metrics.slow_consumers_total);
             // Keep a partly written front buffer whole, so the stream stays frame-aligned; drop the rest.
             let keep = usize::from(conn.flags & flag::HEAD_STARTED != 0);
-            conn.outq.truncate(keep);
+            conn.outq.truncate(keep, &mut ctx.queues);
             conn.queued = conn.outq.iter().map(|b| b.len() as u32).sum();
             ctx.out.clear();
             conn.ws.close(code::SLOW_CONSUMER, "slow consumer: backlog over max_backlog_bytes", &mut ctx.out);

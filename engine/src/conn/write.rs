@@ -17,8 +17,9 @@ use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 use crate::sys;
 
-/// A connection's queue of bytes the socket has not taken yet. Nothing is allocated, and it takes 8 bytes
-/// of the connection's state, until a write leaves something unsent; emptied, it frees its memory again.
+/// A connection's queue of bytes the socket has not taken yet. It takes 8 bytes of the connection's state
+/// and holds no memory until a write leaves something unsent; emptied, it goes back to the shard's
+/// [`QueuePool`].
 // The box is the point: 8 bytes per idle connection instead of an empty deque's 32.
 #[allow(clippy::box_collection)]
 #[derive(Debug, Default)]
@@ -35,9 +36,9 @@ impl OutQueue {
         self.0.iter().flat_map(|q| q.iter())
     }
 
-    /// Queues `b` last.
-    pub fn push_back(&mut self, b: Bytes) {
-        self.0.get_or_insert_with(Default::default).push_back(b);
+    /// Queues `b` last (taking a spare queue from `pool` when this one holds none).
+    pub fn push_back(&mut self, b: Bytes, pool: &mut QueuePool) {
+        self.0.get_or_insert_with(|| pool.take()).push_back(b);
     }
 
     /// The oldest buffer.
@@ -45,24 +46,74 @@ impl OutQueue {
         self.0.as_mut()?.front_mut()
     }
 
-    /// Removes the oldest buffer; frees the queue once it is empty.
-    pub fn pop_front(&mut self) -> Option<Bytes> {
+    /// Removes the oldest buffer; the queue goes back to `pool` once it is empty.
+    pub fn pop_front(&mut self, pool: &mut QueuePool) -> Option<Bytes> {
         let q = self.0.as_mut()?;
         let b = q.pop_front();
         if q.is_empty() {
-            self.0 = None;
+            self.release(pool);
         }
         b
     }
 
     /// Keeps the `n` oldest buffers.
-    pub fn truncate(&mut self, n: usize) {
+    pub fn truncate(&mut self, n: usize, pool: &mut QueuePool) {
         if let Some(q) = &mut self.0 {
             q.truncate(n);
             if q.is_empty() {
-                self.0 = None;
+                self.release(pool);
             }
         }
+    }
+
+    fn release(&mut self, pool: &mut QueuePool) {
+        if let Some(q) = self.0.take() {
+            pool.give(q);
+        }
+    }
+}
+
+/// Spare output queues of a shard. A connection whose writes block takes one, and gives it back once it
+/// has drained, so a blocked-then-drained cycle allocates nothing once the pool has warmed up. Bounded: at
+/// most [`QueuePool::MAX`] spares, each of at most [`QueuePool::MAX_CAPACITY`] entries (a larger one is
+/// freed instead), so an idle shard keeps at most a few hundred KiB here.
+#[allow(clippy::box_collection)]
+#[derive(Debug)]
+pub struct QueuePool(Vec<Box<VecDeque<Bytes>>>);
+
+impl Default for QueuePool {
+    fn default() -> Self {
+        Self(Vec::with_capacity(Self::MAX))
+    }
+}
+
+impl QueuePool {
+    /// Most spare queues kept.
+    pub const MAX: usize = 1024;
+    /// Largest capacity (entries) a spare queue may keep.
+    pub const MAX_CAPACITY: usize = 64;
+
+    #[allow(clippy::box_collection)]
+    fn take(&mut self) -> Box<VecDeque<Bytes>> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    #[allow(clippy::box_collection)]
+    fn give(&mut self, mut q: Box<VecDeque<Bytes>>) {
+        if self.0.len() < Self::MAX && q.capacity() <= Self::MAX_CAPACITY {
+            q.clear();
+            self.0.push(q);
+        }
+    }
+
+    /// Spare queues held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when none is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -86,7 +137,7 @@ pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
                 Ok(n) => {
                     ShardMetrics::add(&env.metrics.bytes_out_total, n as u64);
                     if n < ctx.out.len() {
-                        push(conn, Bytes::copy_from_slice(&ctx.out[n..]));
+                        push(conn, Bytes::copy_from_slice(&ctx.out[n..]), &mut ctx.queues);
                         if n > 0 {
                             conn.flags |= flag::HEAD_STARTED;
                         }
@@ -100,7 +151,7 @@ pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
                 }
             }
         } else {
-            push(conn, Bytes::copy_from_slice(&ctx.out));
+            push(conn, Bytes::copy_from_slice(&ctx.out), &mut ctx.queues);
         }
         ctx.out.clear();
         if conn.phase.is_open() && conn.queued as usize > env.cfg().max_backlog_bytes {
@@ -114,9 +165,9 @@ pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
 }
 
 /// Queues bytes behind what is already queued.
-pub fn push(conn: &mut Conn, b: Bytes) {
+pub fn push(conn: &mut Conn, b: Bytes, pool: &mut QueuePool) {
     conn.queued += b.len() as u32;
-    conn.outq.push_back(b);
+    conn.outq.push_back(b, pool);
 }
 
 /// The socket is full: the connection waits for its next output edge, and nothing else writes to it
@@ -129,13 +180,13 @@ pub fn wait_writable(env: &Env, conn: &mut Conn) {
 }
 
 /// Accounts for `written` bytes of the queue having gone out.
-pub fn consume_queue(conn: &mut Conn, mut written: usize) -> usize {
+pub fn consume_queue(conn: &mut Conn, mut written: usize, pool: &mut QueuePool) -> usize {
     while written > 0 {
         let Some(front) = conn.outq.front_mut() else { break };
         if front.len() <= written {
             written -= front.len();
             conn.queued -= front.len() as u32;
-            conn.outq.pop_front();
+            conn.outq.pop_front(pool);
             conn.flags &= !flag::HEAD_STARTED;
         } else {
             front.advance(written);

@@ -147,6 +147,8 @@ pub struct Ctx {
     pub unfinished: usize,
     /// The flush pass in progress and its pacing.
     pub flush: FlushState,
+    /// Spare output queues (no allocation per blocked-then-drained write cycle).
+    pub queues: crate::conn::write::QueuePool,
 }
 
 /// One shard: everything its loop owns.
@@ -233,6 +235,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 chans: Channels::new(outbox, cfg.max_history_bytes),
                 unfinished: 0,
                 flush: FlushState::default(),
+                queues: Default::default(),
             },
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             poller,
