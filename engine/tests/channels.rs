@@ -726,13 +726,13 @@ fn slow_subscriber_drop_oldest_gap(driver: Driver) {
 
 /// A subscriber with an empty socket buffer that reads everything is not a slow consumer, even when one
 /// burst of publishes (here 100 messages of 1 KiB arriving in one TCP write, 105 KB against a 64 KiB bound)
-/// is appended to the channel log before the shard's flush task runs.
+/// is appended to the channel log before the shard's flush pass runs.
 fn burst_does_not_close_a_reading_subscriber(driver: Driver) {
     let srv = start(driver, &["--max-backlog-bytes", "65536", "--max-message-size", "16384"]);
     let pad = "x".repeat(1000);
     for policy in ["lossy", "slowc"] {
         // Reader, publisher and the channel's home all on one shard: the whole burst is appended to the log
-        // while the publisher's bytes are handled, before the flush task runs.
+        // while the publisher's bytes are handled, before the flush pass runs.
         let mut reader = Ws::connect(&srv, "reader");
         let mut publ = Ws::connect_where(&srv, "publisher", |s| s == reader.shard);
         let ch = with_home(&format!("{policy}:burst"), reader.shard);

@@ -106,6 +106,28 @@ pub fn unsent_bytes(s: &TcpStream) -> usize {
     n as usize
 }
 
+/// The receive window the peer of `s` last advertised (`tcpi_snd_wnd` of `TCP_INFO`): how much this
+/// socket may send before the peer reads.
+pub fn peer_window(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is a plain C struct for which all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid and writable for the call, `len` holds `info`'s size, and `s` is an
+    // open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_snd_wnd
+}
+
 /// A running `throng` process. Killed with SIGKILL on drop unless it has already exited.
 pub struct Server {
     child: Child,

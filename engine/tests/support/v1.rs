@@ -36,6 +36,11 @@ pub struct Ws {
     pub shard: usize,
     pub stash: VecDeque<Value>,
     next_id: u64,
+    /// Shards of the server (from `/stats`), for [`Ws::barrier`].
+    shards: usize,
+    /// One channel per shard, homed there, that [`Ws::barrier`] publishes to (subscribed on first use).
+    barrier_channels: Vec<String>,
+    barrier_seq: u64,
 }
 
 impl Ws {
@@ -63,7 +68,17 @@ impl Ws {
         stream.set_nodelay(true).expect("set_nodelay");
         let url = format!("ws://{}/ws?user={user}", srv.addr);
         let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap_or_else(|e| panic!("upgrade {url}: {e}"));
-        let mut c = Ws { ws, client: String::new(), shard: usize::MAX, stash: VecDeque::new(), next_id: 1 };
+        let shards = srv.stats()["shards"].as_u64().expect("/stats shards") as usize;
+        let mut c = Ws {
+            ws,
+            client: String::new(),
+            shard: usize::MAX,
+            stash: VecDeque::new(),
+            next_id: 1,
+            shards,
+            barrier_channels: Vec::new(),
+            barrier_seq: 0,
+        };
         let w = c.next_frame();
         assert_eq!(w["type"], "welcome", "first message: {w}");
         assert_eq!(w["user"], user, "{w}");
@@ -171,18 +186,54 @@ impl Ws {
         r["offset"].as_u64().unwrap_or_else(|| panic!("published without offset: {r}"))
     }
 
-    /// Sends a `ping` and returns everything that arrived before its `pong` (stashed messages included).
-    /// Whatever the server wrote to this connection before it read the ping is in the result.
+    /// Returns everything the server had sent or had on its way to this connection when the barrier was
+    /// called, channel deliveries from every shard included.
+    ///
+    /// A `ping` would not do: its `pong` is written by the connection's own shard at once, while a delivery
+    /// published on another shard may still be in that shard's ring. So the barrier publishes, on every
+    /// shard `h`, to a channel of this client's homed on `h` (in the default namespace; subscribed on first
+    /// use), and waits for those messages: each travels the same ring from `h` as every earlier delivery
+    /// from `h`, is appended to this shard's logs after them, and goes out in the same flush of this
+    /// connection or a later one. Whatever came in the same write is still read: the bytes already in the
+    /// socket are drained before returning.
     pub fn barrier(&mut self) -> Vec<Value> {
-        let id = self.send(json!({"type": "ping"}));
-        let mut before: Vec<Value> = self.stash.drain(..).collect();
-        loop {
-            let v = self.next_frame();
-            if v["type"] == "pong" && v["id"] == id {
-                return before;
+        if self.barrier_channels.is_empty() {
+            for h in 0..self.shards {
+                let name = (0..)
+                    .map(|i| format!("barrier-{}-{i}", self.client))
+                    .find(|n| throng::channel::home_of(n, self.shards) == h)
+                    .expect("some name is homed on every shard");
+                let r = self.call(json!({"type": "subscribe", "channel": name}));
+                assert_eq!(r["type"], "subscribed", "{}: barrier channel {name}: {r}", self.client);
+                self.barrier_channels.push(name);
             }
-            before.push(v);
         }
+        self.barrier_seq += 1;
+        let seq = self.barrier_seq;
+        let mut before: Vec<Value> = self.stash.drain(..).collect();
+        let mut replies = Vec::new();
+        for ch in self.barrier_channels.clone() {
+            replies.push(self.send(json!({"type": "publish", "channel": ch, "data": {"barrier": seq}})));
+        }
+        let (mut published, mut arrived) = (0, 0);
+        while published < replies.len() || arrived < self.barrier_channels.len() {
+            let v = self.next_frame();
+            if v["type"] == "published" && v["id"].as_u64().is_some_and(|id| replies.contains(&id)) {
+                published += 1;
+            } else if v["type"] == "message" && v["data"]["barrier"] == seq {
+                arrived += 1;
+            } else if v["type"] == "message" && v["data"].get("barrier").is_some() {
+                // An older barrier's message (a previous call returned before reading it).
+            } else {
+                before.push(v);
+            }
+        }
+        while let Some(v) = self.recv_within(Duration::from_millis(20)) {
+            if v["type"] != "message" || v["data"].get("barrier").is_none() {
+                before.push(v);
+            }
+        }
+        before
     }
 
     /// Reads until a close frame arrives, returning it with the text messages that preceded it.
