@@ -77,7 +77,8 @@ impl OutQueue {
 /// has drained, so a blocked-then-drained cycle allocates nothing once the pool has warmed up. Bounded: at
 /// most [`QueuePool::MAX`] spares, each of at most [`QueuePool::MAX_CAPACITY`] entries (a larger one is
 /// freed instead), so an idle shard keeps at most a few hundred KiB here.
-#[allow(clippy::box_collection)]
+// Boxed because connections hold them boxed (`OutQueue`): handing one over moves a pointer, not a deque.
+#[allow(clippy::box_collection, clippy::vec_box)]
 #[derive(Debug)]
 pub struct QueuePool(Vec<Box<VecDeque<Bytes>>>);
 
