@@ -119,9 +119,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub inflight: u32,
     /// Receive pacing in milliseconds (0 = off): during the window the loop wakes at most once per period,
-    /// so each read takes more frames and the bench costs less per message; measured latencies then include
-    /// up to this much of the bench's own waiting, and fixed-rate sends go out in bursts at those wake-ups.
-    /// For saturation runs where the bench would otherwise be the limit.
+    /// so each read takes more frames and the bench costs less per message; fixed-rate sends go out in bursts
+    /// at those wake-ups, stamped with their scheduled times, so measured latencies then include up to this
+    /// much of the bench's own waiting on each side. For saturation runs where the bench would otherwise be
+    /// the limit.
     #[arg(long, default_value_t = 0.0)]
     pub pace_ms: f64,
     /// Churn: connections opened (and closed again) per second.
@@ -142,6 +143,11 @@ pub struct Args {
     /// Internal: run as worker K of P (`K/P`), speaking the worker protocol on stdin/stdout.
     #[arg(long, hide = true)]
     pub worker: Option<String>,
+    /// Testing only: `EVERY_MS:BUSY_MS` makes every event-loop thread spin (busy, neither sending nor
+    /// reading) for BUSY_MS every EVERY_MS of the window, the first time EVERY_MS into it: a slow bench loop
+    /// on demand.
+    #[arg(long, hide = true)]
+    pub test_busy: Option<String>,
 }
 
 /// The role a connection plays.
@@ -225,6 +231,8 @@ pub struct Plan {
     pub json: bool,
     /// When this process is worker `k` of `p`.
     pub worker: Option<(u32, u32)>,
+    /// Testing only: every `.0` ns of the window, spin for `.1` ns (`--test-busy`).
+    pub test_busy: Option<(u64, u64)>,
 }
 
 fn secs(name: &str, v: f64, min: f64) -> Result<u64, Error> {
@@ -303,6 +311,18 @@ impl Plan {
                 Some((k, p))
             }
         };
+        let test_busy = match &args.test_busy {
+            None => None,
+            Some(v) => {
+                let bad = || Error::Config(format!("bad --test-busy {v:?} (expected EVERY_MS:BUSY_MS)"));
+                let (e, b) = v.split_once(':').ok_or_else(bad)?;
+                let (e, b): (f64, f64) = (e.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if !(e > 0.0 && b >= 0.0 && b < e) {
+                    return Err(bad());
+                }
+                Some(((e * 1e6) as u64, (b * 1e6) as u64))
+            }
+        };
         Ok(Plan {
             scenario: s,
             target: t,
@@ -334,6 +354,7 @@ impl Plan {
             cpus: args.cpu.as_deref().map(parse_cpu_list).transpose()?,
             json: args.json,
             worker,
+            test_busy,
         })
     }
 

@@ -6,6 +6,14 @@
 //! closed-loop sends, churn connections, and the accounting of every stamped message received. After the
 //! window it keeps receiving for the grace period, then drops every socket.
 //!
+//! Accounting is by the window. Every message is stamped with the time it was scheduled (fixed rate:
+//! `go + k / rate`, however late the loop got to it, as wrk2 does against coordinated omission; closed loop:
+//! the arrival of the echo that released it), so time the loop loses shows in the latencies, and how late
+//! each fixed-rate send went out is recorded (`send_lag`). Whatever was scheduled but not sent (backlog over
+//! its bound, connection gone) counts as `skipped`. Every receiver tracks each sender's sequence: copies count
+//! as `duplicates`, fills of earlier gaps as `reordered`; a distinct message that arrives before the window
+//! ends counts as `received`, one that arrives in the grace period as `late`, each with its own histogram.
+//!
 //! Per message the loop costs one `read` shared by every frame in it (64 KiB reads), frames parsed in place
 //! by [`WsConn`], one clock read per `read`, a substring search for the stamp, a histogram record and a few
 //! integer updates; no allocation. A partial frame at the end of a read is kept in the connection's
@@ -16,6 +24,7 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -26,8 +35,10 @@ use throng_protocol::handshake::accept_key;
 use crate::cli::{Plan, Role, Scenario, Target};
 use crate::error::Error;
 use crate::jwt;
+use crate::load::ThreadHandle;
 use crate::payload::{write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
 use crate::poll::{self, Epoll, ERR, IN, OUT};
+use crate::seq::{Arrival, SeqTrack};
 use crate::sys::now_ns;
 use crate::tally::Tally;
 
@@ -70,8 +81,17 @@ pub struct Control {
     pub abort: AtomicBool,
     /// Threads that finished their connect phase (or gave up).
     pub ready: AtomicU32,
+    /// The event-loop threads, for sampling their load (each registers itself when it starts).
+    pub threads: Mutex<Vec<ThreadHandle>>,
     /// Live counters.
     pub progress: Progress,
+}
+
+impl Control {
+    /// The event-loop threads registered so far.
+    pub fn thread_handles(&self) -> Vec<ThreadHandle> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// One thread's share of the run.
@@ -152,7 +172,8 @@ struct Conn {
     inflight: u32,
     /// Publisher id (broadcast), stamped into publishes.
     pub_id: u64,
-    /// Index of this receiver's first slot in the per-publisher sequence table.
+    /// Index of this connection's first slot in the sequence table: one per publisher for a broadcast
+    /// receiver, one (its own echoes) for an echo connection.
     seq_base: usize,
 }
 
@@ -205,6 +226,10 @@ fn ws_key(seed: u64, gidx: u64) -> [u8; 24] {
 
 /// Runs one thread's share of the plan to the end and returns what it counted.
 pub fn run_thread(plan: &Plan, spec: &ThreadSpec, ctl: &Control) -> Result<Tally, Error> {
+    ctl.threads.lock().unwrap_or_else(|e| e.into_inner()).push(ThreadHandle::current());
+    // Sends are due at exact times: wake up within a microsecond of them, not the default 50.
+    // SAFETY: PR_SET_TIMERSLACK takes a number; no pointers are involved.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
     let mut lp = Loop::new(plan, spec, ctl)?;
     let r = lp.run();
     if r.is_err() || lp.phase == Phase::Connecting {
@@ -231,8 +256,8 @@ struct Loop<'a> {
     /// Where the last stamp was found in its message (v1 messages repeat their layout).
     hint: usize,
     tally: Tally,
-    /// Next expected sequence number per (receiver, publisher).
-    seqs: Vec<u64>,
+    /// Sequence state per (receiver, publisher), and per echo connection.
+    seqs: Vec<SeqTrack>,
     /// Slots that send at the fixed rate.
     senders: Vec<usize>,
     rr: usize,
@@ -252,6 +277,10 @@ struct Loop<'a> {
     phase: Phase,
     start: u64,
     go: u64,
+    /// End of the window (`go + duration`); `u64::MAX` before the window.
+    window_end: u64,
+    /// Testing (`--test-busy`): when the loop next spins.
+    next_busy: u64,
     ready_at: u64,
     /// When the paced loop last woke.
     last_wake: u64,
@@ -267,7 +296,7 @@ impl<'a> Loop<'a> {
         let ep = Epoll::new(EVENTS).map_err(|e| Error::Io("epoll_create", e))?;
         let mut conns = Vec::with_capacity(n_initial as usize);
         let mut senders = Vec::new();
-        let mut n_recv = 0usize;
+        let mut n_tracks = 0usize;
         let publishers = plan.publishers as usize;
         for gidx in spec.lo..spec.hi {
             let mut c = Conn::free();
@@ -276,8 +305,11 @@ impl<'a> Loop<'a> {
             c.initial = true;
             c.pub_id = plan.publisher_id(gidx).unwrap_or(0);
             if c.role.receives() {
-                c.seq_base = n_recv * publishers;
-                n_recv += 1;
+                c.seq_base = n_tracks;
+                n_tracks += publishers;
+            } else if c.role == Role::Echo {
+                c.seq_base = n_tracks;
+                n_tracks += 1;
             }
             let slot = conns.len();
             let rate_sender = match c.role {
@@ -304,7 +336,7 @@ impl<'a> Loop<'a> {
             sc: Scanner::new(),
             hint: 1,
             tally: Tally::default(),
-            seqs: vec![0u64; n_recv * publishers],
+            seqs: vec![SeqTrack::default(); n_tracks],
             senders,
             rr: 0,
             sched: 0,
@@ -320,6 +352,8 @@ impl<'a> Loop<'a> {
             phase: Phase::Connecting,
             start: now_ns(),
             go: 0,
+            window_end: u64::MAX,
+            next_busy: u64::MAX,
             ready_at: 0,
             last_wake: 0,
             last_flush: 0,
@@ -349,6 +383,7 @@ impl<'a> Loop<'a> {
                     let go = self.ctl.go_ns.load(Relaxed);
                     if go != 0 && now >= go {
                         self.go = go;
+                        self.window_end = go + self.plan.duration_ns;
                         self.phase = Phase::Measure;
                         self.start_window(now);
                     } else if now - self.ready_at > GO_WAIT_NS {
@@ -356,12 +391,16 @@ impl<'a> Loop<'a> {
                     }
                 }
                 Phase::Measure => {
-                    if now >= self.go + self.plan.duration_ns {
+                    if now >= self.window_end {
+                        // Everything scheduled inside the window goes out, however late (its stamp says when
+                        // it was due), so a loop that fell behind shows as latency and lag, not as fewer sends.
+                        self.send_due(self.window_end - 1, now, u64::MAX);
                         self.phase = Phase::Grace;
                         self.tally.held =
                             self.conns[..self.n_initial as usize].iter().filter(|c| c.st == St::Open).count() as u64;
                     } else {
-                        self.send_due(now);
+                        let now = self.test_busy(now);
+                        self.send_due(now, now, 100_000);
                         self.churn_due(now);
                     }
                 }
@@ -388,14 +427,14 @@ impl<'a> Loop<'a> {
                 self.last_wake = now_ns();
                 while self.poll_once(0)? == EVENTS {}
             } else {
-                let timeout = self.timeout_ms(now_ns());
+                let timeout = self.timeout_ns(now_ns());
                 self.poll_once(timeout)?;
             }
         }
     }
 
-    /// Waits up to `timeout` ms for socket events and handles them; returns how many there were.
-    fn poll_once(&mut self, timeout: i32) -> Result<usize, Error> {
+    /// Waits up to `timeout` ns for socket events and handles them; returns how many there were.
+    fn poll_once(&mut self, timeout: u64) -> Result<usize, Error> {
         // Edge-triggered: every event returned must be handled, so the copy holds as many as a wait returns.
         let mut ready: [(u64, u32); EVENTS] = [(0, 0); EVENTS];
         let mut n = 0;
@@ -423,16 +462,17 @@ impl<'a> Loop<'a> {
 
     fn finish(mut self) -> Tally {
         self.publish_progress(u64::MAX);
+        self.tally.gaps = self.seqs.iter().map(SeqTrack::missing).sum();
         for c in &mut self.conns {
             c.fd = None;
         }
         std::mem::take(&mut self.tally)
     }
 
-    /// Milliseconds until the loop has something to do without socket events.
-    fn timeout_ms(&self, now: u64) -> i32 {
+    /// Nanoseconds until the loop has something to do without socket events (at most 100 ms).
+    fn timeout_ns(&self, now: u64) -> u64 {
         let mut next = now + 100_000_000;
-        let rate_next = |start: u64, k: u64, rate: f64| start + (k as f64 * 1e9 / rate) as u64;
+        let rate_next = |start: u64, k: u64, rate: f64| start + (k as f64 * 1e9 / rate).ceil() as u64;
         match self.phase {
             Phase::Connecting => {
                 if self.next_initial < self.n_initial && self.handshaking < self.spec.max_pending {
@@ -444,7 +484,7 @@ impl<'a> Loop<'a> {
                 next = if go == 0 { now + 2_000_000 } else { next.min(go) };
             }
             Phase::Measure => {
-                next = next.min(self.go + self.plan.duration_ns);
+                next = next.min(self.window_end).min(self.next_busy);
                 if let Some(rate) = self.spec.rate {
                     if !self.senders.is_empty() {
                         next = next.min(rate_next(self.go, self.sched, rate));
@@ -454,7 +494,7 @@ impl<'a> Loop<'a> {
                     next = next.min(rate_next(self.go, self.churn_started, self.spec.churn_rate));
                 }
             }
-            Phase::Grace => next = next.min(self.go + self.plan.duration_ns + self.plan.grace_ns),
+            Phase::Grace => next = next.min(self.window_end + self.plan.grace_ns),
         }
         if let Some(&(_, _, d)) = self.pending_q.front() {
             next = next.min(d);
@@ -462,10 +502,7 @@ impl<'a> Loop<'a> {
         if let Some(&(_, _, d)) = self.closing_q.front() {
             next = next.min(d);
         }
-        if next <= now {
-            return 0;
-        }
-        (next - now).div_ceil(1_000_000).min(100) as i32
+        next.saturating_sub(now)
     }
 
     fn publish_progress(&mut self, now: u64) {
@@ -474,7 +511,8 @@ impl<'a> Loop<'a> {
         }
         self.last_flush = now;
         let p = &self.ctl.progress;
-        let cur = [self.tally.sent, self.tally.received, self.tally.failed, self.tally.churn_completed];
+        let t = &self.tally;
+        let cur = [t.sent, t.received + t.late, t.failed, t.churn_completed];
         let counters = [&p.sent, &p.received, &p.failed, &p.churned];
         for ((c, v), f) in counters.iter().zip(cur).zip(self.flushed.iter_mut()) {
             if v > *f {
@@ -545,7 +583,10 @@ impl<'a> Loop<'a> {
         self.ctl.progress.open.fetch_add(1, Relaxed);
         if c.role == Role::Echo && self.phase == Phase::Measure && self.plan.rate.is_none() {
             // Ready late (cannot happen for initial connections): join the closed loop.
-            self.start_echo(slot, now_ns());
+            let now = now_ns();
+            if now < self.window_end {
+                self.start_echo(slot, now);
+            }
         }
     }
 
@@ -882,16 +923,20 @@ impl<'a> Loop<'a> {
         match role {
             Role::Idle => {}
             Role::Echo => match self.sc.stamp(msg, &mut self.hint) {
-                Some(s) => {
-                    self.tally.latency.record(now.saturating_sub(s.t_ns));
-                    self.tally.received += 1;
+                Some(s) if s.id == self.conns[slot].gidx => {
+                    if !self.arrive(self.conns[slot].seq_base, s, now) {
+                        // A copy: it releases nothing in the closed loop.
+                        return Ok(());
+                    }
                     let c = &mut self.conns[slot];
                     c.inflight = c.inflight.saturating_sub(1);
-                    if self.phase == Phase::Measure && self.plan.rate.is_none() {
+                    if self.phase == Phase::Measure && self.plan.rate.is_none() && now < self.window_end {
+                        // Closed loop: the next message is due the moment this echo arrived.
                         self.send_one(slot, now);
                     }
                 }
-                None => self.tally.unparsed += 1,
+                // Not this connection's message, or no stamp.
+                _ => self.tally.unparsed += 1,
             },
             Role::Sub | Role::PubSub | Role::Pub | Role::Churn => match self.sc.classify(msg, &mut self.hint) {
                 Incoming::Stamp(s) if role.receives() => self.deliver(slot, s, now),
@@ -915,22 +960,39 @@ impl<'a> Loop<'a> {
 
     #[inline]
     fn deliver(&mut self, slot: usize, s: Stamp, now: u64) {
-        self.tally.latency.record(now.saturating_sub(s.t_ns));
-        self.tally.received += 1;
         if s.id >= self.plan.publishers {
             self.tally.unparsed += 1;
             return;
         }
-        let idx = self.conns[slot].seq_base + s.id as usize;
-        let Some(next) = self.seqs.get_mut(idx) else { return };
-        if s.seq == *next {
-            *next += 1;
-        } else if s.seq > *next {
-            self.tally.gaps += s.seq - *next;
-            *next = s.seq + 1;
-        } else {
-            self.tally.reordered += 1;
+        self.arrive(self.conns[slot].seq_base + s.id as usize, s, now);
+    }
+
+    /// Accounts one stamped message on sequence slot `idx`: duplicate, or a distinct message in the window
+    /// or late. True when it was distinct (not a copy).
+    #[inline]
+    fn arrive(&mut self, idx: usize, s: Stamp, now: u64) -> bool {
+        let Some(track) = self.seqs.get_mut(idx) else { return false };
+        match track.arrive(s.seq) {
+            Arrival::New => {}
+            Arrival::Reordered => self.tally.reordered += 1,
+            Arrival::Duplicate => {
+                self.tally.duplicates += 1;
+                return false;
+            }
+            Arrival::Stale => {
+                self.tally.stale += 1;
+                return false;
+            }
         }
+        let lat = now.saturating_sub(s.t_ns);
+        if now < self.window_end {
+            self.tally.received += 1;
+            self.tally.latency.record(lat);
+        } else {
+            self.tally.late += 1;
+            self.tally.late_latency.record(lat);
+        }
+        true
     }
 
     fn on_subscribed(&mut self, slot: usize, now: u64) {
@@ -995,18 +1057,21 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Queues one stamped message on `slot` (flushed at the end of the loop turn). False when skipped.
-    fn send_one(&mut self, slot: usize, now: u64) -> bool {
+    /// Queues one message scheduled at `t_ns` on `slot`, stamped with that time (flushed at the end of the
+    /// loop turn). False when skipped: counted in `skipped`, a lost message.
+    fn send_one(&mut self, slot: usize, t_ns: u64) -> bool {
         let c = &mut self.conns[slot];
         if c.st != St::Open {
+            self.tally.skipped += 1;
             return false;
         }
         if c.out.len() - c.out_pos > OUT_CAP {
+            self.tally.skipped += 1;
             self.tally.backpressured += 1;
             return false;
         }
         let id = if c.role == Role::Echo { c.gidx } else { c.pub_id };
-        let stamp = Stamp { t_ns: now, id, seq: c.seq };
+        let stamp = Stamp { t_ns, id, seq: c.seq };
         c.seq += 1;
         self.scratch.clear();
         if c.role == Role::Pub {
@@ -1023,9 +1088,9 @@ impl<'a> Loop<'a> {
         true
     }
 
-    fn start_echo(&mut self, slot: usize, now: u64) {
+    fn start_echo(&mut self, slot: usize, t_ns: u64) {
         for _ in 0..self.plan.inflight {
-            self.send_one(slot, now);
+            self.send_one(slot, t_ns);
         }
     }
 
@@ -1033,28 +1098,53 @@ impl<'a> Loop<'a> {
         if self.plan.scenario == Scenario::Echo && self.plan.rate.is_none() {
             for slot in 0..self.n_initial as usize {
                 if self.conns[slot].st == St::Open {
-                    self.start_echo(slot, now);
+                    // The closed loop starts at the window's start, for every connection.
+                    self.start_echo(slot, self.go);
                 }
             }
         }
-        self.send_due(now);
+        if let Some((every, _)) = self.plan.test_busy {
+            self.next_busy = self.go + every;
+        }
+        self.send_due(now, now, 100_000);
         self.churn_due(now);
     }
 
-    /// Fixed-rate sends that are due, round-robin over this thread's senders.
-    fn send_due(&mut self, now: u64) {
+    /// Testing (`--test-busy`): spins for the configured time when due, like a loop stuck in a long burst.
+    /// Returns the time after it.
+    fn test_busy(&mut self, now: u64) -> u64 {
+        let Some((every, busy)) = self.plan.test_busy else { return now };
+        if now < self.next_busy {
+            return now;
+        }
+        let until = now + busy;
+        let mut t = now;
+        while t < until {
+            std::hint::spin_loop();
+            t = now_ns();
+        }
+        self.next_busy += every;
+        t
+    }
+
+    /// Fixed-rate sends scheduled up to `until` (at most `budget` of them), round-robin over this thread's
+    /// senders, each stamped with its scheduled time; `now` is when they actually go.
+    fn send_due(&mut self, until: u64, now: u64, budget: u64) {
         let Some(rate) = self.spec.rate else { return };
-        if self.senders.is_empty() {
+        if self.senders.is_empty() || until < self.go {
             return;
         }
-        let due = ((now.saturating_sub(self.go)) as f64 * rate / 1e9) as u64 + 1;
-        let mut budget = 100_000;
+        // Message k is due at go + k / rate.
+        let due = ((until - self.go) as f64 * rate / 1e9) as u64 + 1;
+        let mut budget = budget;
         while self.sched < due && budget > 0 {
             let slot = self.senders[self.rr % self.senders.len()];
+            let t_ns = self.go + (self.sched as f64 * 1e9 / rate).ceil() as u64;
             self.rr += 1;
             self.sched += 1;
             budget -= 1;
-            self.send_one(slot, now);
+            self.tally.send_lag.record(now.saturating_sub(t_ns));
+            self.send_one(slot, t_ns);
         }
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::cli::{split, Plan, Scenario, Target};
 use crate::client::{run_thread, Control, ThreadSpec};
 use crate::error::Error;
+use crate::load::Sampler;
 use crate::report::{Report, Samples};
 use crate::sys::{self, now_ns, ServerSample};
 use crate::tally::Tally;
@@ -283,7 +284,8 @@ fn read_worker(k: usize, stdout: std::process::ChildStdout, state: &Mutex<Vec<Wo
     for line in reader.lines() {
         let Ok(line) = line else { break };
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let w = &mut s[k];
+        // Empty once the parent has taken the results (`Procs::join`): nothing left to record.
+        let Some(w) = s.get_mut(k) else { break };
         if let Some(open) = line.strip_prefix("READY") {
             w.ready = true;
             w.progress.open = open.trim().parse().unwrap_or(0);
@@ -301,7 +303,9 @@ fn read_worker(k: usize, stdout: std::process::ChildStdout, state: &Mutex<Vec<Wo
             w.failure = Some(f.to_string());
         }
     }
-    state.lock().unwrap_or_else(|e| e.into_inner())[k].exited = true;
+    if let Some(w) = state.lock().unwrap_or_else(|e| e.into_inner()).get_mut(k) {
+        w.exited = true;
+    }
 }
 
 enum Fleet {
@@ -437,17 +441,29 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     let cpu_go = sys::self_cpu_ns();
     let window_end = go + plan.duration_ns;
     let end = window_end + plan.grace_ns;
+    // In-process threads are sampled here; worker processes sample their own.
+    let mut sampler = match &fleet {
+        Fleet::Local(l) => Some(Sampler::start(l.ctl.thread_handles())),
+        Fleet::Procs(_) => None,
+    };
     let mut prev = fleet.snapshot();
     let mut last_line = go;
-    while now_ns() < window_end {
+    loop {
         let now = now_ns();
+        if let Some(s) = &mut sampler {
+            s.tick(now);
+        }
+        if now >= window_end {
+            break;
+        }
         if tty && now - last_line >= 1_000_000_000 {
             let s = fleet.snapshot();
             progress_line("running", &s, &prev, (now - last_line) as f64 / 1e9);
             prev = s;
             last_line = now;
         }
-        std::thread::sleep(Duration::from_millis(20).min(Duration::from_nanos(window_end.saturating_sub(now))));
+        let wake = sampler.as_ref().map_or(now + 20_000_000, Sampler::due);
+        sleep_until(wake.min(window_end));
     }
     samples.at_window_end = sample_server(plan, &mut use_stats);
     let cpu_window = sys::self_cpu_ns() - cpu_go;
@@ -463,6 +479,9 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
         Fleet::Local(l) => l.join()?,
         Fleet::Procs(p) => p.join(end + 30_000_000_000)?,
     };
+    if let Some(s) = sampler {
+        tally.threads.extend(s.finish());
+    }
     // In-process: this process's CPU is the client's; with workers: theirs plus this coordinator's.
     tally.cpu_window_ns += cpu_window;
     tally.cpu_total_ns += cpu_total;
@@ -528,12 +547,22 @@ pub fn worker_main(plan: &Plan) -> Result<(), Error> {
     sleep_until(go);
     let cpu_go = sys::self_cpu_ns();
     let window_end = go + plan.duration_ns;
-    while now_ns() < window_end {
-        std::thread::sleep(Duration::from_nanos((window_end - now_ns()).clamp(1, 1_000_000_000)));
-        let s = local.snapshot();
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "PROGRESS {} {} {} {} {}", s.open, s.failed, s.sent, s.received, s.churned);
-        let _ = out.flush();
+    let mut sampler = Sampler::start(local.ctl.thread_handles());
+    let mut next_progress = go + 1_000_000_000;
+    loop {
+        let now = now_ns();
+        sampler.tick(now);
+        if now >= next_progress || now >= window_end {
+            next_progress += 1_000_000_000;
+            let s = local.snapshot();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "PROGRESS {} {} {} {} {}", s.open, s.failed, s.sent, s.received, s.churned);
+            let _ = out.flush();
+        }
+        if now >= window_end {
+            break;
+        }
+        sleep_until(sampler.due().min(next_progress).min(window_end));
     }
     let cpu_window = sys::self_cpu_ns() - cpu_go;
     let mut tally = match local.join() {
@@ -545,6 +574,7 @@ pub fn worker_main(plan: &Plan) -> Result<(), Error> {
     };
     tally.cpu_window_ns = cpu_window;
     tally.cpu_total_ns = sys::self_cpu_ns() - cpu_go;
+    tally.threads = sampler.finish();
     let json = serde_json::to_string(&tally).map_err(|e| Error::Worker(k as usize, e.to_string()))?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "RESULT {json}");

@@ -17,6 +17,8 @@
 //!   time, server sampling, the worker protocol ([`worker_main`]).
 //! - [`client`]: the per-thread epoll event loop: connect, upgrade, subscribe, send, receive, count.
 //! - [`payload`]: the stamp `"bt":[time,sender,seq]` carried in every measured message, v1 commands.
+//! - [`seq`]: per-sender sequence tracking: gaps, late (reordered) messages, duplicates.
+//! - [`load`]: the bench threads' own load, sampled in short intervals (is the client the limit?).
 //! - [`tally`]: raw counts and histograms, merged across threads and processes.
 //! - [`hist`]: hdrhistogram latency recording and its lossless transfer between processes.
 //! - [`report`]: derived figures, the JSON report and the human summary.
@@ -30,9 +32,11 @@ pub mod error;
 pub mod fleet;
 pub mod hist;
 pub mod jwt;
+pub mod load;
 pub mod payload;
 pub mod poll;
 pub mod report;
+pub mod seq;
 pub mod sys;
 pub mod tally;
 

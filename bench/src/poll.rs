@@ -7,6 +7,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Readiness for reading.
 pub const IN: u32 = libc::EPOLLIN as u32;
@@ -55,11 +56,45 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token, interest)
     }
 
-    /// Waits up to `timeout_ms` (negative: forever); returns the ready `(token, events)` pairs.
-    pub fn wait(&mut self, timeout_ms: i32) -> io::Result<impl Iterator<Item = (u64, u32)> + '_> {
+    /// Waits up to `timeout_ns` nanoseconds; returns the ready `(token, events)` pairs.
+    ///
+    /// Fixed-rate sends are stamped with their scheduled time, so the loop must wake on time: the wait uses
+    /// `epoll_pwait2` (Linux 5.11), whose timeout is in nanoseconds; older kernels get `epoll_wait` with the
+    /// timeout rounded up to a millisecond.
+    pub fn wait(&mut self, timeout_ns: u64) -> io::Result<impl Iterator<Item = (u64, u32)> + '_> {
+        static NO_PWAIT2: AtomicBool = AtomicBool::new(false);
         let cap = self.events.len() as libc::c_int;
-        // SAFETY: `events` has room for `cap` entries and outlives the call.
-        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), self.events.as_mut_ptr(), cap, timeout_ms) };
+        let epfd = self.fd.as_raw_fd();
+        let mut n = -1;
+        if !NO_PWAIT2.load(Relaxed) {
+            let ts = libc::timespec {
+                tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
+            };
+            // SAFETY: `events` has room for `cap` entries and outlives the call; `ts` is a valid timespec; a
+            // null signal mask leaves the mask alone (its size argument is then unused).
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    epfd,
+                    self.events.as_mut_ptr(),
+                    cap,
+                    &ts as *const libc::timespec,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                NO_PWAIT2.store(true, Relaxed);
+            } else {
+                n = rc as libc::c_int;
+            }
+        }
+        if NO_PWAIT2.load(Relaxed) {
+            let ms = timeout_ns.div_ceil(1_000_000).min(i32::MAX as u64) as libc::c_int;
+            // SAFETY: `events` has room for `cap` entries and outlives the call.
+            n = unsafe { libc::epoll_wait(epfd, self.events.as_mut_ptr(), cap, ms) };
+        }
         let n = if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::cli::{Plan, Scenario};
 use crate::hist::Summary;
+use crate::load::{SAMPLE_NS, SATURATED, SIGNIFICANT};
 use crate::sys::ServerSample;
 use crate::tally::Tally;
 
@@ -56,32 +57,57 @@ pub struct ConnectReport {
 }
 
 /// Message figures (echo, broadcast, churn).
+///
+/// Every message counted was scheduled inside the window. `expected` = `received` + `late` + `lost`;
+/// duplicates and stale copies are counted apart and never make up for a lost message.
 #[derive(Clone, Debug, Serialize)]
 pub struct MessageReport {
     /// Messages sent in the window.
     pub sent: u64,
-    /// Stamped messages received (echoes or deliveries).
+    /// Messages scheduled in the window but not sent (backlog over 4 MiB, or the sender's connection was not
+    /// open): lost messages, counted in `expected` and `lost`.
+    pub skipped: u64,
+    /// Distinct stamped messages (echoes or deliveries) that arrived before the end of the window.
     pub received: u64,
-    /// Messages that should have been received: sent, or sent × ready receivers for broadcast.
+    /// Distinct stamped messages that arrived after the window, in the grace period (not in the rate).
+    pub late: u64,
+    /// `received` + `late`: distinct messages that arrived by the end of the grace period.
+    pub delivered: u64,
+    /// Messages that should have arrived: echo: sent + skipped; broadcast: (sent + skipped) × `receivers`,
+    /// every subscriber requested, ready or not.
     pub expected: u64,
-    /// Expected but not received by the end of the grace period.
+    /// Expected but not delivered by the end of the grace period: `expected` − `received` − `late`.
     pub lost: u64,
-    /// Messages skipped in a sender's sequence when a later one arrived (some may have come late).
+    /// Copies of messages already received.
+    pub duplicates: u64,
+    /// Messages too far behind their sender's newest to tell from copies (counted neither way).
+    pub stale: u64,
+    /// Messages missing in a sender's sequence before one received later, still missing at the end.
     pub gaps: u64,
-    /// Messages that arrived after a later one from the same sender.
+    /// Messages that arrived after a later one from the same sender (and so filled a gap).
     pub reordered: u64,
-    /// Messages without a readable stamp.
+    /// Messages without a readable stamp (or not this connection's, for echo).
     pub unparsed: u64,
-    /// Sends skipped because a connection's backlog was full.
+    /// Sends skipped because a connection's unsent backlog was over 4 MiB (part of `skipped`).
     pub backpressured: u64,
     /// v1 `error` replies.
     pub v1_errors: u64,
+    /// Receivers the server should have served: echo connections, or subscribers requested.
+    pub receivers: u64,
+    /// Those that became ready (the rest count as failed connections, and their messages as lost).
+    pub receivers_ready: u64,
     /// Sent per second of window.
     pub sent_per_s: f64,
-    /// Received per second of window.
+    /// `expected` per second of window: the load offered.
+    pub expected_per_s: f64,
+    /// `received` (in the window) per second of window.
     pub received_per_s: f64,
-    /// Send-to-receive latency, µs.
+    /// Latency of `received`, from the scheduled send time to arrival, µs.
     pub latency_us: Summary,
+    /// Latency of `late` messages, µs.
+    pub late_latency_us: Summary,
+    /// How far behind schedule fixed-rate sends went out (the bench's own lag, included in the latencies), µs.
+    pub send_lag_us: Summary,
 }
 
 /// Churn figures.
@@ -135,7 +161,17 @@ pub struct ClientReport {
     pub utilization: f64,
     /// Bench CPU µs per message received; echo and broadcast only.
     pub cpu_us_per_msg: Option<f64>,
-    /// True when the bench used ≥ 90% of its CPUs: the client, not the server, was the limit.
+    /// Sampling interval of the per-thread load, ms.
+    pub sample_ms: f64,
+    /// Event-loop threads sampled (all processes).
+    pub threads_sampled: usize,
+    /// The busiest thread's share of sampling intervals in which it was saturated (busy, on a CPU or waiting
+    /// for one, at least 90% of the interval).
+    pub saturated_share: f64,
+    /// That thread's average busy share over the window.
+    pub busiest_thread_busy: f64,
+    /// True when the client, not the server, may have been the limit: the busiest thread was saturated in at
+    /// least 10% of the intervals, or the bench used ≥ 90% of its CPUs over the window.
     pub limited: bool,
 }
 
@@ -198,23 +234,35 @@ impl Report {
         let scenario = plan.scenario;
         let mut warnings = Vec::new();
         let messages = (scenario != Scenario::Connect).then(|| {
+            let scheduled = t.sent + t.skipped;
+            // Every subscriber requested should have had every message, whether it became ready or not.
             let expected = match scenario {
-                Scenario::Echo => t.sent,
-                _ => t.sent * t.ready_receivers,
+                Scenario::Echo => scheduled,
+                _ => scheduled * plan.receivers,
             };
             MessageReport {
                 sent: t.sent,
+                skipped: t.skipped,
                 received: t.received,
+                late: t.late,
+                delivered: t.received + t.late,
                 expected,
-                lost: expected.saturating_sub(t.received),
+                lost: expected.saturating_sub(t.received + t.late),
+                duplicates: t.duplicates,
+                stale: t.stale,
                 gaps: t.gaps,
                 reordered: t.reordered,
                 unparsed: t.unparsed,
                 backpressured: t.backpressured,
                 v1_errors: t.v1_errors,
+                receivers: plan.receivers,
+                receivers_ready: if scenario == Scenario::Echo { t.ready } else { t.ready_receivers },
                 sent_per_s: round(t.sent as f64 / dur, 1),
+                expected_per_s: round(expected as f64 / dur, 1),
                 received_per_s: round(t.received as f64 / dur, 1),
                 latency_us: t.latency.summary(),
+                late_latency_us: t.late_latency.summary(),
+                send_lag_us: t.send_lag.summary(),
             }
         });
         let server_cpu = match (s.at_go.cpu_ns, s.at_end.cpu_ns) {
@@ -256,11 +304,23 @@ impl Report {
         });
         let cores = affinity_cores.min((plan.procs * plan.threads) as usize).max(1);
         let utilization = t.cpu_window_ns as f64 / 1e9 / (dur * cores as f64);
-        let limited = utilization >= 0.9;
+        // The busiest thread: the one saturated most often (then the one busiest on average).
+        let busiest = t
+            .threads
+            .iter()
+            .max_by(|a, b| a.saturated_share().total_cmp(&b.saturated_share()).then(a.busy().total_cmp(&b.busy())));
+        let saturated_share = busiest.map_or(0.0, |l| l.saturated_share());
+        let busiest_busy = busiest.map_or(0.0, |l| l.busy());
+        let limited = saturated_share >= SIGNIFICANT || utilization >= 0.9;
         if limited {
             warnings.push(format!(
-                "client was the limit: the bench used {:.0}% of its {cores} CPU(s) during the window; \
-                 the server may be faster than measured (more --procs/--threads, or more cores for the bench)",
+                "client was the limit: the busiest bench thread was saturated (>= {:.0}% busy) in {:.0}% of the \
+                 {} ms intervals of the window ({:.0}% busy on average), and the bench used {:.0}% of its {cores} \
+                 CPU(s); the server may be faster than measured (more --procs/--threads, more cores for the bench)",
+                SATURATED * 100.0,
+                saturated_share * 100.0,
+                SAMPLE_NS / 1_000_000,
+                busiest_busy * 100.0,
                 utilization * 100.0
             ));
         }
@@ -270,6 +330,10 @@ impl Report {
             cores,
             utilization: round(utilization, 3),
             cpu_us_per_msg: (msgs > 0).then(|| round(t.cpu_total_ns as f64 / 1e3 / msgs as f64, 3)),
+            sample_ms: SAMPLE_NS as f64 / 1e6,
+            threads_sampled: t.threads.len(),
+            saturated_share: round(saturated_share, 3),
+            busiest_thread_busy: round(busiest_busy, 3),
             limited,
         };
         if t.failed > 0 {
@@ -280,13 +344,55 @@ impl Report {
         }
         if let Some(m) = &messages {
             if m.lost > 0 {
-                warnings.push(format!("{} of {} expected messages were not received", m.lost, m.expected));
+                let mut why = Vec::new();
+                if m.receivers_ready < m.receivers && scenario != Scenario::Echo {
+                    let n = m.receivers - m.receivers_ready;
+                    why.push(format!("{n} receiver(s) never ready: {}", n * (m.sent + m.skipped)));
+                }
+                if m.skipped > 0 {
+                    let per = if scenario == Scenario::Echo { 1 } else { m.receivers };
+                    why.push(format!("skipped sends: {}", m.skipped * per));
+                }
+                let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) };
+                warnings.push(format!(
+                    "{} of {} expected messages were not received by the end of the grace period{why}",
+                    m.lost, m.expected
+                ));
+            }
+            // What is in flight as the window ends always arrives late; warn when it is more than that.
+            if m.late > 0 && m.late * 1000 >= m.expected {
+                warnings.push(format!(
+                    "{} messages arrived after the window, in the grace period: counted as late, not in the rate \
+                     (late p99 {})",
+                    m.late,
+                    ms(m.late_latency_us.p99)
+                ));
+            }
+            if m.duplicates > 0 {
+                warnings.push(format!("{} duplicate messages (copies of messages already received)", m.duplicates));
+            }
+            if m.stale > 0 {
+                warnings.push(format!("{} messages arrived too far behind to tell from copies", m.stale));
             }
             if m.reordered > 0 {
                 warnings.push(format!("{} messages arrived out of order", m.reordered));
             }
-            if m.backpressured > 0 {
-                warnings.push(format!("{} sends skipped: the server was not reading fast enough", m.backpressured));
+            if m.skipped > 0 {
+                warnings.push(format!(
+                    "{} scheduled sends skipped, counted as lost: {} with the connection's unsent backlog over \
+                     4 MiB (the server was not reading fast enough), {} on connections that were not open",
+                    m.skipped,
+                    m.backpressured,
+                    m.skipped - m.backpressured
+                ));
+            }
+            if m.send_lag_us.p99 >= 5000.0 {
+                warnings.push(format!(
+                    "fixed-rate sends went out up to {} behind schedule (p99 {}): the bench's own lag, included in \
+                     the latencies (they count from the scheduled times)",
+                    ms(m.send_lag_us.max),
+                    ms(m.send_lag_us.p99)
+                ));
             }
             if m.v1_errors > 0 {
                 warnings.push(format!("{} error replies from the server", m.v1_errors));
@@ -376,10 +482,22 @@ impl Report {
         if let Some(m) = &self.messages {
             let _ = writeln!(
                 o,
-                "messages  sent {} ({:.0}/s), received {} of {} expected ({:.0}/s); lost {}, reordered {}, gaps {}",
-                m.sent, m.sent_per_s, m.received, m.expected, m.received_per_s, m.lost, m.reordered, m.gaps
+                "messages  sent {} ({:.0}/s), skipped {}; received {} in the window ({:.0}/s of {:.0}/s offered) \
+                 + {} late, of {} expected",
+                m.sent, m.sent_per_s, m.skipped, m.received, m.received_per_s, m.expected_per_s, m.late, m.expected
+            );
+            let _ = writeln!(
+                o,
+                "          lost {}, duplicates {}, reordered {}, gaps {}; receivers ready {} of {}",
+                m.lost, m.duplicates, m.reordered, m.gaps, m.receivers_ready, m.receivers
             );
             let _ = writeln!(o, "          latency {}", lat(&m.latency_us));
+            if m.late > 0 {
+                let _ = writeln!(o, "          late    {}", lat(&m.late_latency_us));
+            }
+            if m.send_lag_us.count > 0 {
+                let _ = writeln!(o, "          send lag {}", lat(&m.send_lag_us));
+            }
         }
         if let Some(ch) = &self.churn {
             let _ = writeln!(
@@ -424,6 +542,14 @@ impl Report {
         if let Some(us) = cl.cpu_us_per_msg {
             let _ = write!(o, ", {us:.2} us per message");
         }
+        let _ = write!(
+            o,
+            "; busiest thread saturated in {:.0}% of {} ms intervals ({:.0}% busy){}",
+            cl.saturated_share * 100.0,
+            cl.sample_ms,
+            cl.busiest_thread_busy * 100.0,
+            if cl.limited { " - client-limited" } else { "" }
+        );
         o.push('\n');
         for w in &self.warnings {
             let _ = writeln!(o, "warning: {w}");

@@ -6,9 +6,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::hist::Hist;
+use crate::load::ThreadLoad;
 
 /// Counters and histograms of a run (or of one thread or worker of it).
+///
+/// Message accounting is by the window: every message counted was scheduled inside it. A message that
+/// arrives before the window ends counts in `received` (and `latency`), one that arrives in the grace
+/// period in `late` (and `late_latency`); a copy of one already received counts only in `duplicates`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Tally {
     /// Connections attempted in the connect phase.
     pub attempted: u64,
@@ -32,20 +38,33 @@ pub struct Tally {
     pub connect_lat: Hist,
     /// Messages sent in the window.
     pub sent: u64,
-    /// Stamped messages received (echoes or deliveries).
+    /// Messages scheduled in the window but not sent: the connection's unsent backlog was over its bound,
+    /// or the sending connection was not open. They are lost messages.
+    pub skipped: u64,
+    /// Distinct stamped messages that arrived before the end of the window (echoes or deliveries).
     pub received: u64,
-    /// Messages skipped in a sender's sequence when a later one arrived (lost, unless they come late).
+    /// Distinct stamped messages that arrived after the window, in the grace period.
+    pub late: u64,
+    /// Copies of messages already received (not counted in `received` or `late`).
+    pub duplicates: u64,
+    /// Messages too far behind their sender's newest to tell a late one from a copy (counted as neither).
+    pub stale: u64,
+    /// Sequence numbers skipped in a sender's sequence and still missing at the end of the grace period.
     pub gaps: u64,
-    /// Messages that arrived after a later one of the same sender.
+    /// Messages that arrived after a later one of the same sender (they fill a gap).
     pub reordered: u64,
     /// Text messages that carried no readable stamp (or named an unknown publisher).
     pub unparsed: u64,
     /// v1 `error` replies received.
     pub v1_errors: u64,
-    /// Sends skipped because the connection's unsent backlog was over its bound.
+    /// Sends skipped because the connection's unsent backlog was over its bound (part of `skipped`).
     pub backpressured: u64,
-    /// Send-to-receive latency (echo round trip, or publish to delivery).
+    /// Scheduled-send-to-receive latency of `received` (echo round trip, or publish to delivery).
     pub latency: Hist,
+    /// The same for `late` messages.
+    pub late_latency: Hist,
+    /// How far behind its schedule each fixed-rate send went out (the bench's own lag).
+    pub send_lag: Hist,
     /// Churn connections started.
     pub churn_opened: u64,
     /// Churn connections that completed connect, upgrade (subscribe) and close.
@@ -60,6 +79,8 @@ pub struct Tally {
     pub cpu_total_ns: u64,
     /// Nanoseconds from the first connection attempt until every initial connection was resolved (max).
     pub connect_span_ns: u64,
+    /// Each event-loop thread's load over the window, sampled in short intervals.
+    pub threads: Vec<ThreadLoad>,
 }
 
 fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
@@ -87,13 +108,19 @@ impl Tally {
         self.held += o.held;
         self.connect_lat.merge(&o.connect_lat);
         self.sent += o.sent;
+        self.skipped += o.skipped;
         self.received += o.received;
+        self.late += o.late;
+        self.duplicates += o.duplicates;
+        self.stale += o.stale;
         self.gaps += o.gaps;
         self.reordered += o.reordered;
         self.unparsed += o.unparsed;
         self.v1_errors += o.v1_errors;
         self.backpressured += o.backpressured;
         self.latency.merge(&o.latency);
+        self.late_latency.merge(&o.late_latency);
+        self.send_lag.merge(&o.send_lag);
         self.churn_opened += o.churn_opened;
         self.churn_completed += o.churn_completed;
         self.churn_failed += o.churn_failed;
@@ -101,5 +128,6 @@ impl Tally {
         self.cpu_window_ns += o.cpu_window_ns;
         self.cpu_total_ns += o.cpu_total_ns;
         self.connect_span_ns = self.connect_span_ns.max(o.connect_span_ns);
+        self.threads.extend_from_slice(&o.threads);
     }
 }

@@ -1,6 +1,9 @@
 //! The bench against a small in-test server: it counts exactly what it was sent, detects a lost and a
 //! reordered message, counts echoes exactly, reports connection counts and refusals, splits work over
-//! worker processes, and drives churn.
+//! worker processes, and drives churn. And the window accounting, against a server that stalls, drops,
+//! duplicates or stops reading: latency from the scheduled send time (a slow bench loop shows), skipped
+//! sends and never-ready receivers as lost, late messages apart from the window's, duplicates apart from
+//! losses (broadcast and echo), and a bench thread saturated in bursts flagged as the limit.
 
 mod common;
 
@@ -36,30 +39,35 @@ fn broadcast_counts_exactly_what_it_was_sent() {
     assert_eq!(server.relayed(), m.sent);
     assert_eq!(r.connect.ready, 20);
     assert_eq!(m.expected, m.sent * 20);
-    assert_eq!(m.received, m.expected, "{r:#?}");
-    assert_eq!((m.lost, m.reordered, m.gaps, m.unparsed), (0, 0, 0, 0), "{r:#?}");
+    assert_eq!((m.delivered, m.received + m.late), (m.expected, m.expected), "{r:#?}");
+    assert_eq!((m.lost, m.reordered, m.gaps, m.unparsed, m.duplicates, m.skipped), (0, 0, 0, 0, 0, 0), "{r:#?}");
+    assert_eq!(m.receivers_ready, 20);
+    // Every send is a scheduled one, and the loop keeps its schedule.
+    assert_eq!(m.send_lag_us.count, m.sent);
+    assert!(m.send_lag_us.p50 < 5_000.0, "{:?}", m.send_lag_us);
     assert_eq!(m.latency_us.count, m.received);
     assert!(m.latency_us.p50 > 0.0 && m.latency_us.max < 1e6, "{:?}", m.latency_us);
 }
 
 #[test]
 fn broadcast_detects_a_lost_message() {
-    let server = TestServer::start(Options { fault: Fault::Drop(10), ..Options::default() });
+    let server = TestServer::start(Options { faults: vec![Fault::Drop(10)], ..Options::default() });
     let r = raw_broadcast(&server, &["--publishers", "2"]);
     let m = r.messages.as_ref().unwrap();
     assert_eq!(server.relayed(), m.sent);
-    assert_eq!(m.received, m.sent * 20 - 20, "{r:#?}");
+    assert_eq!(m.delivered, m.sent * 20 - 20, "{r:#?}");
     assert_eq!((m.lost, m.gaps, m.reordered), (20, 20, 0), "{r:#?}");
     assert!(r.warnings.iter().any(|w| w.contains("not received")));
 }
 
 #[test]
 fn broadcast_detects_a_reordered_message() {
-    let server = TestServer::start(Options { fault: Fault::Swap(10), ..Options::default() });
+    let server = TestServer::start(Options { faults: vec![Fault::Swap(10)], ..Options::default() });
     let r = raw_broadcast(&server, &["--publishers", "1"]);
     let m = r.messages.as_ref().unwrap();
-    assert_eq!(m.received, m.sent * 20, "{r:#?}");
-    assert_eq!((m.lost, m.reordered), (0, 20), "{r:#?}");
+    assert_eq!(m.delivered, m.sent * 20, "{r:#?}");
+    // The late message filled its gap: reordered, not lost, no gap left.
+    assert_eq!((m.lost, m.reordered, m.gaps, m.duplicates), (0, 20, 0, 0), "{r:#?}");
     assert!(r.warnings.iter().any(|w| w.contains("out of order")));
 }
 
@@ -88,7 +96,7 @@ fn throng_v1_broadcast_subscribes_then_counts() {
     assert_eq!((r.connect.ready, r.connect.established), (12, 12), "{r:#?}");
     assert_eq!(r.path, "/ws");
     assert!(m.sent >= 50, "{r:#?}");
-    assert_eq!(m.received, m.sent * 10, "{r:#?}");
+    assert_eq!(m.delivered, m.sent * 10, "{r:#?}");
     assert_eq!((m.lost, m.reordered, m.unparsed, m.v1_errors), (0, 0, 0, 0), "{r:#?}");
 }
 
@@ -101,13 +109,15 @@ fn echo_counts_exactly_closed_loop_and_fixed_rate() {
     let m = r.messages.as_ref().unwrap();
     assert_eq!(r.path, "/echo");
     assert!(m.sent > 100, "{r:#?}");
-    assert_eq!((m.received, m.lost), (m.sent, 0), "{r:#?}");
+    // Echoes of the last messages sent may come back after the window: late, not lost.
+    assert_eq!((m.received + m.late, m.lost, m.duplicates, m.gaps), (m.sent, 0, 0, 0), "{r:#?}");
+    assert!(m.late <= 20, "{r:#?}");
     let fixed = ["echo", "--url", &url, "--connections", "5", "--rate", "300", "--duration", "1", "--grace", "2"];
     let r = bench(&fixed);
     let m = r.messages.as_ref().unwrap();
     // A descheduled bench sends fewer, never more.
     assert!((150..=301).contains(&m.sent), "{r:#?}");
-    assert_eq!((m.received, m.lost), (m.sent, 0), "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent, 0), "{r:#?}");
 }
 
 #[test]
@@ -194,9 +204,13 @@ fn worker_processes_split_and_merge() {
     assert_eq!(r.connect.ready, 30, "{r:#?}");
     assert!(m.sent >= 75, "{r:#?}");
     assert_eq!(server.relayed(), m.sent);
-    assert_eq!(m.received, m.sent * 30, "{r:#?}");
+    assert_eq!(m.delivered, m.sent * 30, "{r:#?}");
     assert_eq!((m.lost, m.reordered), (0, 0), "{r:#?}");
     assert!(r.client.cpu_s > 0.0);
+    // Both workers' threads were sampled and their figures merged.
+    assert_eq!(r.client.threads_sampled, 2, "{r:#?}");
+    assert_eq!(m.send_lag_us.count, m.sent, "{r:#?}");
+    assert_eq!(m.latency_us.count + m.late_latency_us.count, m.delivered, "{r:#?}");
 }
 
 #[test]
@@ -225,7 +239,7 @@ fn churn_opens_and_closes_while_steady_connections_receive() {
     assert!(ch.opened >= 45 && ch.completed + 2 >= ch.opened, "{r:#?}");
     assert_eq!(ch.failed, 0, "{r:#?}");
     assert!(ch.handshake_us.count >= 45);
-    assert_eq!((m.received, m.lost), (m.sent * 10, 0), "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent * 10, 0), "{r:#?}");
 }
 
 #[test]
@@ -236,7 +250,7 @@ fn echo_of_messages_larger_than_a_read() {
     let r = bench(&args);
     let m = r.messages.as_ref().unwrap();
     assert!(m.sent >= 3, "{r:#?}");
-    assert_eq!((m.received, m.lost, m.unparsed), (m.sent, 0, 0), "{r:#?}");
+    assert_eq!((m.delivered, m.lost, m.unparsed), (m.sent, 0, 0), "{r:#?}");
     assert_eq!(r.connect.dropped, 0, "{r:#?}");
 }
 
@@ -262,5 +276,151 @@ fn many_subscribers_lose_nothing() {
     ]);
     let m = r.messages.as_ref().unwrap();
     assert_eq!(r.connect.ready, 600, "{r:#?}");
-    assert_eq!((m.received, m.lost), (m.sent * 600, 0), "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent * 600, 0), "{r:#?}");
+}
+
+// ---- window accounting ----
+
+/// The raw broadcast of `raw_broadcast` with one publisher, 10 subscribers, 100 msg/s.
+fn raw_broadcast_10(server: &TestServer, duration: &str, grace: &str, extra: &[&str]) -> Report {
+    let url = server.url();
+    let mut args = vec!["broadcast", "--target", "raw", "--url", &url, "--connections", "10", "--publishers", "1"];
+    args.extend_from_slice(&["--rate", "100", "--duration", duration, "--grace", grace]);
+    args.extend_from_slice(extra);
+    bench(&args)
+}
+
+#[test]
+fn latency_counts_from_the_scheduled_send_time() {
+    // (a) The bench's own loop is stuck for 200 ms at 0.4 s, 0.8 s and 1.2 s of the window: the messages
+    // scheduled meanwhile go out late. Stamped with their scheduled time, their wait shows as latency (with
+    // the actual send time it would vanish: coordinated omission), and the lag is reported.
+    let server = TestServer::start(Options::default());
+    let r = raw_broadcast_10(&server, "1.5", "1", &["--test-busy", "400:200"]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!((m.delivered, m.lost), (m.sent * 10, 0), "{r:#?}");
+    // 60 of 150 messages were due during a stall, waiting 0-200 ms: a third of them over 100 ms.
+    assert!(m.send_lag_us.max >= 190_000.0, "{:?}", m.send_lag_us);
+    assert!(m.send_lag_us.p90 >= 100_000.0, "{:?}", m.send_lag_us);
+    assert!(m.latency_us.max >= 190_000.0, "{:?}", m.latency_us);
+    assert!(m.latency_us.p90 >= 100_000.0, "{:?}", m.latency_us);
+    assert!(r.warnings.iter().any(|w| w.contains("behind schedule")), "{:?}", r.warnings);
+
+    // The server stalls delivery of message 20 (due at 0.2 s) for 300 ms while the bench is slow as well:
+    // p99 and max show the stall, from the scheduled times.
+    let server = TestServer::start(Options { faults: vec![Fault::Stall(20, 300)], ..Options::default() });
+    let r = raw_broadcast_10(&server, "1.5", "1", &["--test-busy", "400:200"]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!((m.delivered, m.lost), (m.sent * 10, 0), "{r:#?}");
+    assert!(m.latency_us.max >= 300_000.0, "{:?}", m.latency_us);
+    assert!(m.latency_us.p99 >= 250_000.0, "{:?}", m.latency_us);
+    assert!(m.latency_us.p90 >= 100_000.0, "{:?}", m.latency_us);
+}
+
+#[test]
+fn dropped_messages_skipped_sends_and_refused_subscribers_are_lost() {
+    // (b) A server that never reads: sends pile up past the 4 MiB backlog and are skipped. Skipped sends
+    // are lost messages: in expected and in lost.
+    let server = TestServer::start(Options { no_read: true, ..Options::default() });
+    let url = server.url();
+    let args = ["echo", "--url", &url, "--connections", "1", "--rate", "100", "--size", "500000", "--duration", "1.5"];
+    let r = bench(&[&args[..], &["--grace", "0.5"]].concat());
+    let m = r.messages.as_ref().unwrap();
+    assert!(m.skipped > 0 && m.backpressured == m.skipped, "{r:#?}");
+    assert_eq!(m.expected, m.sent + m.skipped, "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (0, m.expected), "{r:#?}");
+    assert!(r.warnings.iter().any(|w| w.contains("sends skipped")), "{:?}", r.warnings);
+
+    // A v1 server that refuses 2 of 10 subscribers: they fail, and every message they should have had is
+    // lost (expected counts every subscriber requested, not only those that became ready).
+    let server = TestServer::start(Options { reject_subscribe_every: 5, ..Options::default() });
+    let url = server.url();
+    let r =
+        bench(&["broadcast", "--url", &url, "--connections", "10", "--rate", "100", "--duration", "1", "--grace", "1"]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!((r.connect.failed, r.connect.errors.get("subscribe_rejected")), (2, Some(&2)), "{r:#?}");
+    assert_eq!((m.receivers, m.receivers_ready), (10, 8), "{r:#?}");
+    assert_eq!(m.expected, m.sent * 10, "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent * 8, m.sent * 2), "{r:#?}");
+    assert!(r.warnings.iter().any(|w| w.contains("never ready")), "{:?}", r.warnings);
+
+    // A dropped message is lost for every subscriber (and a gap for each).
+    let server = TestServer::start(Options { faults: vec![Fault::Drop(30)], ..Options::default() });
+    let r = raw_broadcast_10(&server, "1", "1", &[]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!((m.delivered, m.lost, m.gaps), (m.sent * 10 - 10, 10, 10), "{r:#?}");
+}
+
+#[test]
+fn messages_after_the_window_are_late_not_in_the_rate() {
+    // (c) The server holds message 50 (due at 0.5 s of a 1 s window) for 800 ms, and everything behind it:
+    // half the messages arrive in the grace period. They are late, not deliveries of the window, and the
+    // rate counts only the window's.
+    let server = TestServer::start(Options { faults: vec![Fault::Stall(50, 800)], ..Options::default() });
+    let r = raw_broadcast_10(&server, "1", "2", &[]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!(m.sent, 100, "{r:#?}");
+    assert_eq!((m.received + m.late, m.lost, m.expected), (1000, 0, 1000), "{r:#?}");
+    assert!((450..=550).contains(&m.late), "{r:#?}");
+    assert_eq!(m.late_latency_us.count, m.late);
+    assert_eq!(m.latency_us.count, m.received);
+    // The held message waited 800 ms; the window's own deliveries did not.
+    assert!(m.late_latency_us.max >= 790_000.0, "{:?}", m.late_latency_us);
+    assert!(m.latency_us.max < 400_000.0, "{:?}", m.latency_us);
+    assert_eq!(m.received_per_s, m.received as f64 / r.duration_s, "{r:#?}");
+    assert!(m.received_per_s <= 0.6 * m.expected_per_s, "{r:#?}");
+    assert!(r.warnings.iter().any(|w| w.contains("late")), "{:?}", r.warnings);
+}
+
+#[test]
+fn duplicates_never_hide_losses() {
+    // (d) Broadcast: message 10 comes twice, message 20 never: 10 duplicates and 10 losses, not "all
+    // received".
+    let server = TestServer::start(Options { faults: vec![Fault::Dup(10), Fault::Drop(20)], ..Options::default() });
+    let r = raw_broadcast_10(&server, "1", "1", &[]);
+    let m = r.messages.as_ref().unwrap();
+    assert_eq!((m.delivered, m.duplicates, m.lost, m.gaps, m.reordered), (m.sent * 10 - 10, 10, 10, 10, 0), "{r:#?}");
+    assert!(r.warnings.iter().any(|w| w.contains("duplicate")), "{:?}", r.warnings);
+
+    // Echo at a fixed rate: on each of 5 connections echo 10 is dropped, echo 20 doubled, echoes 30 and 31
+    // swapped.
+    let echo = Options { echo_faults: vec![Fault::Drop(10), Fault::Dup(20), Fault::Swap(30)], ..Options::default() };
+    let server = TestServer::start(echo);
+    let url = server.url();
+    let r = bench(&["echo", "--url", &url, "--connections", "5", "--rate", "250", "--duration", "1", "--grace", "1"]);
+    let m = r.messages.as_ref().unwrap();
+    assert!(m.sent >= 200, "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent - 5, 5), "{r:#?}");
+    assert_eq!((m.duplicates, m.reordered, m.gaps, m.unparsed), (5, 5, 5, 0), "{r:#?}");
+
+    // Closed loop, two in flight each (swap first: after the drop only one is left in flight): the dropped
+    // echo leaves a gap, the copy releases no extra send.
+    let server = TestServer::start(Options {
+        echo_faults: vec![Fault::Swap(10), Fault::Dup(20), Fault::Drop(30)],
+        ..Options::default()
+    });
+    let url = server.url();
+    let r = bench(&["echo", "--url", &url, "--connections", "4", "--inflight", "2", "--duration", "1", "--grace", "1"]);
+    let m = r.messages.as_ref().unwrap();
+    assert!(m.sent >= 200, "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent - 4, 4), "{r:#?}");
+    assert_eq!((m.duplicates, m.reordered, m.gaps), (4, 4, 4), "{r:#?}");
+}
+
+#[test]
+fn a_thread_saturated_in_bursts_is_flagged() {
+    // (e) The bench loop is stuck 80 ms in every 200 ms: about 40% busy on average, far below the 90%
+    // average that used to flag a run, but saturated in every burst.
+    let server = TestServer::start(Options::default());
+    let r = raw_broadcast_10(&server, "1.5", "0.5", &["--test-busy", "200:80"]);
+    let c = &r.client;
+    assert_eq!(c.threads_sampled, 1, "{r:#?}");
+    assert!(c.saturated_share >= 0.15, "{c:#?}");
+    assert!(c.utilization < 0.9, "{c:#?}");
+    assert!(c.limited, "{c:#?}");
+    assert!(r.warnings.iter().any(|w| w.contains("client was the limit")), "{:?}", r.warnings);
+
+    // The same load without the stalls is not flagged.
+    let r = raw_broadcast_10(&server, "1", "0.5", &[]);
+    assert!(!r.client.limited && r.client.saturated_share < 0.1, "{:#?}", r.client);
 }

@@ -1,8 +1,9 @@
 //! A small WebSocket server for testing the bench: std `TcpListener`, one thread per connection, frames
 //! through `throng-protocol`. Paths: `/echo` echoes; `/broadcast` relays every message to every
 //! `/broadcast` connection (sender included); `/ws` is a minimal Throng v1 (welcome, subscribe →
-//! subscribed, publish → message to the channel's subscribers). A [`Fault`] can drop or swap one relayed
-//! message, and every n-th upgrade can be refused with 503.
+//! subscribed, publish → message to the channel's subscribers). [`Fault`]s can drop, swap, duplicate or stall
+//! relayed messages (by global index) and echoes (by index on their connection); every n-th upgrade can be
+//! refused with 503, every n-th v1 subscribe with an error, and the server can stop reading after the upgrade.
 
 #![allow(dead_code)]
 
@@ -16,30 +17,33 @@ use throng_protocol::conn::{Event, Limits, MessageData, Step, WsConn};
 use throng_protocol::frame::{encode_server_frame, OpCode};
 use throng_protocol::handshake::{parse_request, write_rejection, write_switching_protocols, Status};
 
-/// A deliberate misbehaviour of the relay, by the relayed message's global index (0-based).
+/// A deliberate misbehaviour, by message index (0-based): the relayed message's global index, or the echo's
+/// index on its connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// Relay everything in order.
-    None,
-    /// Never relay message `k`.
+    /// Never deliver message `k`.
     Drop(u64),
-    /// Relay message `k + 1` before message `k`.
+    /// Deliver message `k + 1` before message `k`.
     Swap(u64),
+    /// Deliver message `k` twice.
+    Dup(u64),
+    /// Relay only: hold message `k` (and, behind it, everything after) for `ms` milliseconds.
+    Stall(u64, u64),
 }
 
 /// Server options.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// Fault applied to relayed messages.
-    pub fault: Fault,
+    /// Faults applied to relayed messages (`/broadcast`, and v1 deliveries).
+    pub faults: Vec<Fault>,
+    /// Faults applied to each `/echo` connection's echoes.
+    pub echo_faults: Vec<Fault>,
     /// Refuse every n-th upgrade (1-based count) with 503; 0 = never.
     pub reject_every: u64,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { fault: Fault::None, reject_every: 0 }
-    }
+    /// v1: answer every n-th subscribe (1-based count) with an error; 0 = never.
+    pub reject_subscribe_every: u64,
+    /// Never read from a connection after its upgrade (its sender's backlog grows).
+    pub no_read: bool,
 }
 
 type Writer = Arc<Mutex<TcpStream>>;
@@ -56,6 +60,7 @@ struct Shared {
     opts: Options,
     stop: AtomicBool,
     upgrades: AtomicU64,
+    subscribes: AtomicU64,
     next_id: AtomicU64,
     relay: Mutex<Relay>,
 }
@@ -77,6 +82,7 @@ impl TestServer {
             opts,
             stop: AtomicBool::new(false),
             upgrades: AtomicU64::new(0),
+            subscribes: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             relay: Mutex::new(Relay::default()),
         });
@@ -123,28 +129,46 @@ fn send(w: &Writer, frame: &[u8]) {
     let _ = w.lock().unwrap().write_all(frame);
 }
 
-/// Relays one message to every member, applying the fault.
+/// Applies `faults` to message `k` (one frame): the frames to send now, in order. `held` keeps a swapped
+/// frame; a stall sleeps here, holding up its caller.
+fn apply(faults: &[Fault], k: u64, frame: Vec<u8>, held: &mut Option<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut frames = vec![frame];
+    for f in faults {
+        match *f {
+            Fault::Drop(d) if d == k => return Vec::new(),
+            Fault::Swap(s) if s == k => {
+                *held = frames.pop();
+                return Vec::new();
+            }
+            Fault::Swap(s) if s + 1 == k => frames.extend(held.take()),
+            Fault::Dup(d) if d == k => frames.insert(0, frames[0].clone()),
+            Fault::Stall(d, ms) if d == k => std::thread::sleep(std::time::Duration::from_millis(ms)),
+            _ => {}
+        }
+    }
+    frames
+}
+
+/// Relays one message to every member, applying the faults (a stall holds the relay: everything waits).
 fn relay(shared: &Shared, payload: &[u8]) {
     let mut frame = Vec::with_capacity(payload.len() + 10);
     encode_server_frame(&mut frame, true, OpCode::Text, payload);
     let mut r = shared.relay.lock().unwrap();
     let k = r.next_index;
     r.next_index += 1;
-    let mut frames = vec![frame];
-    match shared.opts.fault {
-        Fault::Drop(d) if d == k => return,
-        Fault::Swap(s) if s == k => {
-            r.held = frames.pop();
-            return;
-        }
-        Fault::Swap(s) if s + 1 == k => frames.extend(r.held.take()),
-        _ => {}
-    }
+    let frames = apply(&shared.opts.faults, k, frame, &mut r.held);
     for f in &frames {
         for (_, w) in &r.members {
             send(w, f);
         }
     }
+}
+
+/// Per-connection state of the echo faults.
+#[derive(Default)]
+struct EchoState {
+    next_index: u64,
+    held: Option<Vec<u8>>,
 }
 
 fn serve(mut stream: TcpStream, shared: &Shared) {
@@ -193,6 +217,13 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     if path == "/broadcast" {
         shared.relay.lock().unwrap().members.push((id, Arc::clone(&writer)));
     }
+    if shared.opts.no_read {
+        while !shared.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        return;
+    }
+    let mut echo = EchoState::default();
     let mut ws = WsConn::server();
     let limits = Limits::default();
     'conn: loop {
@@ -216,7 +247,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
                     };
                     off += n;
                     if !msg.is_empty() {
-                        on_message(shared, &path, id, &writer, &msg);
+                        on_message(shared, &path, id, &writer, &msg, &mut echo);
                     }
                 }
                 Err(_) => {
@@ -238,17 +269,30 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn on_message(shared: &Shared, path: &str, id: u64, writer: &Writer, msg: &[u8]) {
+fn on_message(shared: &Shared, path: &str, id: u64, writer: &Writer, msg: &[u8], echo: &mut EchoState) {
     match path {
         "/echo" => {
             let mut f = Vec::new();
             encode_server_frame(&mut f, true, OpCode::Text, msg);
-            send(writer, &f);
+            let k = echo.next_index;
+            echo.next_index += 1;
+            for f in apply(&shared.opts.echo_faults, k, f, &mut echo.held) {
+                send(writer, &f);
+            }
         }
         "/broadcast" => relay(shared, msg),
         "/ws" => {
             let text = std::str::from_utf8(msg).unwrap();
             if text.contains("\"type\":\"subscribe\"") {
+                let n = shared.subscribes.fetch_add(1, Ordering::SeqCst) + 1;
+                let every = shared.opts.reject_subscribe_every;
+                if every > 0 && n.is_multiple_of(every) {
+                    let mut f = Vec::new();
+                    let reply = "{\"type\":\"error\",\"id\":1,\"code\":\"forbidden\"}";
+                    encode_server_frame(&mut f, true, OpCode::Text, reply.as_bytes());
+                    send(writer, &f);
+                    return;
+                }
                 shared.relay.lock().unwrap().members.push((id, Arc::clone(writer)));
                 let mut f = Vec::new();
                 let reply = "{\"type\":\"subscribed\",\"id\":1,\"channel\":\"bench:0\",\"offset\":0,\"epoch\":\"e\"}";
