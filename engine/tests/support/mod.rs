@@ -128,6 +128,67 @@ pub fn peer_window(s: &TcpStream) -> u32 {
     info.tcpi_snd_wnd
 }
 
+/// Sets the receive buffer of the server's end of `client` (a connection to `srv`) to `bytes`, past the
+/// `rmem_max` cap (`SO_RCVBUFFORCE`), by taking a copy of the server's socket descriptor with
+/// `pidfd_getfd`. Needs root (CAP_SYS_PTRACE and CAP_NET_ADMIN); the error says what failed otherwise. For
+/// tests that need a frozen server to hold more than autotuning would let it.
+pub fn force_server_rcvbuf(srv: &Server, client: &TcpStream, bytes: i32) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let err =
+        |what: &str| std::io::Error::new(ErrorKind::Other, format!("{what}: {}", std::io::Error::last_os_error()));
+    let local = client.local_addr()?;
+    // The server's socket for this connection: local = the server's address, remote = the client's.
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (want_local, want_remote) = (hex(srv.addr), hex(local));
+    let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", srv.pid()))?;
+    let inode = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == want_local && f[2] == want_remote)
+        .map(|f| f[9].to_string())
+        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "the server's socket is not in /proc/PID/net/tcp"))?;
+    let target = format!("socket:[{inode}]");
+    let mut server_fd = None;
+    for entry in std::fs::read_dir(format!("/proc/{}/fd", srv.pid()))?.flatten() {
+        if std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy() == target) {
+            server_fd = entry.file_name().to_string_lossy().parse::<i32>().ok();
+        }
+    }
+    let server_fd = server_fd.ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no descriptor for it"))?;
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, srv.pid() as libc::pid_t, 0) } as i32;
+    if pidfd < 0 {
+        return Err(err("pidfd_open"));
+    }
+    // SAFETY: `pidfd` is a new descriptor this function owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd takes descriptors and flags, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), server_fd, 0) } as i32;
+    if fd < 0 {
+        return Err(err("pidfd_getfd"));
+    }
+    // SAFETY: `fd` is a new descriptor (a copy of the server's) this function owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `bytes` is a valid c_int for the call and its size is passed; `fd` is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(err("setsockopt(SO_RCVBUFFORCE)"));
+    }
+    Ok(())
+}
+
 /// A running `throng` process. Killed with SIGKILL on drop unless it has already exited.
 pub struct Server {
     child: Child,
