@@ -134,8 +134,7 @@ pub fn peer_window(s: &TcpStream) -> u32 {
 /// tests that need a frozen server to hold more than autotuning would let it.
 pub fn force_server_rcvbuf(srv: &Server, client: &TcpStream, bytes: i32) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let err =
-        |what: &str| std::io::Error::new(ErrorKind::Other, format!("{what}: {}", std::io::Error::last_os_error()));
+    let err = |what: &str| std::io::Error::other(format!("{what}: {}", std::io::Error::last_os_error()));
     let local = client.local_addr()?;
     // The server's socket for this connection: local = the server's address, remote = the client's.
     let hex = |a: SocketAddr| match a {
