@@ -4,6 +4,8 @@
 //! runtime. The engine (`throng`), the load generator (`throng-bench`) and the tests all drive the same code.
 //!
 //! # Layout
+//! - [`proxy`]: the PROXY protocol header (HAProxy v1 text line and v2 binary) a load balancer writes before
+//!   the request, parsed incrementally into the client's address.
 //! - [`handshake`]: HTTP/1.1 upgrade requests parsed incrementally from a buffer, `Sec-WebSocket-Accept`,
 //!   the `101 Switching Protocols` response and JSON-bodied rejections.
 //! - [`frame`]: RFC 6455 frames, one file per concern: header coding, masking, streaming UTF-8
@@ -17,3 +19,4 @@ pub mod conn;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod proxy;

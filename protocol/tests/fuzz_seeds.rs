@@ -1,11 +1,12 @@
-//! Runs every committed fuzz seed of the `frame` and `message` targets through the targets' own code, on
-//! every `cargo test`, without libFuzzer. (The `handshake` seeds are checked in `tests/handshake.rs`.)
+//! Runs every committed fuzz seed of the `frame`, `message` and `proxy` targets through the targets' own
+//! code, on every `cargo test`, without libFuzzer. (The `handshake` seeds are checked in `tests/handshake.rs`.)
 //!
 //! The target files in `fuzz/fuzz_targets/` are compiled here as modules: `extern crate self as
 //! libfuzzer_sys` makes their `use libfuzzer_sys::fuzz_target;` resolve to the stand-in macro below, which
 //! turns the target's body into a plain `pub fn run(data: &[u8])`. So a seed runs exactly the assertions
 //! the fuzzer runs. On top of "no panic", seeds named `ok_*` must decode without error and seeds named
-//! `err_*` must fail a server connection (frame seeds; the naming is described in `docs/fuzzing.md`).
+//! `err_*` must fail a server connection (frame seeds; the naming is described in `docs/fuzzing.md`);
+//! proxy seeds named `ok_*` must parse to a complete header, `partial_*` need more bytes, `err_*` are refused.
 
 extern crate self as libfuzzer_sys;
 
@@ -30,6 +31,10 @@ mod frame_target;
 #[allow(unused_attributes, unused_imports, dead_code)]
 #[path = "../fuzz/fuzz_targets/message.rs"]
 mod message_target;
+
+#[allow(unused_attributes, unused_imports, dead_code)]
+#[path = "../fuzz/fuzz_targets/proxy.rs"]
+mod proxy_target;
 
 fn seeds(target: &str) -> Vec<(String, PathBuf)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds").join(target);
@@ -99,6 +104,22 @@ fn frame_seeds() {
 fn message_seeds() {
     let all = run_all("message", message_target::run);
     assert!(!all.is_empty(), "no message seeds");
+}
+
+#[test]
+fn proxy_seeds() {
+    let all = run_all("proxy", proxy_target::run);
+    assert!(all.len() >= 20, "only {} proxy seeds", all.len());
+    for (name, bytes) in &all {
+        let parsed = throng_protocol::proxy::parse(bytes);
+        if name.starts_with("ok_") {
+            assert!(matches!(parsed, Ok(Some(_))), "seeds/proxy/{name}: {parsed:?}");
+        } else if name.starts_with("partial_") {
+            assert_eq!(parsed, Ok(None), "seeds/proxy/{name}");
+        } else if name.starts_with("err_") {
+            assert!(parsed.is_err(), "seeds/proxy/{name}: {parsed:?}");
+        }
+    }
 }
 
 /// Inputs no seed covers, through the frame target too: empty, flags only, all flag combinations.
