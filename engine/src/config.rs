@@ -21,6 +21,23 @@ pub enum DriverChoice {
     Epoll,
 }
 
+/// The algorithm tokens must be signed with (pinned: a token naming another is refused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum JwtAlg {
+    /// HMAC-SHA256 with `jwt_secret`.
+    #[value(name = "HS256")]
+    #[serde(rename = "HS256")]
+    Hs256,
+    /// RSASSA-PKCS1-v1_5 SHA-256 with the RSA public key in `jwt_public_key`.
+    #[value(name = "RS256")]
+    #[serde(rename = "RS256")]
+    Rs256,
+    /// ECDSA P-256 SHA-256 with the EC public key in `jwt_public_key`.
+    #[value(name = "ES256")]
+    #[serde(rename = "ES256")]
+    Es256,
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +137,58 @@ pub struct Cli {
     /// queue together); past it the full-ring policy applies (see docs). [default: 67108864]
     #[arg(long, env = "THRONG_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Secret for HS256 tokens (JWT at the upgrade; `sub` is the user). Prefer THRONG_JWT_SECRET or the
+    /// file to a flag, which other users of the host can see.
+    #[arg(long, env = "THRONG_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the public key for RS256 or ES256 tokens.
+    #[arg(long, env = "THRONG_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// The one algorithm tokens may use: HS256 (with --jwt-secret), RS256 or ES256 (with --jwt-public-key).
+    /// [default: HS256 with a secret; required with a public key]
+    #[arg(long, env = "THRONG_JWT_ALG", value_enum)]
+    pub jwt_alg: Option<JwtAlg>,
+    /// Seconds of clock skew allowed when checking `exp` and `nbf`. [default: 5]
+    #[arg(long, env = "THRONG_JWT_LEEWAY")]
+    pub jwt_leeway: Option<u64>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "THRONG_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "THRONG_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Longest token accepted, in bytes; longer ones are refused before decoding. [default: 4096]
+    #[arg(long, env = "THRONG_MAX_TOKEN_BYTES")]
+    pub max_token_bytes: Option<usize>,
+    /// Allow the open development mode (no JWT key: `?user=NAME` identities) on an address other than
+    /// loopback. Without a key and without this, Throng listens on loopback only.
+    #[arg(long, env = "THRONG_INSECURE")]
+    pub insecure: bool,
+    /// Origins allowed to open WebSockets, comma-separated: exact (`https://app.example.com`) or with one
+    /// leading wildcard label (`https://*.example.com`). Others get 403; requests without `Origin`
+    /// (non-browser clients) are allowed. [default: any origin]
+    #[arg(long, env = "THRONG_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Proxies (comma-separated CIDRs) whose X-Forwarded-For / X-Real-IP headers are believed: the client
+    /// address is the right-most address in X-Forwarded-For that is not one of them. [default: none]
+    #[arg(long, env = "THRONG_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2), from which the client address is
+    /// taken; connections without one are closed. Only for a listener that a proxy alone can reach.
+    #[arg(long, env = "THRONG_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+    /// Most WebSocket connections one user (`sub`) may hold, over all shards; more get 403. 0: no limit.
+    /// [default: 1000]
+    #[arg(long, env = "THRONG_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<u32>,
+    /// Most WebSocket connections one client address may hold (IPv6 counted per /64), over all shards;
+    /// more get 403. 0: no limit. [default: 10000]
+    #[arg(long, env = "THRONG_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Upgrades per second one client address may make (burst: one second's worth); more get 429 with
+    /// Retry-After. 0: no limit. [default: 1000]
+    #[arg(long, env = "THRONG_MAX_UPGRADES_PER_SECOND_PER_IP")]
+    pub max_upgrades_per_second_per_ip: Option<u32>,
     /// Validate the configuration (flags, variables and file), print it, and exit: 0 when it is valid,
     /// 1 with the reason otherwise. Nothing is bound or started.
     #[arg(long)]
@@ -152,6 +221,20 @@ struct FileConfig {
     max_unfinished_bytes: Option<usize>,
     message_timeout: Option<f64>,
     max_queue_bytes: Option<usize>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    jwt_alg: Option<JwtAlg>,
+    jwt_leeway: Option<u64>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    max_token_bytes: Option<usize>,
+    insecure: Option<bool>,
+    allowed_origins: Option<Vec<String>>,
+    trusted_proxies: Option<Vec<String>>,
+    proxy_protocol: Option<bool>,
+    max_connections_per_user: Option<u32>,
+    max_connections_per_ip: Option<u32>,
+    max_upgrades_per_second_per_ip: Option<u32>,
     /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
     #[serde(default)]
     namespace: std::collections::BTreeMap<String, NamespaceFile>,
@@ -167,6 +250,10 @@ struct NamespaceFile {
     presence: Option<bool>,
     client_publish: Option<bool>,
     slow_consumer: Option<SlowConsumerPolicy>,
+    subscribe_roles: Option<Vec<String>>,
+    publish_roles: Option<Vec<String>>,
+    presence_roles: Option<Vec<String>>,
+    history_roles: Option<Vec<String>>,
 }
 
 /// What happens to a subscriber whose unsent backlog passes `max_backlog_bytes`.
@@ -196,6 +283,15 @@ pub struct Namespace {
     pub client_publish: bool,
     /// Slow-consumer policy.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Token roles that may subscribe (and read history, see presence unless those have their own lists);
+    /// `"*"`: every authenticated user. Empty: only the token's `channels` patterns grant it.
+    pub subscribe_roles: Vec<String>,
+    /// Token roles that may publish (`"*"`: everyone); besides the token's `publish` patterns.
+    pub publish_roles: Vec<String>,
+    /// Token roles that may see presence; `None`: whoever may subscribe.
+    pub presence_roles: Option<Vec<String>>,
+    /// Token roles that may read history; `None`: whoever may subscribe.
+    pub history_roles: Option<Vec<String>>,
 }
 
 impl Namespace {
@@ -208,6 +304,10 @@ impl Namespace {
             presence: true,
             client_publish: true,
             slow_consumer: SlowConsumerPolicy::Close,
+            subscribe_roles: Vec::new(),
+            publish_roles: Vec::new(),
+            presence_roles: None,
+            history_roles: None,
         }
     }
 }
@@ -301,6 +401,55 @@ pub struct Config {
     pub message_timeout: Duration,
     /// Bytes in flight toward one shard.
     pub max_queue_bytes: usize,
+    /// How clients are identified: JWT, or the open development mode.
+    pub auth: AuthConfig,
+    /// Allow the open development mode off loopback.
+    pub insecure: bool,
+    /// Allowed origins (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// Trusted proxies' networks.
+    pub trusted_proxies: Vec<crate::auth::net::Cidr>,
+    /// Connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// WebSocket connections per user (0: unlimited).
+    pub max_connections_per_user: u32,
+    /// WebSocket connections per client address (0: unlimited).
+    pub max_connections_per_ip: u32,
+    /// Upgrades per second per client address (0: unlimited).
+    pub max_upgrades_per_second_per_ip: u32,
+}
+
+/// JWT settings; `None` key: the open development mode.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    /// Where the verification key comes from, and the pinned algorithm.
+    pub key: Option<(JwtKey, JwtAlg)>,
+    /// Clock skew allowed for `exp` and `nbf`, seconds.
+    pub leeway: u64,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Longest token accepted.
+    pub max_token_bytes: usize,
+}
+
+/// A verification key as configured (parsed once, at start, by [`crate::auth::Auth::new`]).
+#[derive(Clone)]
+pub enum JwtKey {
+    /// An HS256 secret.
+    Secret(String),
+    /// A PEM public key file's contents, and its path (for messages).
+    Pem(Vec<u8>, PathBuf),
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Secret(s) => write!(f, "Secret(<{} bytes>)", s.len()),
+            Self::Pem(_, path) => write!(f, "Pem({})", path.display()),
+        }
+    }
 }
 
 fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -322,7 +471,7 @@ impl Config {
         };
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let cfg = Self {
-            listen: cli.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
+            listen: cli.listen.or(file.listen).unwrap_or_else(|| default_listen(&cli, &file)),
             shards: cli.shards.or(file.shards).unwrap_or(cores.min(64)),
             driver: cli.driver.or(file.driver).unwrap_or(DriverChoice::Auto),
             max_connections: cli.max_connections.or(file.max_connections),
@@ -348,6 +497,25 @@ impl Config {
             max_unfinished_bytes: cli.max_unfinished_bytes.or(file.max_unfinished_bytes).unwrap_or(64 << 20),
             message_timeout: secs("message_timeout", cli.message_timeout.or(file.message_timeout).unwrap_or(15.0))?,
             max_queue_bytes: cli.max_queue_bytes.or(file.max_queue_bytes).unwrap_or(64 << 20),
+            auth: auth_config(&cli, &file)?,
+            insecure: cli.insecure || file.insecure.unwrap_or(false),
+            allowed_origins: cli.allowed_origins.clone().or(file.allowed_origins.clone()).unwrap_or_default(),
+            trusted_proxies: cli
+                .trusted_proxies
+                .clone()
+                .or(file.trusted_proxies.clone())
+                .unwrap_or_default()
+                .iter()
+                .filter(|c| !c.trim().is_empty())
+                .map(|c| c.trim().parse().map_err(|e| anyhow::anyhow!("trusted_proxies: {c:?}: {e}")))
+                .collect::<anyhow::Result<_>>()?,
+            proxy_protocol: cli.proxy_protocol || file.proxy_protocol.unwrap_or(false),
+            max_connections_per_user: cli.max_connections_per_user.or(file.max_connections_per_user).unwrap_or(1000),
+            max_connections_per_ip: cli.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(10_000),
+            max_upgrades_per_second_per_ip: cli
+                .max_upgrades_per_second_per_ip
+                .or(file.max_upgrades_per_second_per_ip)
+                .unwrap_or(1000),
         };
         cfg.check()?;
         Ok(cfg)
@@ -401,6 +569,18 @@ impl Config {
         within("max_subscriptions", self.max_subscriptions, 1, 1 << 16)?;
         within("max_unfinished_bytes", self.max_unfinished_bytes, 64 * 1024, 1 << 40)?;
         within("max_queue_bytes", self.max_queue_bytes, 64 * 1024, 1 << 40)?;
+        within("max_token_bytes", self.auth.max_token_bytes, 64, 64 * 1024)?;
+        if self.open_mode() && !self.listen.ip().is_loopback() && !self.insecure {
+            bail!(
+                "listening on {} with no JWT key would let anyone connect as any user: set jwt_secret (HS256) or \
+                 jwt_public_key with jwt_alg (RS256, ES256), or listen on loopback, or pass --insecure to run the \
+                 open development mode on this address anyway",
+                self.listen
+            );
+        }
+        for o in &self.allowed_origins {
+            crate::auth::net::check_origin_pattern(o).map_err(|e| anyhow::anyhow!("allowed_origins: {o:?}: {e}"))?;
+        }
         for ns in &self.namespaces.list {
             let name = if ns.name.is_empty() { "default" } else { &ns.name };
             within(&format!("namespace.{name}.history_size"), ns.history_size, 0, 1 << 20)?;
@@ -415,6 +595,53 @@ impl Config {
     pub fn max_reply_bytes(&self) -> usize {
         self.max_backlog_bytes / 2
     }
+
+    /// True in the open development mode: no JWT key, identities from `?user=`.
+    pub fn open_mode(&self) -> bool {
+        self.auth.key.is_none()
+    }
+}
+
+/// Where Throng listens when no address is configured: `0.0.0.0:8080`, or, in the open development mode
+/// (no JWT key) without `insecure`, `127.0.0.1:8080`: anyone could otherwise connect as anyone.
+fn default_listen(cli: &Cli, file: &FileConfig) -> SocketAddr {
+    let keyed = cli.jwt_secret.is_some()
+        || cli.jwt_public_key.is_some()
+        || file.jwt_secret.is_some()
+        || file.jwt_public_key.is_some();
+    let insecure = cli.insecure || file.insecure.unwrap_or(false);
+    if keyed || insecure { "0.0.0.0:8080" } else { "127.0.0.1:8080" }.parse().expect("valid literal")
+}
+
+fn auth_config(cli: &Cli, file: &FileConfig) -> anyhow::Result<AuthConfig> {
+    let secret = cli.jwt_secret.clone().or(file.jwt_secret.clone());
+    let public = cli.jwt_public_key.clone().or(file.jwt_public_key.clone());
+    let alg = cli.jwt_alg.or(file.jwt_alg);
+    let key = match (secret, public, alg) {
+        (Some(_), Some(_), _) => bail!("jwt_secret and jwt_public_key are exclusive: one key, one algorithm"),
+        (Some(s), None, None | Some(JwtAlg::Hs256)) => {
+            if s.len() < 32 {
+                bail!("jwt_secret must be at least 32 bytes (HS256 keys shorter than the hash are weak)");
+            }
+            Some((JwtKey::Secret(s), JwtAlg::Hs256))
+        }
+        (Some(_), None, Some(a)) => bail!("jwt_alg {a:?} needs jwt_public_key (a secret is for HS256 only)"),
+        (None, Some(path), Some(a @ (JwtAlg::Rs256 | JwtAlg::Es256))) => {
+            let pem = std::fs::read(&path).with_context(|| format!("reading jwt_public_key {}", path.display()))?;
+            Some((JwtKey::Pem(pem, path), a))
+        }
+        (None, Some(_), Some(JwtAlg::Hs256)) => bail!("jwt_alg HS256 takes jwt_secret, not a public key"),
+        (None, Some(_), None) => bail!("jwt_public_key needs jwt_alg RS256 or ES256"),
+        (None, None, Some(a)) => bail!("jwt_alg {a:?} is set but no key is: set jwt_secret or jwt_public_key"),
+        (None, None, None) => None,
+    };
+    Ok(AuthConfig {
+        key,
+        leeway: cli.jwt_leeway.or(file.jwt_leeway).unwrap_or(5),
+        issuer: cli.jwt_issuer.clone().or(file.jwt_issuer.clone()),
+        audience: cli.jwt_audience.clone().or(file.jwt_audience.clone()),
+        max_token_bytes: cli.max_token_bytes.or(file.max_token_bytes).unwrap_or(4096),
+    })
 }
 
 fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyhow::Result<Namespaces> {
@@ -437,6 +664,10 @@ fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyho
             presence: f.presence.unwrap_or(d.presence),
             client_publish: f.client_publish.unwrap_or(d.client_publish),
             slow_consumer: f.slow_consumer.unwrap_or(d.slow_consumer),
+            subscribe_roles: f.subscribe_roles.clone().unwrap_or_default(),
+            publish_roles: f.publish_roles.clone().unwrap_or_default(),
+            presence_roles: f.presence_roles.clone(),
+            history_roles: f.history_roles.clone(),
         });
     }
     let open = list.is_empty();
@@ -464,7 +695,8 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(5));
         assert_eq!(c.driver, DriverChoice::Epoll);
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
-        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        // No JWT key: the open development mode listens on loopback unless told otherwise.
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         std::fs::write(
             &path,
             "[namespace.chat]\nhistory_size = 5\nslow_consumer = \"drop_oldest\"\n[namespace.default]\npresence = false\n",

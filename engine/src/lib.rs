@@ -19,6 +19,7 @@
 //! accepting, close every WebSocket with 1001, and the process exits 0 within `drain_timeout`. A second
 //! SIGTERM or SIGINT exits at once.
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod conn;
@@ -85,6 +86,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .collect::<std::io::Result<Vec<_>>>()
             .context("creating the inter-shard rings")?
             .into(),
+        auth: auth::Auth::new(&config.auth)?,
+        limits: auth::limits::Limiter::new(
+            config.max_connections_per_user,
+            config.max_connections_per_ip,
+            config.max_upgrades_per_second_per_ip,
+        ),
         config: config.clone(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -110,10 +117,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         driver.name(),
     );
 
-    tracing::warn!(
-        "OPEN DEVELOPMENT MODE: no JWT key is configured, so any client may connect to /ws as any user \
-         (?user=NAME). Do not expose this server to untrusted clients."
-    );
+    if config.open_mode() {
+        tracing::warn!(
+            listen = %config.listen,
+            "OPEN DEVELOPMENT MODE: no JWT key is configured, so any client may connect to /ws as any user \
+             (?user=NAME){}. Configure --jwt-secret or --jwt-public-key before exposing this server.",
+            if config.listen.ip().is_loopback() { "; listening on loopback only" } else { ", and --insecure lets it listen beyond loopback" }
+        );
+    } else {
+        tracing::info!(alg = ?config.auth.key.as_ref().map(|k| k.1), "JWT required at the upgrade");
+    }
 
     let signal = loop {
         if let Some(sig) = wait_signal(&signals, Duration::from_millis(250)) {
@@ -147,7 +160,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("THRONG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file, a pipe or journald gets plain `key=value` text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

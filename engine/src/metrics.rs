@@ -101,6 +101,22 @@ counters! {
     channels: "gauge",
     /// Bytes held for unfinished requests, frames and messages.
     unfinished_bytes: "gauge",
+    /// Upgrades refused with 401: missing, malformed or invalid token.
+    auth_refused_total: "counter",
+    /// Upgrades refused with 403 for their Origin.
+    origin_refused_total: "counter",
+    /// Upgrades refused with 429: max_upgrades_per_second_per_ip.
+    upgrade_rate_limited_total: "counter",
+    /// Upgrades refused with 403: max_connections_per_user.
+    user_limit_total: "counter",
+    /// Upgrades refused with 403: max_connections_per_ip.
+    ip_limit_total: "counter",
+    /// Connections closed with 4001 when their token expired.
+    tokens_expired_total: "counter",
+    /// Tokens replaced by `refresh`.
+    refreshes_total: "counter",
+    /// Connections closed for a missing or malformed PROXY protocol header.
+    proxy_header_errors_total: "counter",
     /// Shard loop turns.
     turns_total: "counter",
     /// Turns that ended with work left over (a step used up its budget).

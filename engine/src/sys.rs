@@ -146,6 +146,11 @@ pub fn set_nodelay(fd: BorrowedFd<'_>) {
     }
 }
 
+/// The address of a socket's peer (`getpeername`), if it has one.
+pub fn peer_ip(fd: BorrowedFd<'_>) -> Option<std::net::IpAddr> {
+    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket().map(|a| a.ip())
+}
+
 /// A new non-blocking eventfd (counter 0): the shard's inbox doorbell, in its epoll set.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes no pointers.

@@ -125,7 +125,7 @@ impl Setup {
             let mut conn = Conn::new(OwnedFd::from(server), 1, 0);
             conn.phase = Phase::V1;
             conn.subs = vec![ConnSub { chan: chan as u32, slot: slot as u32 }];
-            conn.user = Box::from("u");
+            conn.id = Some(std::sync::Arc::new(throng::auth::Identity::open("u")));
             let idx = conns.insert(conn);
             assert_eq!(idx, i);
             clients.push(client);

@@ -112,6 +112,8 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
         started: Instant::now(),
         driver_name: "none",
         inboxes: inboxes.clone(),
+        auth: None,
+        limits: throng::auth::limits::Limiter::new(0, 0, 0),
         config: config.clone(),
     });
     let shards = (0..2)
@@ -135,6 +137,7 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
                 unfinished: 0,
                 flush: FlushState::default(),
                 queues: Default::default(),
+                proxied: Default::default(),
             },
             conns: Conns::default(),
         })

@@ -69,7 +69,7 @@ pub fn close(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, how: Close
     }
     // No channel data after this point.
     for sub in std::mem::take(&mut conn.subs) {
-        ctx.chans.leave(env, &conn.user, sub);
+        ctx.chans.leave(env, conn.user(), sub);
     }
     match how {
         Close::Ws(code, reason) => {
@@ -158,8 +158,12 @@ pub fn forgive(conn: &mut Conn) {
 pub fn remove(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) -> bool {
     let Some(mut c) = conns.remove(key) else { return false };
     for sub in std::mem::take(&mut c.subs) {
-        ctx.chans.leave(env, &c.user, sub);
+        ctx.chans.leave(env, c.user(), sub);
     }
+    if let Some(id) = &c.id {
+        env.shared.limits.release(&id.user, id.ip);
+    }
+    ctx.proxied.remove(&key);
     if let Some(t) = c.timer {
         ctx.wheel.cancel(t);
     }

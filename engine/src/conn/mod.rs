@@ -17,10 +17,12 @@ pub mod timers;
 pub mod write;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use slab::Slab;
 use throng_protocol::conn::WsConn;
 
+use crate::auth::Identity;
 use crate::shard::timer::TimerKey;
 
 /// A connection's address: slab index plus generation, so a stale key (a timer or reply outliving its
@@ -87,6 +89,9 @@ pub mod flag {
     pub const PEER_CLOSED: u8 = 4;
     /// The last refused command was refused by the rate limit: if it closes the connection, with 4029.
     pub const RATE_LIMITED: u8 = 8;
+    /// The listener speaks the PROXY protocol and this connection's header has not been read yet: the first
+    /// bytes must be one (within the handshake deadline), or the connection is dropped.
+    pub const PROXY_PENDING: u8 = 16;
 }
 
 /// One of a connection's subscriptions: the local channel, and the subscriber's slot in it.
@@ -149,8 +154,11 @@ pub struct Conn {
     pub flush_mark: u32,
     /// Channels subscribed to (`/ws` only); empty, unallocated, otherwise.
     pub subs: Vec<ConnSub>,
-    /// The user (`sub`) this connection belongs to; empty for `/echo`.
-    pub user: Box<str>,
+    /// Who this `/ws` connection is and what it may do (`None` before the upgrade and for `/echo`).
+    pub id: Option<Arc<Identity>>,
+    /// Tick at which its token expires ([`timers::NO_EXPIRY`]: never): then it is closed with 4001 unless a
+    /// `refresh` moved it.
+    pub expires_at: u32,
 }
 
 impl Conn {
@@ -176,8 +184,14 @@ impl Conn {
             strikes: 0,
             flush_mark: 0,
             subs: Vec::new(),
-            user: Box::from(""),
+            id: None,
+            expires_at: timers::NO_EXPIRY,
         }
+    }
+
+    /// The user this connection belongs to (empty before the upgrade and for `/echo`).
+    pub fn user(&self) -> &str {
+        self.id.as_ref().map_or("", |i| &i.user)
     }
 
     /// True while the socket is full and the connection waits for an output edge: nothing else writes to it

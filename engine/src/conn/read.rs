@@ -23,10 +23,11 @@ use std::os::fd::AsFd;
 use throng_protocol::conn::{Event, MessageData, MessageKind, Step};
 use throng_protocol::frame::{close as code, OpCode};
 use throng_protocol::handshake::{self, Request};
+use throng_protocol::proxy::{self, ProxyHeader};
 
 use super::close::{self, Close};
 use super::timers::{self, NOT_HOLDING};
-use super::{write, Conn, ConnKey, Conns, Phase};
+use super::{flag, write, Conn, ConnKey, Conns, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 use crate::sys::{self, Recv};
@@ -230,6 +231,19 @@ fn process(
     sink: &mut impl Sink,
 ) -> usize {
     let mut off = 0;
+    if conn.flags & flag::PROXY_PENDING != 0 {
+        match proxy_header(env, ctx, key, conn, buf) {
+            Some(0) => return 0,
+            Some(len) => {
+                // The header is consumed here and now (the request head may have come in the same read).
+                conn.flags &= !flag::PROXY_PENDING;
+                let rest = &mut buf[len..];
+                let fresh = fresh.min(rest.len());
+                return len + process(env, ctx, key, conn, rest, fresh, sink);
+            }
+            None => return buf.len(),
+        }
+    }
     if conn.phase == Phase::Handshake {
         // Parse only once the head's end has arrived: looking for it in the new bytes alone keeps a head
         // trickled a byte at a time linear.
@@ -349,4 +363,25 @@ fn process(
         }
     }
     off
+}
+
+/// Reads the PROXY protocol header at the start of `buf`: `Some(0)` while it is incomplete, `Some(len)` once
+/// it has been read (the client's address noted for the upgrade), `None` when the bytes are not a valid
+/// header (counted, and the connection dropped without a word: the peer is not the proxy it should be).
+fn proxy_header(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, buf: &[u8]) -> Option<usize> {
+    match proxy::parse(buf) {
+        Ok(None) => Some(0),
+        Ok(Some(p)) => {
+            if let ProxyHeader::Proxied { source, .. } = p.header {
+                ctx.proxied.insert(key, source.ip());
+            }
+            Some(p.len)
+        }
+        Err(e) => {
+            ShardMetrics::inc(&env.metrics.proxy_header_errors_total);
+            tracing::debug!(shard = env.id, error = %e, "bad PROXY protocol header; dropping the connection");
+            close::close(env, ctx, key, conn, Close::Abort);
+            None
+        }
+    }
 }

@@ -15,6 +15,26 @@ use crate::shard::{Ctx, Env};
 
 /// `Conn::held_since` of a connection that holds no unfinished message.
 pub const NOT_HOLDING: u32 = u32::MAX;
+/// `Conn::expires_at` of a connection whose token does not expire.
+pub const NO_EXPIRY: u32 = u32::MAX;
+
+/// The tick at which a token with `exp` (Unix seconds) expires, counting `leeway` seconds of clock skew.
+pub fn expiry_tick(env: &Env, exp: Option<u64>) -> u32 {
+    let Some(exp) = exp else { return NO_EXPIRY };
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let left_ms = (exp + env.cfg().auth.leeway).saturating_mul(1000).saturating_sub(unix);
+    let ticks = left_ms.div_ceil(crate::shard::TICK.as_millis() as u64);
+    (env.now + ticks).min(u64::from(NO_EXPIRY - 1)) as u32
+}
+
+/// The token was replaced (`refresh`): make sure the timer fires by the new expiry.
+pub fn expiry_moved(ctx: &mut Ctx, conn: &mut Conn) {
+    if let Some(t) = conn.timer {
+        if ctx.wheel.deadline(t).is_some_and(|d| d > u64::from(conn.expires_at)) {
+            ctx.wheel.reset(t, u64::from(conn.expires_at));
+        }
+    }
+}
 
 /// Arms the handshake deadline of a connection just accepted.
 pub fn arm_handshake(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
@@ -61,6 +81,9 @@ fn next_deadline(env: &Env, ctx: &mut Ctx, conn: &Conn) -> u64 {
     if conn.held_since != NOT_HOLDING {
         at = at.min(u64::from(conn.held_since) + Env::ticks(cfg.message_timeout));
     }
+    if conn.expires_at != NO_EXPIRY {
+        at = at.min(u64::from(conn.expires_at));
+    }
     at.max(now + 1)
 }
 
@@ -78,7 +101,12 @@ pub fn fire(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
         Phase::Closing | Phase::Draining | Phase::Aborted => close::close(env, ctx, key, conn, Close::Abort),
         Phase::Echo | Phase::V1 => {
             let silent = now.saturating_sub(u64::from(conn.last_rx));
-            if conn.held_since != NOT_HOLDING
+            if conn.expires_at != NO_EXPIRY && now >= u64::from(conn.expires_at) {
+                ShardMetrics::inc(&env.metrics.tokens_expired_total);
+                let how =
+                    Close::Ws(code::TOKEN_EXPIRED, "token expired: reconnect with a new token, or refresh in time");
+                close::close(env, ctx, key, conn, how);
+            } else if conn.held_since != NOT_HOLDING
                 && now.saturating_sub(u64::from(conn.held_since)) >= Env::ticks(cfg.message_timeout)
             {
                 ShardMetrics::inc(&env.metrics.message_timeouts_total);

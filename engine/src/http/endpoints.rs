@@ -65,10 +65,13 @@ pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>) {
 /// `/stats`: connections, memory and per-shard counters as one JSON object.
 fn stats(env: &Env) -> String {
     let s = &env.shared;
+    // WebSocket connections are counted per user and per client address (the real one, behind trusted
+    // proxies or the PROXY protocol).
+    let (users, addresses) = s.limits.counted();
     let mut o = String::with_capacity(1024);
     let _ = write!(
         o,
-        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"per_shard\":[",
+        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"auth\":\"{}\",\"users\":{},\"client_addresses\":{},\"per_shard\":[",
         env!("CARGO_PKG_VERSION"),
         s.driver_name,
         s.metrics.len(),
@@ -76,6 +79,9 @@ fn stats(env: &Env) -> String {
         s.open_connections.load(Relaxed),
         sys::rss_bytes().unwrap_or(0),
         s.draining.load(Relaxed),
+        if s.auth.is_some() { "jwt" } else { "open" },
+        users,
+        addresses,
     );
     for (i, m) in s.metrics.iter().enumerate() {
         if i > 0 {

@@ -144,6 +144,9 @@ fn register(env: &Env, ctx: &mut Ctx, conns: &mut Conns, poller: &Poller, fd: Ow
     ShardMetrics::inc(&env.metrics.connections);
     let key = conns.insert(|gen| Conn::new(fd, gen, env.now));
     let conn = conns.get_mut(key)?;
+    if env.cfg().proxy_protocol {
+        conn.flags |= crate::conn::flag::PROXY_PENDING;
+    }
     timers::arm_handshake(env, ctx, key, conn);
     if let Err(e) = poller.add_conn(conn.fd(), key) {
         ShardMetrics::inc(&env.metrics.io_errors_total);

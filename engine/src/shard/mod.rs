@@ -63,6 +63,10 @@ pub struct Shared {
     pub driver_name: &'static str,
     /// Every shard's inbound ring.
     pub inboxes: Arc<[Inbox]>,
+    /// The JWT verifier; `None` in the open development mode.
+    pub auth: Option<crate::auth::Auth>,
+    /// Connections per user and address, upgrades per second per address.
+    pub limits: crate::auth::limits::Limiter,
 }
 
 /// Which driver to build, after resolving `auto`.
@@ -149,6 +153,8 @@ pub struct Ctx {
     pub flush: FlushState,
     /// Spare output queues (no allocation per blocked-then-drained write cycle).
     pub queues: crate::conn::write::QueuePool,
+    /// Client addresses read from PROXY protocol headers, for connections whose request has not come yet.
+    pub proxied: std::collections::HashMap<ConnKey, std::net::IpAddr>,
 }
 
 /// One shard: everything its loop owns.
@@ -236,6 +242,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 unfinished: 0,
                 flush: FlushState::default(),
                 queues: Default::default(),
+                proxied: Default::default(),
             },
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             poller,

@@ -15,11 +15,14 @@ pub mod inbox;
 use bytes::Bytes;
 use throng_protocol::message::{self, Command};
 
+use std::sync::Arc;
+
+use crate::auth::{Action, Denied};
 use crate::channel::bus::{ReplyTo, Sent, ShardMsg};
 use crate::channel::{home_of, text_frame, Refusal};
 use crate::config::Namespace;
 use crate::conn::close;
-use crate::conn::{Conn, ConnKey, ConnSub};
+use crate::conn::{timers, Conn, ConnKey, ConnSub};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 
@@ -51,7 +54,7 @@ fn to_home(env: &Env, ctx: &mut Ctx, home: usize, msg: ShardMsg, id: Option<u64>
 /// so the decoder's borrow ends before the command runs; `data` stays a range of the payload.
 enum Owned {
     Ping(Option<u64>),
-    Refresh(Option<u64>),
+    Refresh(Option<u64>, Box<str>),
     Subscribe(Option<u64>, Box<str>, Option<(u64, Box<str>)>),
     Unsubscribe(Option<u64>, Box<str>),
     Publish(Option<u64>, Box<str>, std::ops::Range<usize>),
@@ -90,7 +93,7 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
     let since = |s: Option<message::Since<'_>>| s.map(|s| (s.offset, Box::<str>::from(s.epoch)));
     let owned = match ctx.decoder.decode(payload) {
         Ok(Command::Ping { id }) => Owned::Ping(id),
-        Ok(Command::Refresh { id, .. }) => Owned::Refresh(id),
+        Ok(Command::Refresh { id, token }) => Owned::Refresh(id, token.into()),
         Ok(Command::Subscribe { id, channel, since: s }) => Owned::Subscribe(id, channel.into(), since(s)),
         Ok(Command::Unsubscribe { id, channel }) => Owned::Unsubscribe(id, channel.into()),
         Ok(Command::Publish { id, channel, data }) => match range_in(payload, data) {
@@ -115,20 +118,12 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
             close::forgive(conn);
             text_frame(&mut ctx.out, |o| message::encode_pong(o, id));
         }
-        Owned::Refresh(id) => refuse(
-            env,
-            ctx,
-            key,
-            conn,
-            id,
-            "not_supported",
-            "this server runs without JWT auth (no key configured), so there is no token to refresh",
-        ),
+        Owned::Refresh(id, token) => refresh(env, ctx, key, conn, id, &token),
         Owned::Subscribe(id, channel, since) => subscribe(env, ctx, key, conn, id, &channel, since),
         Owned::Unsubscribe(id, channel) => unsubscribe(env, ctx, key, conn, id, &channel),
         Owned::Publish(id, channel, data) => publish(env, ctx, key, conn, id, channel, &payload[data]),
         Owned::Presence(id, channel) => {
-            let Some(ns) = check_channel(env, ctx, key, conn, id, &channel, Access::Read) else { return };
+            let Some(ns) = check_channel(env, ctx, key, conn, id, &channel, Action::Presence) else { return };
             if !ns.presence {
                 refuse(env, ctx, key, conn, id, "not_available", "presence is disabled in this namespace");
                 return;
@@ -144,7 +139,7 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
             }
         }
         Owned::History(id, channel, since, limit) => {
-            if check_channel(env, ctx, key, conn, id, &channel, Access::Read).is_none() {
+            if check_channel(env, ctx, key, conn, id, &channel, Action::History).is_none() {
                 return;
             }
             close::forgive(conn);
@@ -161,13 +156,8 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    Publish,
-}
-
-/// Namespace and permission checks; on refusal answers and returns `None`.
+/// Namespace and permission checks ([`crate::auth::Identity::may`]); on refusal answers (a strike) and
+/// returns `None`.
 fn check_channel<'e>(
     env: &'e Env,
     ctx: &mut Ctx,
@@ -175,27 +165,53 @@ fn check_channel<'e>(
     conn: &mut Conn,
     id: Option<u64>,
     channel: &str,
-    access: Access,
+    action: Action,
 ) -> Option<&'e Namespace> {
     let Some(ns) = env.cfg().namespaces.of_channel(channel) else {
         refuse(env, ctx, key, conn, id, "unknown_namespace", "no such namespace is configured");
         return None;
     };
-    if ns.name == "user" {
-        let owner = channel.split_once(':').map_or("", |(_, n)| n);
-        if access == Access::Publish || owner != &*conn.user {
-            ShardMetrics::inc(&env.metrics.forbidden_total);
-            let reason = "personal channels are only for their owner to subscribe to";
-            refuse(env, ctx, key, conn, id, "forbidden", reason);
-            return None;
-        }
-    }
-    if access == Access::Publish && !ns.client_publish {
+    let verdict = match &conn.id {
+        Some(identity) => identity.may(action, channel, ns),
+        None => Err(Denied::NotGranted),
+    };
+    if let Err(denied) = verdict {
         ShardMetrics::inc(&env.metrics.forbidden_total);
-        refuse(env, ctx, key, conn, id, "forbidden", "clients may not publish in this namespace");
+        refuse(env, ctx, key, conn, id, "forbidden", denied.reason());
         return None;
     }
     Some(ns)
+}
+
+/// `refresh`: a new token for the same user replaces the connection's identity (new claims, new expiry).
+fn refresh(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u64>, token: &str) {
+    let Some(verifier) = &env.shared.auth else {
+        let reason = "this server runs without JWT auth (no key configured), so there is no token to refresh";
+        refuse(env, ctx, key, conn, id, "not_supported", reason);
+        return;
+    };
+    let mut fresh = match verifier.verify(token) {
+        Ok(i) => i,
+        Err(e) => {
+            refuse(env, ctx, key, conn, id, "bad_token", &e.to_string());
+            return;
+        }
+    };
+    let Some((user, ip)) = conn.id.as_ref().map(|old| (old.user.clone(), old.ip)) else { return };
+    if fresh.user != user {
+        ShardMetrics::inc(&env.metrics.forbidden_total);
+        refuse(env, ctx, key, conn, id, "forbidden", "the new token is for another user");
+        return;
+    }
+    close::forgive(conn);
+    // Counted under the same user and address as before.
+    fresh.ip = ip;
+    let expires = fresh.exp;
+    conn.expires_at = timers::expiry_tick(env, expires);
+    conn.id = Some(Arc::new(fresh));
+    timers::expiry_moved(ctx, conn);
+    ShardMetrics::inc(&env.metrics.refreshes_total);
+    text_frame(&mut ctx.out, |o| message::encode_refreshed(o, id, expires));
 }
 
 fn subscribe(
@@ -207,7 +223,7 @@ fn subscribe(
     channel: &str,
     since: Option<(u64, Box<str>)>,
 ) {
-    let Some(ns) = check_channel(env, ctx, key, conn, id, channel, Access::Read) else { return };
+    let Some(ns) = check_channel(env, ctx, key, conn, id, channel, Action::Subscribe) else { return };
     let existing = ctx.chans.local_index.get(channel).copied();
     if existing.is_some_and(|i| conn.subs.iter().any(|s| s.chan as usize == i)) {
         refuse(env, ctx, key, conn, id, "already_subscribed", "already subscribed to this channel");
@@ -226,7 +242,7 @@ fn subscribe(
             return;
         }
     };
-    let user = ns.presence.then(|| conn.user.clone());
+    let user = ns.presence.then(|| Box::<str>::from(conn.user()));
     let home = home_of(channel, env.shards());
     let reply = ReplyTo { shard: env.id as u16, conn: key, id };
     if home == env.id {
@@ -275,12 +291,12 @@ fn unsubscribe(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Opti
         return;
     }
     let sub = conn.subs.swap_remove(pos);
-    ctx.chans.leave(env, &conn.user, sub);
+    ctx.chans.leave(env, conn.user(), sub);
     text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
 }
 
 fn publish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u64>, channel: Box<str>, data: &[u8]) {
-    if check_channel(env, ctx, key, conn, id, &channel, Access::Publish).is_none() {
+    if check_channel(env, ctx, key, conn, id, &channel, Action::Publish).is_none() {
         return;
     }
     let home = home_of(&channel, env.shards());

@@ -195,6 +195,9 @@ pub struct Server {
     pub driver: Driver,
     log: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
+    /// Written before each of the harness's own HTTP requests: a PROXY protocol v1 `UNKNOWN` header (what a
+    /// load balancer's health check sends) when the server was started with `--proxy-protocol`.
+    http_prefix: &'static [u8],
 }
 
 impl Server {
@@ -208,8 +211,23 @@ impl Server {
     /// [`Server::start`] with the server's open-file limit (soft and hard) set to `nofile` (through
     /// util-linux `prlimit`), to run it out of descriptors.
     pub fn start_with_nofile(driver: Driver, args: &[&str], nofile: Option<u32>) -> Server {
+        Self::launch(driver, args, nofile, false, "info")
+    }
+
+    /// [`Server::start`] with `THRONG_LOG` set to `filter` (e.g. `debug`), for tests that read the log.
+    pub fn start_with_log(driver: Driver, args: &[&str], filter: &str) -> Server {
+        Self::launch(driver, args, None, false, filter)
+    }
+
+    /// [`Server::start`] listening on every address (`0.0.0.0`), reached by the tests over loopback.
+    pub fn start_on_any_address(driver: Driver, args: &[&str]) -> Server {
+        Self::launch(driver, args, None, true, "info")
+    }
+
+    fn launch(driver: Driver, args: &[&str], nofile: Option<u32>, any_address: bool, log_filter: &str) -> Server {
         for attempt in 1.. {
             let addr = SocketAddr::from(([127, 0, 0, 1], fresh_port()));
+            let listen = if any_address { SocketAddr::from(([0, 0, 0, 0], addr.port())) } else { addr };
             let mut cmd = match nofile {
                 None => Command::new(env!("CARGO_BIN_EXE_throng")),
                 Some(n) => {
@@ -223,11 +241,15 @@ impl Server {
                     cmd.env_remove(k);
                 }
             }
-            cmd.args(["--listen", &addr.to_string(), "--driver", driver.flag()]);
+            cmd.args(["--listen", &listen.to_string(), "--driver", driver.flag()]);
             if !args.contains(&"--shards") {
                 cmd.args(["--shards", "1"]);
             }
-            cmd.args(args).env("THRONG_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            cmd.args(args)
+                .env("THRONG_LOG", log_filter)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
             let mut child = cmd.spawn().expect("spawning the throng binary");
             let log = Arc::new(Mutex::new(String::new()));
             let stderr = child.stderr.take().expect("piped stderr");
@@ -242,7 +264,8 @@ impl Server {
                     sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
-            let mut server = Server { child, addr, driver, log, exited: None };
+            let http_prefix: &[u8] = if args.contains(&"--proxy-protocol") { b"PROXY UNKNOWN\r\n" } else { b"" };
+            let mut server = Server { child, addr, driver, log, exited: None, http_prefix };
             match server.wait_healthy() {
                 Ok(()) => return server,
                 // Another socket took the port between our probe and the server's bind: try another one.
@@ -264,7 +287,7 @@ impl Server {
             if Instant::now() > deadline {
                 return Err(format!("no /health answer within {START_TIMEOUT:?}\n{}", self.log()));
             }
-            if let Ok(resp) = try_http_get(self.addr, "/health", Duration::from_millis(500)) {
+            if let Ok(resp) = try_http_get(self.addr, self.http_prefix, "/health", Duration::from_millis(500)) {
                 if resp.status == 200 && resp.body == b"ok" {
                     let stats = self.stats();
                     assert_eq!(stats["driver"], self.driver.stats_name(), "/stats names another driver: {stats}");
@@ -349,7 +372,8 @@ impl Server {
 
     /// `GET path` on a new connection, read to the end.
     pub fn get(&self, path: &str) -> HttpResponse {
-        try_http_get(self.addr, path, IO_TIMEOUT).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+        try_http_get(self.addr, self.http_prefix, path, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
     }
 
     /// `/stats` parsed as JSON.
@@ -438,10 +462,11 @@ impl HttpResponse {
     }
 }
 
-fn try_http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<HttpResponse> {
+fn try_http_get(addr: SocketAddr, prefix: &[u8], path: &str, timeout: Duration) -> std::io::Result<HttpResponse> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    s.write_all(prefix)?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

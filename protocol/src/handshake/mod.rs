@@ -30,4 +30,7 @@ mod response;
 
 pub use accept::{accept_key, ACCEPT_KEY_LEN, WEBSOCKET_GUID};
 pub use request::{parse_request, HandshakeError, Request, UpgradeError, DEFAULT_MAX_HEADER_BYTES, MAX_HEADERS};
-pub use response::{json_str_len, write_json_str, write_rejection, write_response, write_switching_protocols, Status};
+pub use response::{
+    json_str_len, write_json_str, write_rejection, write_rejection_with, write_response, write_switching_protocols,
+    Status,
+};

@@ -166,6 +166,12 @@ Sec-WebSocket-Accept: ";
 /// {"error":"<status.error_code()>","reason":"<reason, JSON-escaped>"}
 /// ```
 pub fn write_rejection(out: &mut Vec<u8>, status: Status, reason: &str) {
+    write_rejection_with(out, status, reason, &[]);
+}
+
+/// [`write_rejection`] with extra header fields (`Retry-After` on a 429, say), written after
+/// `Connection: close`. Names and values must not contain CR or LF (they are the caller's constants).
+pub fn write_rejection_with(out: &mut Vec<u8>, status: Status, reason: &str, extra_headers: &[(&str, &str)]) {
     const BODY_OPEN: &[u8] = b"{\"error\":\"";
     const BODY_MID: &[u8] = b"\",\"reason\":";
     let code = status.error_code();
@@ -177,6 +183,12 @@ pub fn write_rejection(out: &mut Vec<u8>, status: Status, reason: &str) {
     out.extend_from_slice(b"\r\nConnection: close\r\n");
     if status == Status::UpgradeRequired {
         out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
+    }
+    for (name, value) in extra_headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(BODY_OPEN);
@@ -315,6 +327,19 @@ fn write_decimal(out: &mut Vec<u8>, mut n: usize) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rejection_with_extra_headers() {
+        let mut out = Vec::new();
+        write_rejection_with(&mut out, Status::TooManyRequests, "slow down", &[("Retry-After", "2")]);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nConnection: close\r\nRetry-After: 2\r\n\r\n{\"error\":\"too_many_requests\""),
+            "{text}"
+        );
+    }
+
     use super::*;
 
     fn s(v: &[u8]) -> &str {
