@@ -2,11 +2,13 @@
 //! rate, and how the work is split over processes and threads.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
 use crate::addr::{parse_source_ips, parse_ws_url, WsUrl};
 use crate::error::Error;
+use crate::jwt::{self, Alg, Minter, TokenIn};
 use crate::sys::parse_cpu_list;
 
 /// What to measure.
@@ -128,9 +130,39 @@ pub struct Args {
     /// Churn: connections opened (and closed again) per second.
     #[arg(long, default_value_t = 100.0)]
     pub churn_rate: f64,
-    /// Mint an HS256 JWT per connection with this secret (sent as `?token=`).
-    #[arg(long)]
+    /// Mint an HS256 JWT per connection with this secret (or THRONG_BENCH_JWT_SECRET, which other users of
+    /// the host cannot see in the process list).
+    #[arg(long, env = "THRONG_BENCH_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Mint an RS256 or ES256 JWT per connection with this PEM private key: RSA (PKCS#1 or PKCS#8) for
+    /// RS256, EC P-256 in PKCS#8 for ES256.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_private_key: Option<PathBuf>,
+    /// Signing algorithm. [default: HS256 with --jwt-secret; with --jwt-private-key, the key's: RS256 for an
+    /// RSA key, ES256 for an EC key (given, it must fit the key)]
+    #[arg(long, value_enum)]
+    pub jwt_alg: Option<Alg>,
+    /// Token lifetime in seconds (`exp` = `iat` + this). Tokens are minted before the ramp, so it must cover
+    /// the whole run. [default: 3600]
+    #[arg(long, value_name = "SECS")]
+    pub jwt_ttl: Option<u64>,
+    /// `iss` claim.
+    #[arg(long)]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim (repeat for several: an array).
+    #[arg(long)]
+    pub jwt_audience: Vec<String>,
+    /// `kid` in the token header.
+    #[arg(long)]
+    pub jwt_kid: Option<String>,
+    /// Extra claims, a JSON object merged over the defaults (`channels`, `publish`, `iss`, `aud` may be
+    /// replaced; `sub`, `iat`, `exp` may not), e.g. '{"channels":["bench:*"]}'.
+    #[arg(long, value_name = "JSON")]
+    pub jwt_claims: Option<String>,
+    /// Where the token goes: `query` (`?token=`), `header` (`Authorization: Bearer`) or `subprotocol`
+    /// (`Sec-WebSocket-Protocol: throng.v1, bearer.<token>`; the 101 must select throng.v1). [default: query]
+    #[arg(long, value_enum)]
+    pub token_in: Option<TokenIn>,
     /// Request path (default: /ws for throng, /echo or /broadcast for raw, /echo for echo).
     #[arg(long)]
     pub path: Option<String>,
@@ -215,8 +247,8 @@ pub struct Plan {
     pub channel: String,
     /// Source addresses, possibly empty (kernel's choice).
     pub source_ips: Vec<IpAddr>,
-    /// HS256 secret for per-connection tokens.
-    pub jwt_secret: Option<String>,
+    /// Per-connection tokens, when the server wants them.
+    pub auth: Option<Auth>,
     /// Seed for keys and masks.
     pub seed: u64,
     /// Worker processes.
@@ -233,6 +265,66 @@ pub struct Plan {
     pub worker: Option<(u32, u32)>,
     /// Testing only: every `.0` ns of the window, spin for `.1` ns (`--test-busy`).
     pub test_busy: Option<(u64, u64)>,
+}
+
+/// How connections authenticate: a token per connection, signed by `minter`, sent in `token_in`.
+#[derive(Clone, Debug)]
+pub struct Auth {
+    /// The parsed key and the claims.
+    pub minter: Minter,
+    /// Where the upgrade request carries the token.
+    pub token_in: TokenIn,
+}
+
+/// The token settings of `args`: `None` without a secret or key (and then no other token option).
+fn auth(args: &Args) -> Result<Option<Auth>, Error> {
+    let claims = jwt::Claims {
+        ttl_s: args.jwt_ttl.unwrap_or(jwt::DEFAULT_TTL_S),
+        issuer: args.jwt_issuer.clone(),
+        audience: args.jwt_audience.clone(),
+        kid: args.jwt_kid.clone(),
+        extra: args.jwt_claims.clone(),
+    };
+    if args.jwt_ttl == Some(0) {
+        return Err(Error::Config("--jwt-ttl must be at least 1 second".into()));
+    }
+    let minter = match (&args.jwt_secret, &args.jwt_private_key) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Config(
+                "--jwt-secret (or THRONG_BENCH_JWT_SECRET) and --jwt-private-key exclude each other".into(),
+            ))
+        }
+        (Some(secret), None) => match args.jwt_alg {
+            None | Some(Alg::Hs256) => Minter::hs256(secret.as_bytes(), &claims)?,
+            Some(a) => {
+                return Err(Error::Config(format!(
+                    "--jwt-alg {} signs with a private key (--jwt-private-key), not --jwt-secret",
+                    a.name()
+                )))
+            }
+        },
+        (None, Some(path)) => {
+            let pem =
+                std::fs::read(path).map_err(|e| Error::Config(format!("--jwt-private-key {}: {e}", path.display())))?;
+            Minter::from_pem(&pem, args.jwt_alg, &claims, &path.display().to_string())?
+        }
+        (None, None) => {
+            let given = [
+                ("--jwt-alg", args.jwt_alg.is_some()),
+                ("--jwt-ttl", args.jwt_ttl.is_some()),
+                ("--jwt-issuer", args.jwt_issuer.is_some()),
+                ("--jwt-audience", !args.jwt_audience.is_empty()),
+                ("--jwt-kid", args.jwt_kid.is_some()),
+                ("--jwt-claims", args.jwt_claims.is_some()),
+                ("--token-in", args.token_in.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(Error::Config(format!("{flag} needs --jwt-secret or --jwt-private-key")));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(Auth { minter, token_in: args.token_in.unwrap_or(TokenIn::Query) }))
 }
 
 fn secs(name: &str, v: f64, min: f64) -> Result<u64, Error> {
@@ -346,7 +438,7 @@ impl Plan {
                 Some(v) => parse_source_ips(v)?,
                 None => Vec::new(),
             },
-            jwt_secret: args.jwt_secret.clone(),
+            auth: auth(args)?,
             seed: args.seed,
             procs: args.procs,
             threads: args.threads,

@@ -19,6 +19,12 @@
 //! integer updates; no allocation. A partial frame at the end of a read is kept in the connection's
 //! `pending` buffer and copied in front of the next read (into reserved head room), so the next read still
 //! lands in the shared buffer.
+//!
+//! With tokens (`--jwt-secret`, `--jwt-private-key`) a thread first mints one per connection it will open
+//! (its initial connections, and as many churn connections as its churn rate can start in the window),
+//! then waits until every thread of the run has (`Control::ramp`), so signing (about half a millisecond of
+//! CPU per RS256 token) neither delays nor competes with the connect ramp it measures. A token is written into its
+//! connection's upgrade request and dropped.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -32,14 +38,14 @@ use throng_protocol::conn::{Event, Limits, MessageData, Step, WsConn};
 use throng_protocol::frame::OpCode;
 use throng_protocol::handshake::accept_key;
 
-use crate::cli::{Plan, Role, Scenario, Target};
+use crate::cli::{Auth, Plan, Role, Scenario, Target};
 use crate::error::Error;
-use crate::jwt;
+use crate::jwt::{self, TokenIn};
 use crate::load::ThreadHandle;
 use crate::payload::{write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
 use crate::poll::{self, Epoll, ERR, IN, OUT};
 use crate::seq::{Arrival, SeqTrack};
-use crate::sys::now_ns;
+use crate::sys::{now_ns, thread_cpu_ns};
 use crate::tally::Tally;
 
 /// Room reserved in front of each read for the partial frame left by the previous one.
@@ -79,6 +85,10 @@ pub struct Control {
     pub go_ns: AtomicU64,
     /// Set to make every thread stop as soon as it can.
     pub abort: AtomicBool,
+    /// Threads that finished minting their tokens (or gave up); they wait for `ramp` before connecting.
+    pub minted: AtomicU32,
+    /// Set by the coordinator once every thread of the run has minted: the connect ramp starts.
+    pub ramp: AtomicBool,
     /// Threads that finished their connect phase (or gave up).
     pub ready: AtomicU32,
     /// The event-loop threads, for sampling their load (each registers itself when it starts).
@@ -175,6 +185,8 @@ struct Conn {
     /// Index of this connection's first slot in the sequence table: one per publisher for a broadcast
     /// receiver, one (its own echoes) for an echo connection.
     seq_base: usize,
+    /// Its token (empty without auth), minted before the ramp and dropped once in the upgrade request.
+    token: String,
 }
 
 impl Conn {
@@ -196,6 +208,7 @@ impl Conn {
             inflight: 0,
             pub_id: 0,
             seq_base: usize::MAX,
+            token: String::new(),
         }
     }
 
@@ -224,13 +237,25 @@ fn ws_key(seed: u64, gidx: u64) -> [u8; 24] {
     key
 }
 
-/// Runs one thread's share of the plan to the end and returns what it counted.
+/// Runs one thread's share of the plan to the end and returns what it counted: mints its tokens, waits for
+/// the ramp (`Control::ramp`), connects, runs the window.
 pub fn run_thread(plan: &Plan, spec: &ThreadSpec, ctl: &Control) -> Result<Tally, Error> {
     ctl.threads.lock().unwrap_or_else(|e| e.into_inner()).push(ThreadHandle::current());
     // Sends are due at exact times: wake up within a microsecond of them, not the default 50.
     // SAFETY: PR_SET_TIMERSLACK takes a number; no pointers are involved.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
-    let mut lp = Loop::new(plan, spec, ctl)?;
+    let mut lp = match Loop::new(plan, spec, ctl).and_then(|mut lp| lp.mint_tokens().map(|()| lp)) {
+        Ok(lp) => lp,
+        Err(e) => {
+            // Do not leave the coordinator waiting for this thread.
+            ctl.abort.store(true, Relaxed);
+            ctl.minted.fetch_add(1, Relaxed);
+            ctl.ready.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+    };
+    ctl.minted.fetch_add(1, Relaxed);
+    lp.wait_ramp();
     let r = lp.run();
     if r.is_err() || lp.phase == Phase::Connecting {
         // Do not leave the coordinator waiting for this thread.
@@ -287,7 +312,8 @@ struct Loop<'a> {
     last_flush: u64,
     flushed: [u64; 4],
     host_line: Vec<u8>,
-    jwt_secret: Option<Vec<u8>>,
+    /// Tokens for churn connections, by churn sequence number (taken as they are used).
+    churn_tokens: Vec<String>,
 }
 
 impl<'a> Loop<'a> {
@@ -359,7 +385,70 @@ impl<'a> Loop<'a> {
             last_flush: 0,
             flushed: [0; 4],
             host_line,
-            jwt_secret: plan.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            churn_tokens: Vec::new(),
+        })
+    }
+
+    /// Mints a token for every initial connection and for the churn connections this thread can start in
+    /// the window, timed (wall clock and thread CPU). Stops early when the run is aborted.
+    fn mint_tokens(&mut self) -> Result<(), Error> {
+        let Some(auth) = &self.plan.auth else { return Ok(()) };
+        let (wall0, cpu0) = (now_ns(), thread_cpu_ns());
+        let now = jwt::unix_now();
+        let churn = if self.spec.churn_rate > 0.0 {
+            // `churn_due` starts at most this many: one at the window's start, then one per 1/rate.
+            (self.plan.duration_ns as f64 * self.spec.churn_rate / 1e9) as u64 + 2
+        } else {
+            0
+        };
+        let mut minted = 0;
+        for slot in 0..self.n_initial as usize {
+            if minted % 256 == 0 && self.ctl.abort.load(Relaxed) {
+                return Ok(());
+            }
+            self.conns[slot].token = mint(auth, self.conns[slot].gidx, now)?;
+            minted += 1;
+        }
+        self.churn_tokens.reserve(churn as usize);
+        for k in 0..churn {
+            if minted % 256 == 0 && self.ctl.abort.load(Relaxed) {
+                return Ok(());
+            }
+            self.churn_tokens.push(mint(auth, self.spec.churn_base + k * self.spec.churn_step, now)?);
+            minted += 1;
+        }
+        self.tally.tokens_minted = minted;
+        self.tally.token_mint_wall_ns = now_ns() - wall0;
+        self.tally.token_mint_cpu_ns = thread_cpu_ns().saturating_sub(cpu0);
+        Ok(())
+    }
+
+    /// Waits until the coordinator starts the ramp (every thread of the run has minted its tokens), or the
+    /// run is aborted; then the ramp's clock starts.
+    fn wait_ramp(&mut self) {
+        let t0 = now_ns();
+        while !self.ctl.ramp.load(Relaxed) && !self.ctl.abort.load(Relaxed) {
+            if now_ns() - t0 > GO_WAIT_NS {
+                // The coordinator has gone wrong.
+                self.ctl.abort.store(true, Relaxed);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        self.start = now_ns();
+    }
+
+    /// The token of churn connection `k` (`gidx`): minted before the ramp, or now when the churn outran
+    /// the foreseen count. Empty without auth.
+    fn churn_token(&mut self, k: u64, gidx: u64) -> String {
+        let Some(auth) = &self.plan.auth else { return String::new() };
+        if let Some(t) = self.churn_tokens.get_mut(k as usize) {
+            return std::mem::take(t);
+        }
+        self.tally.tokens_minted_in_window += 1;
+        mint(auth, gidx, jwt::unix_now()).unwrap_or_else(|_| {
+            self.tally.error("churn_token_mint");
+            String::new()
         })
     }
 
@@ -595,6 +684,7 @@ impl<'a> Loop<'a> {
         let c = &mut self.conns[slot];
         c.fd = None;
         c.st = St::Free;
+        c.token = String::new();
         c.out.clear();
         c.out_pos = 0;
         c.pending.clear();
@@ -701,24 +791,37 @@ impl<'a> Loop<'a> {
             return self.fail(slot, &poll::error_kind(&e));
         }
         let key = ws_key(self.plan.seed, self.conns[slot].gidx);
-        let token = self.jwt_secret.as_ref().map(|s| {
-            let sub = format!("bench-{}", self.conns[slot].gidx);
-            jwt::mint_hs256(s, &sub, jwt::unix_now())
-        });
+        let token_in = self.plan.auth.as_ref().map(|a| a.token_in);
         let c = &mut self.conns[slot];
+        // Minted before the ramp; written once, then dropped.
+        let token = std::mem::take(&mut c.token);
         let out = &mut c.out;
         out.extend_from_slice(b"GET ");
         out.extend_from_slice(self.plan.path.as_bytes());
-        if let Some(t) = token {
+        if token_in == Some(TokenIn::Query) {
             out.push(if self.plan.path.contains('?') { b'&' } else { b'?' });
             out.extend_from_slice(b"token=");
-            out.extend_from_slice(t.as_bytes());
+            out.extend_from_slice(token.as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1");
         out.extend_from_slice(&self.host_line);
         out.extend_from_slice(b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ");
         out.extend_from_slice(&key);
-        out.extend_from_slice(b"\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        out.extend_from_slice(b"\r\nSec-WebSocket-Version: 13");
+        match token_in {
+            Some(TokenIn::Header) => {
+                out.extend_from_slice(b"\r\nAuthorization: Bearer ");
+                out.extend_from_slice(token.as_bytes());
+            }
+            Some(TokenIn::Subprotocol) => {
+                out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+                out.extend_from_slice(jwt::SUBPROTOCOL.as_bytes());
+                out.extend_from_slice(b", bearer.");
+                out.extend_from_slice(token.as_bytes());
+            }
+            Some(TokenIn::Query) | None => {}
+        }
+        out.extend_from_slice(b"\r\n\r\n");
         c.st = St::Upgrading;
         self.flush(slot);
     }
@@ -761,7 +864,7 @@ impl<'a> Loop<'a> {
         let c = &mut self.conns[slot];
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
-        let (head_len, code, accept_ok) = match resp.parse(&c.pending) {
+        let (head_len, code, accept_ok, protocol) = match resp.parse(&c.pending) {
             Ok(httparse::Status::Complete(n)) => {
                 let code = resp.code.unwrap_or(0);
                 let want = accept_key(&ws_key(self.plan.seed, c.gidx));
@@ -769,7 +872,12 @@ impl<'a> Loop<'a> {
                     .headers
                     .iter()
                     .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == want.as_slice());
-                (n, code, ok)
+                let protocol = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+                    .map(|h| h.value.trim_ascii() == jwt::SUBPROTOCOL.as_bytes());
+                (n, code, ok, protocol)
             }
             _ => return self.fail(slot, "bad_response"),
         };
@@ -778,6 +886,14 @@ impl<'a> Loop<'a> {
         }
         if !accept_ok {
             return self.fail(slot, "bad_accept");
+        }
+        if self.plan.auth.as_ref().is_some_and(|a| a.token_in == TokenIn::Subprotocol) {
+            // Offered `throng.v1, bearer.<token>`: the server must select throng.v1 (as a browser requires).
+            match protocol {
+                None => return self.fail(slot, "no_subprotocol"),
+                Some(false) => return self.fail(slot, "bad_subprotocol"),
+                Some(true) => {}
+            }
         }
         c.pending.drain(..head_len);
         self.tally.established += u64::from(c.initial);
@@ -1155,12 +1271,14 @@ impl<'a> Loop<'a> {
         }
         let due = ((now.saturating_sub(self.go)) as f64 * self.spec.churn_rate / 1e9) as u64 + 1;
         while self.churn_started < due {
-            let gidx = self.spec.churn_base + self.churn_started * self.spec.churn_step;
+            let k = self.churn_started;
+            let gidx = self.spec.churn_base + k * self.spec.churn_step;
             self.churn_started += 1;
             if self.churn_live >= self.spec.churn_cap {
                 self.tally.error("churn_skipped_fd_cap");
                 continue;
             }
+            let token = self.churn_token(k, gidx);
             let slot = match self.free.pop() {
                 Some(s) => s,
                 None => {
@@ -1172,6 +1290,7 @@ impl<'a> Loop<'a> {
             c.role = Role::Churn;
             c.gidx = gidx;
             c.initial = false;
+            c.token = token;
             self.churn_live += 1;
             self.tally.churn_opened += 1;
             self.open(slot, now);
@@ -1187,6 +1306,13 @@ impl<'a> Loop<'a> {
         self.closing_q.push_back((slot, c.gidx, now + CLOSE_WAIT_NS));
         self.mark_dirty(slot);
     }
+}
+
+/// The token of connection `gidx`.
+fn mint(auth: &Auth, gidx: u64, now_unix: u64) -> Result<String, Error> {
+    auth.minter
+        .mint(&jwt::subject(gidx), now_unix)
+        .map_err(|e| Error::Config(format!("minting a {} token: {e}", auth.minter.alg().name())))
 }
 
 #[cfg(test)]

@@ -1,15 +1,18 @@
 //! Running a plan: threads in this process, or worker processes of this executable, started together.
 //!
-//! Timeline, the same for one process or many: every thread ramps up its connections and reports ready;
-//! the coordinator samples the server, picks a start time a little in the future and hands it to every
-//! thread (through [`Control`] in-process, or as a `GO <ns>` line on each worker's stdin); each thread runs
-//! the window and the grace period by the monotonic clock, which all processes share, then stops by itself.
+//! Timeline, the same for one process or many: every thread mints its connections' tokens (when the run
+//! has a JWT key) and waits; once all have, the coordinator starts the ramp (so no thread signs while
+//! another connects); every thread ramps up its connections and reports ready; the coordinator samples the
+//! server, picks a start time a little in the future and hands it to every thread (through [`Control`]
+//! in-process, or as a `GO <ns>` line on each worker's stdin); each thread runs the window and the grace
+//! period by the monotonic clock, which all processes share, then stops by itself.
 //!
-//! Worker protocol. Worker to parent (stdout, one line each): `READY <connections open>`,
-//! `PROGRESS <open> <failed> <sent> <received> <churned>` once a second, then `RESULT <tally JSON>`, or
-//! `FAIL <reason>`. Parent to worker (stdin): `GO <start ns>`, or `STOP` when no connection anywhere was
-//! ready (the worker then reports at once). Workers die with their parent (`PR_SET_PDEATHSIG`), and the
-//! parent kills its workers (by PID) when it gives up on them.
+//! Worker protocol. Worker to parent (stdout, one line each): `MINTED` when its threads have their tokens,
+//! `READY <connections open>`, `PROGRESS <open> <failed> <sent> <received> <churned>` once a second, then
+//! `RESULT <tally JSON>`, or `FAIL <reason>`. Parent to worker (stdin): `RAMP` once every worker has minted,
+//! then `GO <start ns>`, or `STOP` when no connection anywhere was ready (the worker then reports at once).
+//! Workers die with their parent (`PR_SET_PDEATHSIG`), and the parent kills its workers (by PID) when it
+//! gives up on them.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -123,6 +126,10 @@ impl Local {
         Ok(Self { ctl, handles })
     }
 
+    fn all_minted(&self) -> bool {
+        self.ctl.minted.load(Relaxed) as usize >= self.handles.len()
+    }
+
     fn all_ready(&self) -> bool {
         self.ctl.ready.load(Relaxed) as usize >= self.handles.len()
     }
@@ -157,6 +164,7 @@ impl Local {
 
 #[derive(Debug, Default)]
 struct WorkerState {
+    minted: bool,
     ready: bool,
     progress: Snapshot,
     result: Option<Tally>,
@@ -201,6 +209,29 @@ impl Procs {
     fn with_state<R>(&self, f: impl FnOnce(&[WorkerState]) -> R) -> R {
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         f(&guard)
+    }
+
+    /// Ok(true) when all have minted their tokens; an error when one failed or exited early.
+    fn all_minted(&self) -> Result<bool, Error> {
+        self.with_state(|s| {
+            for (k, w) in s.iter().enumerate() {
+                if let Some(f) = &w.failure {
+                    return Err(Error::Worker(k, f.clone()));
+                }
+                if w.exited && !w.minted {
+                    return Err(Error::Worker(k, "exited before it had minted its tokens".into()));
+                }
+            }
+            Ok(s.iter().all(|w| w.minted))
+        })
+    }
+
+    /// Starts every worker's ramp.
+    fn ramp(&mut self) -> Result<(), Error> {
+        for (k, stdin) in self.stdins.iter_mut().enumerate() {
+            writeln!(stdin, "RAMP").and_then(|()| stdin.flush()).map_err(|e| Error::Worker(k, e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Ok(true) when all are ready; an error when one failed or exited early.
@@ -286,7 +317,9 @@ fn read_worker(k: usize, stdout: std::process::ChildStdout, state: &Mutex<Vec<Wo
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         // Empty once the parent has taken the results (`Procs::join`): nothing left to record.
         let Some(w) = s.get_mut(k) else { break };
-        if let Some(open) = line.strip_prefix("READY") {
+        if line == "MINTED" {
+            w.minted = true;
+        } else if let Some(open) = line.strip_prefix("READY") {
             w.ready = true;
             w.progress.open = open.trim().parse().unwrap_or(0);
         } else if let Some(rest) = line.strip_prefix("PROGRESS ") {
@@ -314,6 +347,24 @@ enum Fleet {
 }
 
 impl Fleet {
+    fn all_minted(&self) -> Result<bool, Error> {
+        match self {
+            Fleet::Local(l) => Ok(l.all_minted()),
+            Fleet::Procs(p) => p.all_minted(),
+        }
+    }
+
+    /// Every thread has its tokens: the connect ramp starts.
+    fn ramp(&mut self) -> Result<(), Error> {
+        match self {
+            Fleet::Local(l) => {
+                l.ctl.ramp.store(true, Relaxed);
+                Ok(())
+            }
+            Fleet::Procs(p) => p.ramp(),
+        }
+    }
+
     fn all_ready(&self) -> Result<bool, Error> {
         match self {
             Fleet::Local(l) => Ok(l.all_ready()),
@@ -374,12 +425,29 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     let tty = !plan.json && std::io::stdout().is_terminal();
     let mut use_stats = true;
     let mut samples = Samples { before: sample_server(plan, &mut use_stats), ..Samples::default() };
-    let start = now_ns();
+    let spawned = now_ns();
     let mut fleet = if plan.procs > 1 {
         Fleet::Procs(Procs::start(plan, worker)?)
     } else {
         Fleet::Local(Local::start(plan, 0, 1)?)
     };
+    // Tokens first, in every thread; the ramp (and its clock) starts when all have theirs. Minting is
+    // finite CPU work (about half a millisecond per RS256 token): this only guards against a hang.
+    let mint_deadline = spawned + 600_000_000_000 + plan.total * 10_000_000;
+    let mut last_line = spawned;
+    while !fleet.all_minted()? {
+        let now = now_ns();
+        if now > mint_deadline {
+            return Err(Error::Config("tokens were not minted before the deadline".into()));
+        }
+        if tty && now - last_line >= 1_000_000_000 {
+            progress_line("minting", &Snapshot::default(), &Snapshot::default(), 1.0);
+            last_line = now;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let start = now_ns();
+    fleet.ramp()?;
     // Every connection resolves (ready, failed or timed out) by itself; this only guards against a hang.
     let per_proc = plan.total / u64::from(plan.procs) + 1;
     let ramp_ns = (per_proc as f64 * u64::from(plan.procs) as f64 / plan.ramp_rate * 1e9) as u64;
@@ -511,6 +579,27 @@ pub fn worker_main(plan: &Plan) -> Result<(), Error> {
             return Err(e);
         }
     };
+    while !local.all_minted() {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    if local.ctl.abort.load(Relaxed) {
+        let e = local.join().err().map_or_else(|| "a client thread stopped early".to_string(), |e| e.to_string());
+        fail(e.clone());
+        return Err(Error::Worker(k as usize, e));
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "MINTED");
+        let _ = out.flush();
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if !matches!(read, Ok(n) if n > 0 && line.trim() == "RAMP") {
+        local.ctl.abort.store(true, Relaxed);
+        let _ = local.join();
+        return Err(Error::Worker(k as usize, "no RAMP from the parent".into()));
+    }
+    local.ctl.ramp.store(true, Relaxed);
     while !local.all_ready() {
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -22,8 +22,9 @@
 //! - [`tally`]: raw counts and histograms, merged across threads and processes.
 //! - [`hist`]: hdrhistogram latency recording and its lossless transfer between processes.
 //! - [`report`]: derived figures, the JSON report and the human summary.
-//! - [`poll`], [`addr`], [`sys`], [`jwt`]: epoll and sockets, URLs and source addresses, clocks and
-//!   `/proc`, HS256 tokens.
+//! - [`jwt`]: per-connection JSON Web Tokens (HS256, RS256, ES256) minted with `jsonwebtoken`, and where
+//!   the upgrade request carries them.
+//! - [`poll`], [`addr`], [`sys`]: epoll and sockets, URLs and source addresses, clocks and `/proc`.
 
 pub mod addr;
 pub mod cli;

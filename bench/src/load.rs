@@ -162,13 +162,21 @@ mod tests {
             }
         });
         let h = rx.recv().unwrap();
-        let mut sm = Sampler::start(vec![h, ThreadHandle::current()]);
+        // The sleeper sleeps through the whole window: no wake-ups, so no run-queue waits even on a busy
+        // machine (the sampling thread itself wakes every 5 ms and may wait for a CPU each time).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sleeper = std::thread::spawn(move || {
+            tx.send(ThreadHandle::current()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(400));
+        });
+        let mut sm = Sampler::start(vec![h, rx.recv().unwrap()]);
         let t0 = now_ns();
         while now_ns() < t0 + 300_000_000 {
             std::thread::sleep(std::time::Duration::from_millis(5));
             sm.tick(now_ns());
         }
         spinner.join().unwrap();
+        sleeper.join().unwrap();
         let loads = sm.finish();
         assert!(loads[0].intervals >= 10, "{loads:?}");
         // Spinning: on a CPU or waiting for one all the time.

@@ -173,6 +173,26 @@ pub struct ClientReport {
     /// True when the client, not the server, may have been the limit: the busiest thread was saturated in at
     /// least 10% of the intervals, or the bench used ≥ 90% of its CPUs over the window.
     pub limited: bool,
+    /// Tokens minted before the connect ramp (0 without a JWT key).
+    pub tokens_minted: u64,
+    /// Wall-clock milliseconds the longest thread spent minting them, before the ramp (not in `ramp_s`).
+    pub token_mint_ms: f64,
+    /// CPU µs per token minted (all threads' minting CPU time / tokens).
+    pub token_mint_us: Option<f64>,
+    /// Tokens minted during the window, churn connections beyond the foreseen count (their signing is in
+    /// the churn handshake times); normally 0.
+    pub tokens_minted_in_window: u64,
+}
+
+/// How connections authenticated.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthReport {
+    /// `HS256`, `RS256` or `ES256`.
+    pub alg: &'static str,
+    /// Where the token went: `query`, `header` or `subprotocol`.
+    pub token_in: &'static str,
+    /// Token lifetime, seconds.
+    pub ttl_s: u64,
 }
 
 /// Everything a run measured.
@@ -204,6 +224,8 @@ pub struct Report {
     pub rate: Option<f64>,
     /// Receive pacing period, ms (0 = off); latencies include up to this much of the bench's own wait.
     pub pace_ms: f64,
+    /// Tokens, when the run had a JWT key.
+    pub auth: Option<AuthReport>,
     /// Connection figures.
     pub connect: ConnectReport,
     /// Message figures (not for connect).
@@ -335,6 +357,11 @@ impl Report {
             saturated_share: round(saturated_share, 3),
             busiest_thread_busy: round(busiest_busy, 3),
             limited,
+            tokens_minted: t.tokens_minted,
+            token_mint_ms: round(t.token_mint_wall_ns as f64 / 1e6, 3),
+            token_mint_us: (t.tokens_minted > 0)
+                .then(|| round(t.token_mint_cpu_ns as f64 / 1e3 / t.tokens_minted as f64, 2)),
+            tokens_minted_in_window: t.tokens_minted_in_window,
         };
         if t.failed > 0 {
             warnings.push(format!("{} of {} connections failed: {:?}", t.failed, t.attempted, t.errors));
@@ -408,6 +435,30 @@ impl Report {
             ));
         }
         let ramp_s = s.connect_s.max(t.connect_span_ns as f64 / 1e9);
+        let auth = plan.auth.as_ref().map(|a| AuthReport {
+            alg: a.minter.alg().name(),
+            token_in: a.token_in.name(),
+            ttl_s: a.minter.ttl_s(),
+        });
+        if let Some(a) = &auth {
+            // Tokens are minted before the ramp: the last connections (churn) use them the longest after.
+            let used_for = t.token_mint_wall_ns as f64 / 1e9 + ramp_s + dur + grace;
+            if (a.ttl_s as f64) < used_for {
+                warnings.push(format!(
+                    "tokens live {} s (--jwt-ttl) but were minted before the ramp of a {used_for:.0} s run: \
+                     connections opened late (churn) presented expired tokens, and a server that closes \
+                     connections at `exp` closed some",
+                    a.ttl_s
+                ));
+            }
+        }
+        if t.tokens_minted_in_window > 0 {
+            warnings.push(format!(
+                "{} churn tokens were minted during the window (more churn connections than foreseen): their \
+                 signing time is in the churn handshake latencies",
+                t.tokens_minted_in_window
+            ));
+        }
         Report {
             scenario: scenario.name(),
             target: plan.target.name(),
@@ -422,6 +473,7 @@ impl Report {
             size: plan.size,
             rate: plan.rate,
             pace_ms: plan.pace_ns as f64 / 1e6,
+            auth,
             connect: ConnectReport {
                 attempted: t.attempted,
                 established: t.established,
@@ -476,6 +528,19 @@ impl Report {
             c.ready, c.attempted, c.ramp_s, c.per_s, c.held
         );
         let _ = writeln!(o, "          latency {}", lat(&c.latency_us));
+        if let Some(a) = &self.auth {
+            let cl = &self.client;
+            let _ = writeln!(
+                o,
+                "          tokens: {} {} ({} s) in the {}, minted before the ramp in {:.1} ms ({} CPU each)",
+                cl.tokens_minted,
+                a.alg,
+                a.ttl_s,
+                a.token_in,
+                cl.token_mint_ms,
+                cl.token_mint_us.map_or_else(|| "-".to_string(), ms)
+            );
+        }
         if c.dropped > 0 {
             let _ = writeln!(o, "          dropped during the run: {} {:?}", c.dropped, c.drop_reasons);
         }

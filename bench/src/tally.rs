@@ -81,6 +81,15 @@ pub struct Tally {
     pub connect_span_ns: u64,
     /// Each event-loop thread's load over the window, sampled in short intervals.
     pub threads: Vec<ThreadLoad>,
+    /// Tokens minted before the connect ramp (every connection's, and the churn connections' foreseen).
+    pub tokens_minted: u64,
+    /// CPU time the threads spent minting them, nanoseconds (summed).
+    pub token_mint_cpu_ns: u64,
+    /// Wall-clock time of the longest thread's minting, nanoseconds (max): how long the ramp waited.
+    pub token_mint_wall_ns: u64,
+    /// Tokens minted during the window because the churn connections outran the foreseen count (their
+    /// signing time is then part of the churn handshakes).
+    pub tokens_minted_in_window: u64,
 }
 
 fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
@@ -129,5 +138,9 @@ impl Tally {
         self.cpu_total_ns += o.cpu_total_ns;
         self.connect_span_ns = self.connect_span_ns.max(o.connect_span_ns);
         self.threads.extend_from_slice(&o.threads);
+        self.tokens_minted += o.tokens_minted;
+        self.token_mint_cpu_ns += o.token_mint_cpu_ns;
+        self.token_mint_wall_ns = self.token_mint_wall_ns.max(o.token_mint_wall_ns);
+        self.tokens_minted_in_window += o.tokens_minted_in_window;
     }
 }

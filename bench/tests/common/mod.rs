@@ -4,6 +4,8 @@
 //! subscribed, publish → message to the channel's subscribers). [`Fault`]s can drop, swap, duplicate or stall
 //! relayed messages (by global index) and echoes (by index on their connection); every n-th upgrade can be
 //! refused with 503, every n-th v1 subscribe with an error, and the server can stop reading after the upgrade.
+//! Every upgrade request's head is recorded ([`Head`]: where it carried a token); an offered `throng.v1`
+//! subprotocol is selected unless [`Options::no_subprotocol`].
 
 #![allow(dead_code)]
 
@@ -44,6 +46,25 @@ pub struct Options {
     pub reject_subscribe_every: u64,
     /// Never read from a connection after its upgrade (its sender's backlog grows).
     pub no_read: bool,
+    /// Never select a subprotocol, even `throng.v1` when offered.
+    pub no_subprotocol: bool,
+}
+
+/// What an upgrade request carried, as the server parsed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    /// The request target (path and query).
+    pub target: String,
+    /// `token` query parameter.
+    pub query_token: Option<String>,
+    /// `Authorization: Bearer` token.
+    pub bearer: Option<String>,
+    /// Every subprotocol offered, in order.
+    pub subprotocols: Vec<String>,
+    /// The token of a `bearer.<token>` subprotocol.
+    pub subprotocol_token: Option<String>,
+    /// The subprotocol the server selected.
+    pub selected: Option<String>,
 }
 
 type Writer = Arc<Mutex<TcpStream>>;
@@ -63,6 +84,7 @@ struct Shared {
     subscribes: AtomicU64,
     next_id: AtomicU64,
     relay: Mutex<Relay>,
+    heads: Mutex<Vec<Head>>,
 }
 
 /// A running test server; stopped when dropped.
@@ -85,6 +107,7 @@ impl TestServer {
             subscribes: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             relay: Mutex::new(Relay::default()),
+            heads: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&shared);
         let accept = std::thread::spawn(move || {
@@ -108,6 +131,11 @@ impl TestServer {
     /// Messages the relay has seen.
     pub fn relayed(&self) -> u64 {
         self.shared.relay.lock().unwrap().next_index
+    }
+
+    /// The heads of the upgrade requests received so far, in arrival order.
+    pub fn heads(&self) -> Vec<Head> {
+        self.shared.heads.lock().unwrap().clone()
     }
 }
 
@@ -176,7 +204,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     // The request head.
-    let (path, key, head_len) = loop {
+    let (path, key, head_len, protocol) = loop {
         let n = match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
@@ -192,7 +220,17 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
                 }
                 let path = req.path.to_string();
                 let key = req.ws_key.map(|k| k.to_string()).unwrap_or_default();
-                break (path, key, req.header_len);
+                let selected = (!shared.opts.no_subprotocol && req.offers_subprotocol("throng.v1"))
+                    .then(|| "throng.v1".to_string());
+                shared.heads.lock().unwrap().push(Head {
+                    target: req.target.to_string(),
+                    query_token: req.query_param("token").map(|t| t.into_owned()),
+                    bearer: req.bearer_token().map(str::to_string),
+                    subprotocols: req.subprotocols().map(str::to_string).collect(),
+                    subprotocol_token: req.subprotocol_bearer().map(str::to_string),
+                    selected: selected.clone(),
+                });
+                break (path, key, req.header_len, selected);
             }
             Ok(None) => continue,
             Err(_) => return,
@@ -206,7 +244,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         let _ = stream.write_all(&out);
         return;
     }
-    write_switching_protocols(&mut out, key.as_bytes(), None);
+    write_switching_protocols(&mut out, key.as_bytes(), protocol.as_deref());
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     let writer: Writer = Arc::new(Mutex::new(stream.try_clone().unwrap()));
     if path == "/ws" {
