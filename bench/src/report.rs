@@ -54,6 +54,12 @@ pub struct ConnectReport {
     pub per_s: f64,
     /// TCP connect + upgrade latency, µs.
     pub latency_us: Summary,
+    /// Server CPU (with `--server-pid`) from before the first connection until all were ready, seconds: what
+    /// the ramp cost the server (its accepts, upgrades, token checks, and for throng the welcome and any
+    /// subscribe).
+    pub server_cpu_s: Option<f64>,
+    /// `server_cpu_s` per ready connection, µs.
+    pub server_cpu_us_per_conn: Option<f64>,
 }
 
 /// Message figures (echo, broadcast, churn).
@@ -435,6 +441,10 @@ impl Report {
             ));
         }
         let ramp_s = s.connect_s.max(t.connect_span_ns as f64 / 1e9);
+        let ramp_cpu = match (s.before.cpu_ns, s.at_go.cpu_ns) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
         let auth = plan.auth.as_ref().map(|a| AuthReport {
             alg: a.minter.alg().name(),
             token_in: a.token_in.name(),
@@ -486,6 +496,10 @@ impl Report {
                 ramp_s: round(ramp_s, 3),
                 per_s: if ramp_s > 0.0 { round(t.ready as f64 / ramp_s, 1) } else { 0.0 },
                 latency_us: t.connect_lat.summary(),
+                server_cpu_s: ramp_cpu.map(|c| round(c as f64 / 1e9, 3)),
+                server_cpu_us_per_conn: ramp_cpu
+                    .filter(|_| t.ready > 0)
+                    .map(|c| round(c as f64 / 1e3 / t.ready as f64, 2)),
             },
             messages,
             churn,
@@ -528,6 +542,9 @@ impl Report {
             c.ready, c.attempted, c.ramp_s, c.per_s, c.held
         );
         let _ = writeln!(o, "          latency {}", lat(&c.latency_us));
+        if let (Some(cpu), Some(us)) = (c.server_cpu_s, c.server_cpu_us_per_conn) {
+            let _ = writeln!(o, "          server CPU over the ramp {cpu:.3} s: {us:.2} us per connection");
+        }
         if let Some(a) = &self.auth {
             let cl = &self.client;
             let _ = writeln!(

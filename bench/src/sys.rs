@@ -148,6 +148,23 @@ pub fn proc_sample(pid: u32) -> ServerSample {
 }
 
 fn proc_cpu_ns(pid: u32) -> Option<u64> {
+    schedstat_cpu_ns(pid).or_else(|| stat_cpu_ns(pid))
+}
+
+/// CPU time of every thread of `pid` from `/proc/PID/task/TID/schedstat` (nanoseconds, where the kernel
+/// keeps schedstats), so a short ramp is not rounded to clock ticks.
+fn schedstat_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        // A thread that exits between the listing and the read takes its time with it: the process's
+        // stat fallback would not have it either.
+        let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+fn stat_cpu_ns(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields after the closing parenthesis are plain.
     let rest = &stat[stat.rfind(')')? + 1..];
