@@ -33,6 +33,12 @@ struct Claims {
     sub: String,
     #[serde(default)]
     exp: Option<u64>,
+    /// Read only so that a malformed `nbf` is refused: jsonwebtoken checks `nbf` when it parses as a number
+    /// and silently skips it otherwise, which would make `"nbf":"tomorrow"` a token valid today (found by the
+    /// `token` fuzz target).
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<u64>,
     #[serde(default)]
     roles: Vec<String>,
     #[serde(default)]
@@ -288,7 +294,7 @@ impl Auth {
             // The header is JSON too: an unknown `alg` ("none", say) fails there, so tell the two apart
             // (only on this error path; a good token is not decoded twice).
             ErrorKind::Json(_) if jsonwebtoken::decode_header(token).is_err() => TokenError::WrongAlgorithm,
-            ErrorKind::Json(_) => TokenError::BadClaim("sub, exp, roles, channels or publish"),
+            ErrorKind::Json(_) => TokenError::BadClaim("sub, exp, nbf, roles, channels or publish"),
             _ => TokenError::Malformed,
         })?;
         let c = data.claims;
