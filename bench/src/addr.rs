@@ -1,26 +1,31 @@
-//! Addresses: the `ws://` URL of the server and the source addresses connections are bound to.
+//! Addresses: the `ws://` or `wss://` URL of the server and the source addresses connections are bound to.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use crate::error::Error;
 
-/// A parsed `ws://host:port/path` URL.
+/// A parsed `ws://host:port/path` or `wss://host:port/path` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WsUrl {
+    /// True for `wss://` (TLS).
+    pub tls: bool,
     /// The resolved server address (first of the resolver's answers).
     pub addr: SocketAddr,
     /// The `Host` header value (`host:port` as written).
     pub host: String,
+    /// The host alone: no port, no brackets around an IPv6 address (the TLS server name).
+    pub hostname: String,
     /// Path and query when the URL has one beyond `/`; `None` lets the scenario choose.
     pub path: Option<String>,
 }
 
-/// Parses and resolves a `ws://` URL. `wss://` is refused: put the bench behind the TLS proxy's backend
-/// side, or the proxy in front of a plain listener, to measure it.
+/// Parses and resolves a `ws://` or `wss://` URL (default ports 80 and 443).
 pub fn parse_ws_url(url: &str) -> Result<WsUrl, Error> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| Error::Config(format!("--url must start with ws:// (got {url:?}; wss is not supported)")))?;
+    let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => return Err(Error::Config(format!("--url must start with ws:// or wss:// (got {url:?})"))),
+    };
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -28,13 +33,12 @@ pub fn parse_ws_url(url: &str) -> Result<WsUrl, Error> {
     if authority.is_empty() {
         return Err(Error::Config(format!("no host in {url:?}")));
     }
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        && !authority.ends_with(']')
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        && !authority.ends_with(']');
+    let with_port =
+        if has_port { authority.to_string() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
+    let hostname = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+    let hostname = hostname.trim_start_matches('[').trim_end_matches(']').to_string();
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("cannot resolve {authority:?}: {e}")))?
@@ -45,7 +49,7 @@ pub fn parse_ws_url(url: &str) -> Result<WsUrl, Error> {
         p if p.starts_with('?') => Some(format!("/{p}")),
         p => Some(p.to_string()),
     };
-    Ok(WsUrl { addr, host: authority.to_string(), path })
+    Ok(WsUrl { tls, addr, host: authority.to_string(), hostname, path })
 }
 
 /// Parses source addresses: `127.0.0.1-127.0.0.50` (inclusive range), `127.0.0.0/24` (the hosts of a
@@ -99,7 +103,12 @@ mod tests {
         assert_eq!(u.addr, "[::1]:9001".parse().unwrap());
         assert_eq!(u.path, None);
         assert_eq!(parse_ws_url("ws://127.0.0.1/echo").unwrap().addr.port(), 80);
-        assert!(parse_ws_url("wss://127.0.0.1:1").is_err());
+        let u = parse_ws_url("wss://127.0.0.1:9443/ws").unwrap();
+        assert_eq!((u.tls, u.addr.port(), u.hostname.as_str()), (true, 9443, "127.0.0.1"));
+        assert_eq!(parse_ws_url("wss://127.0.0.1").unwrap().addr.port(), 443);
+        assert_eq!(parse_ws_url("wss://[::1]:9443").unwrap().hostname, "::1");
+        assert_eq!(parse_ws_url("wss://localhost:1").unwrap().hostname, "localhost");
+        assert!(!parse_ws_url("ws://127.0.0.1:1").unwrap().tls);
         assert!(parse_ws_url("http://127.0.0.1:1").is_err());
     }
 

@@ -10,6 +10,7 @@ use crate::addr::{parse_source_ips, parse_ws_url, WsUrl};
 use crate::error::Error;
 use crate::jwt::{self, Alg, Minter, TokenIn};
 use crate::sys::parse_cpu_list;
+use crate::tls::{TlsOptions, TlsPlan, TlsVersion};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,7 +63,8 @@ pub struct Args {
     /// Scenario to run.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Server URL, `ws://host:port[/path]`; a path overrides the scenario's default path.
+    /// Server URL, `ws://host:port[/path]` or `wss://host:port[/path]` (TLS 1.3/1.2); a path overrides the
+    /// scenario's default path.
     #[arg(long)]
     pub url: String,
     /// Protocol: `throng` (v1 on /ws) or `raw` (the peers' /echo and /broadcast).
@@ -163,6 +165,24 @@ pub struct Args {
     /// (`Sec-WebSocket-Protocol: throng.v1, bearer.<token>`; the 101 must select throng.v1). [default: query]
     #[arg(long, value_enum)]
     pub token_in: Option<TokenIn>,
+    /// wss: trust the certificates in this PEM file (the server's CA, or a self-signed certificate itself)
+    /// instead of the system's store.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// wss, benchmarking only: accept any server certificate (no chain or name check; the handshake
+    /// signature is still verified). Never against a server that is not your own.
+    #[arg(long)]
+    pub insecure_skip_verify: bool,
+    /// wss: server name for SNI and the certificate check (default: the URL host; an IP address is checked
+    /// against the certificate's IP addresses and sends no SNI).
+    #[arg(long, value_name = "NAME")]
+    pub sni: Option<String>,
+    /// wss: TLS versions offered: `auto` (1.3 and 1.2, the server chooses), `1.2` or `1.3`.
+    #[arg(long, value_enum, default_value_t = TlsVersion::Auto)]
+    pub tls_version: TlsVersion,
+    /// wss: no session resumption: every connection makes a full handshake (certificate check, signature).
+    #[arg(long)]
+    pub no_tls_resumption: bool,
     /// Request path (default: /ws for throng, /echo or /broadcast for raw, /echo for echo).
     #[arg(long)]
     pub path: Option<String>,
@@ -249,6 +269,8 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     /// Per-connection tokens, when the server wants them.
     pub auth: Option<Auth>,
+    /// TLS settings for a `wss://` URL.
+    pub tls: Option<TlsPlan>,
     /// Seed for keys and masks.
     pub seed: u64,
     /// Worker processes.
@@ -325,6 +347,34 @@ fn auth(args: &Args) -> Result<Option<Auth>, Error> {
         }
     };
     Ok(Some(Auth { minter, token_in: args.token_in.unwrap_or(TokenIn::Query) }))
+}
+
+/// The TLS settings of `args`: `None` for a `ws://` URL (and then no TLS option).
+fn tls(args: &Args, url: &WsUrl) -> Result<Option<TlsPlan>, Error> {
+    if !url.tls {
+        let given = [
+            ("--ca-file", args.ca_file.is_some()),
+            ("--insecure-skip-verify", args.insecure_skip_verify),
+            ("--sni", args.sni.is_some()),
+            ("--tls-version", args.tls_version != TlsVersion::Auto),
+            ("--no-tls-resumption", args.no_tls_resumption),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(Error::Config(format!("{flag} needs a wss:// URL")));
+        }
+        return Ok(None);
+    }
+    if args.ca_file.is_some() && args.insecure_skip_verify {
+        return Err(Error::Config("--ca-file and --insecure-skip-verify exclude each other".into()));
+    }
+    let opts = TlsOptions {
+        ca_file: args.ca_file.clone(),
+        insecure_skip_verify: args.insecure_skip_verify,
+        sni: args.sni.clone(),
+        version: args.tls_version,
+        no_resumption: args.no_tls_resumption,
+    };
+    TlsPlan::new(&url.hostname, &opts).map(Some)
 }
 
 fn secs(name: &str, v: f64, min: f64) -> Result<u64, Error> {
@@ -415,6 +465,7 @@ impl Plan {
                 Some(((e * 1e6) as u64, (b * 1e6) as u64))
             }
         };
+        let tls = tls(args, &url)?;
         Ok(Plan {
             scenario: s,
             target: t,
@@ -439,6 +490,7 @@ impl Plan {
                 None => Vec::new(),
             },
             auth: auth(args)?,
+            tls,
             seed: args.seed,
             procs: args.procs,
             threads: args.threads,
@@ -525,5 +577,26 @@ mod tests {
         assert_eq!((p.path.as_str(), p.rate), ("/custom", None));
         let p = plan(&["connect", "--url", "ws://127.0.0.1:1", "--hold", "3", "--target", "raw"]);
         assert_eq!((p.path.as_str(), p.duration_ns), ("/echo", 3_000_000_000));
+    }
+
+    #[test]
+    fn tls_options() {
+        let p = plan(&["echo", "--url", "wss://127.0.0.1:1", "--insecure-skip-verify", "--sni", "example.test"]);
+        let t = p.tls.unwrap();
+        assert_eq!((t.verify, t.resumption), ("none", true));
+        assert_eq!(t.server_name.to_str(), "example.test");
+        let p = plan(&["echo", "--url", "wss://localhost:1", "--insecure-skip-verify", "--no-tls-resumption"]);
+        assert!(!p.tls.unwrap().resumption);
+        assert!(plan(&["echo", "--url", "ws://127.0.0.1:1"]).tls.is_none());
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench"];
+            v.extend_from_slice(args);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&["echo", "--url", "ws://127.0.0.1:1", "--insecure-skip-verify"]).contains("wss://"));
+        assert!(err(&["echo", "--url", "ws://127.0.0.1:1", "--tls-version", "1.2"]).contains("--tls-version"));
+        let both = ["echo", "--url", "wss://127.0.0.1:1", "--insecure-skip-verify", "--ca-file", "/nonexistent"];
+        assert!(err(&both).contains("exclude"));
+        assert!(err(&["echo", "--url", "wss://127.0.0.1:1", "--ca-file", "/nonexistent.pem"]).contains("--ca-file"));
     }
 }

@@ -20,6 +20,13 @@
 //! `pending` buffer and copied in front of the next read (into reserved head room), so the next read still
 //! lands in the shared buffer.
 //!
+//! Over `wss://` a connection first makes its TLS handshake (rustls, see [`crate::tls`]) once TCP is
+//! connected, then its records are the bench's own: a read opens the complete records in place and leaves
+//! their application data contiguous in the same shared buffer, where the frames are parsed as for plain
+//! TCP; a flush seals the connection's queued frames into records. No allocation per message either way;
+//! the plain path only tests that the connection has no TLS state. The handshake's time and the client CPU
+//! it took (inside rustls) are recorded per connection, and the threads' CPU over the whole ramp.
+//!
 //! With tokens (`--jwt-secret`, `--jwt-private-key`) a thread first mints one per connection it will open
 //! (its initial connections, and as many churn connections as its churn rate can start in the window),
 //! then waits until every thread of the run has (`Control::ramp`), so signing (about half a millisecond of
@@ -47,6 +54,7 @@ use crate::poll::{self, Epoll, ERR, IN, OUT};
 use crate::seq::{Arrival, SeqTrack};
 use crate::sys::{now_ns, thread_cpu_ns};
 use crate::tally::Tally;
+use crate::tls::{self, Failure, TlsConn};
 
 /// Room reserved in front of each read for the partial frame left by the previous one.
 const HEAD: usize = 64 * 1024;
@@ -131,6 +139,8 @@ pub struct ThreadSpec {
 enum St {
     Free,
     Connecting,
+    /// `wss://`: the TLS handshake.
+    Tls,
     Upgrading,
     Subscribing,
     Open,
@@ -139,7 +149,7 @@ enum St {
 
 impl St {
     fn pending(self) -> bool {
-        matches!(self, St::Connecting | St::Upgrading | St::Subscribing)
+        matches!(self, St::Connecting | St::Tls | St::Upgrading | St::Subscribing)
     }
 }
 
@@ -187,6 +197,8 @@ struct Conn {
     seq_base: usize,
     /// Its token (empty without auth), minted before the ramp and dropped once in the upgrade request.
     token: String,
+    /// `wss://`: the TLS state; `out` then holds frames not sealed yet.
+    tls: Option<Box<TlsConn>>,
 }
 
 impl Conn {
@@ -209,12 +221,55 @@ impl Conn {
             pub_id: 0,
             seq_base: usize::MAX,
             token: String::new(),
+            tls: None,
         }
     }
 
     fn raw(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }
+
+    /// Bytes queued but not yet taken by the socket (frames, and TLS records).
+    #[inline]
+    fn unsent(&self) -> usize {
+        self.out.len() - self.out_pos + self.tls.as_ref().map_or(0, |t| t.unsent())
+    }
+}
+
+/// One read of the connection's socket, its data at `rbuf[HEAD..]`: plain, one `read` of up to `READ`
+/// bytes; TLS, the application data of the complete records (see [`TlsConn::read`]). `Ok(None)`: nothing to
+/// read; `Ok(Some((n, more)))`: `n` bytes, and the socket may have more.
+#[inline(always)]
+fn recv(c: &mut Conn, rbuf: &mut [u8]) -> Result<Option<(usize, bool)>, String> {
+    let fd = c.raw();
+    match c.tls.as_deref_mut() {
+        None => match poll::read(fd, &mut rbuf[HEAD..HEAD + READ]) {
+            Ok(0) => Err("eof".into()),
+            Ok(n) => Ok(Some((n, n == READ))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(poll::error_kind(&e)),
+        },
+        Some(t) => t.read(fd, &mut rbuf[HEAD..], READ).map_err(|f| f.kind),
+    }
+}
+
+/// TLS: seals the queued frames (`out` from `out_pos`) into records and writes as many records as the
+/// socket takes. True when everything went.
+fn flush_tls(t: &mut TlsConn, out: &mut Vec<u8>, out_pos: &mut usize, fd: RawFd) -> Result<bool, String> {
+    if *out_pos < out.len() {
+        t.seal(&out[*out_pos..]).map_err(|f| f.kind)?;
+        out.clear();
+        *out_pos = 0;
+    }
+    while t.pos < t.out.len() {
+        match poll::write(fd, &t.out[t.pos..]) {
+            Ok(n) => t.pos += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(poll::error_kind(&e)),
+        }
+    }
+    t.compact();
+    Ok(t.unsent() == 0)
 }
 
 /// Sixteen pseudo-random bytes for connection `gidx`, base64: its `Sec-WebSocket-Key`.
@@ -314,6 +369,8 @@ struct Loop<'a> {
     host_line: Vec<u8>,
     /// Tokens for churn connections, by churn sequence number (taken as they are used).
     churn_tokens: Vec<String>,
+    /// The thread's CPU time when the ramp started.
+    ramp_cpu0: u64,
 }
 
 impl<'a> Loop<'a> {
@@ -357,7 +414,8 @@ impl<'a> Loop<'a> {
             ep,
             conns,
             free: Vec::new(),
-            rbuf: vec![0u8; HEAD + READ],
+            // TLS: a read also carries one partial record in front of the new bytes.
+            rbuf: vec![0u8; HEAD + READ + if plan.tls.is_some() { tls::READ_ROOM } else { 0 }],
             scratch: Vec::with_capacity(plan.size + 256),
             sc: Scanner::new(),
             hint: 1,
@@ -386,6 +444,7 @@ impl<'a> Loop<'a> {
             flushed: [0; 4],
             host_line,
             churn_tokens: Vec::new(),
+            ramp_cpu0: 0,
         })
     }
 
@@ -436,6 +495,7 @@ impl<'a> Loop<'a> {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         self.start = now_ns();
+        self.ramp_cpu0 = thread_cpu_ns();
     }
 
     /// The token of churn connection `k` (`gidx`): minted before the ramp, or now when the churn outran
@@ -465,6 +525,7 @@ impl<'a> Loop<'a> {
                         self.phase = Phase::WaitGo;
                         self.ready_at = now;
                         self.tally.connect_span_ns = now - self.start;
+                        self.tally.ramp_cpu_ns = thread_cpu_ns().saturating_sub(self.ramp_cpu0);
                         self.ctl.ready.fetch_add(1, Relaxed);
                     }
                 }
@@ -685,6 +746,7 @@ impl<'a> Loop<'a> {
         c.fd = None;
         c.st = St::Free;
         c.token = String::new();
+        c.tls = None;
         c.out.clear();
         c.out_pos = 0;
         c.pending.clear();
@@ -764,7 +826,15 @@ impl<'a> Loop<'a> {
             St::Free => {}
             St::Connecting => {
                 if events & (OUT | ERR | IN) != 0 {
-                    self.on_connected(slot);
+                    self.on_connected(slot, now);
+                }
+            }
+            St::Tls => {
+                if events & OUT != 0 {
+                    self.flush(slot);
+                }
+                if events & (IN | ERR) != 0 && self.conns[slot].st == St::Tls {
+                    self.on_tls_readable(slot);
                 }
             }
             St::Upgrading => {
@@ -786,10 +856,94 @@ impl<'a> Loop<'a> {
         }
     }
 
-    fn on_connected(&mut self, slot: usize) {
+    fn on_connected(&mut self, slot: usize, now: u64) {
         if let Some(e) = poll::take_error(self.conns[slot].raw()) {
             return self.fail(slot, &poll::error_kind(&e));
         }
+        if let Some(plan) = &self.plan.tls {
+            match TlsConn::new(plan, now) {
+                Ok(t) => {
+                    let c = &mut self.conns[slot];
+                    c.tls = Some(t);
+                    c.st = St::Tls;
+                }
+                Err(f) => return self.tls_failed(slot, f),
+            }
+            // The ClientHello.
+            return self.tls_progress(slot, None);
+        }
+        self.send_upgrade(slot);
+    }
+
+    /// TLS handshake: takes everything the socket has, then lets rustls go on.
+    fn on_tls_readable(&mut self, slot: usize) {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let mut end = None;
+        let c = &mut self.conns[slot];
+        let fd = c.raw();
+        if let Some(t) = c.tls.as_deref_mut() {
+            loop {
+                match poll::read(fd, &mut rbuf[..READ]) {
+                    Ok(0) => {
+                        let msg = "the server closed the connection during the TLS handshake";
+                        end = Some(Failure { kind: "tls_eof".into(), message: msg.into() });
+                        break;
+                    }
+                    Ok(n) => {
+                        t.feed(&rbuf[..n]);
+                        if n < READ {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        let message = format!("during the TLS handshake: {e}");
+                        end = Some(Failure { kind: poll::error_kind(&e), message });
+                        break;
+                    }
+                }
+            }
+        }
+        self.rbuf = rbuf;
+        self.tls_progress(slot, end);
+    }
+
+    /// Runs the TLS handshake on what was received (`end`: the socket ended, after that): sends what rustls
+    /// has to send; once done, counts it and sends the upgrade request.
+    fn tls_progress(&mut self, slot: usize, end: Option<Failure>) {
+        let Some(t) = self.conns[slot].tls.as_deref_mut() else { return };
+        match t.handshake() {
+            Err(f) => self.tls_failed(slot, f),
+            Ok(None) => match end {
+                // rustls's view first: an alert the server sent before closing says more.
+                Some(f) => self.tls_failed(slot, f),
+                None => self.flush(slot),
+            },
+            Ok(Some(done)) => {
+                let t = &mut self.tally;
+                t.tls_handshakes += 1;
+                t.tls_resumed += u64::from(done.resumed);
+                t.tls_handshake.record(now_ns().saturating_sub(done.started));
+                t.tls_handshake_cpu.record(done.cpu_ns);
+                if t.tls.is_none() {
+                    t.tls = Some(done.info);
+                }
+                self.send_upgrade(slot);
+            }
+        }
+    }
+
+    /// A TLS handshake failed: keeps the first message for the report, counts the failure by kind.
+    #[cold]
+    fn tls_failed(&mut self, slot: usize, f: Failure) {
+        if self.tally.tls_error.is_none() {
+            self.tally.tls_error = Some(f.message);
+        }
+        self.fail(slot, &f.kind);
+    }
+
+    /// Queues the upgrade request (with the token, if any) and sends it.
+    fn send_upgrade(&mut self, slot: usize) {
         let key = ws_key(self.plan.seed, self.conns[slot].gidx);
         let token_in = self.plan.auth.as_ref().map(|a| a.token_in);
         let c = &mut self.conns[slot];
@@ -830,10 +984,11 @@ impl<'a> Loop<'a> {
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let result = loop {
             let c = &mut self.conns[slot];
-            match poll::read(c.raw(), &mut rbuf[..READ]) {
-                Ok(0) => break Err("reset".to_string()),
-                Ok(n) => {
-                    c.pending.extend_from_slice(&rbuf[..n]);
+            match recv(c, &mut rbuf) {
+                Err(kind) if kind == "eof" => break Err("reset".to_string()),
+                Err(kind) => break Err(kind),
+                Ok(Some((n, _))) => {
+                    c.pending.extend_from_slice(&rbuf[HEAD..HEAD + n]);
                     if memchr::memmem::find(&c.pending, b"\r\n\r\n").is_some() {
                         break Ok(true);
                     }
@@ -841,8 +996,7 @@ impl<'a> Loop<'a> {
                         break Err("bad_response".to_string());
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(false),
-                Err(e) => break Err(poll::error_kind(&e)),
+                Ok(None) => break Ok(false),
             }
         };
         self.rbuf = rbuf;
@@ -937,12 +1091,18 @@ impl<'a> Loop<'a> {
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let outcome = loop {
             let c = &mut self.conns[slot];
-            let n = match poll::read(c.raw(), &mut rbuf[HEAD..]) {
-                Ok(0) => break Err(Stop::Fail("eof".into())),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) => break Err(Stop::Fail(poll::error_kind(&e))),
+            let (n, more) = match recv(c, &mut rbuf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(()),
+                Err(kind) => break Err(Stop::Fail(kind)),
             };
+            if n == 0 {
+                // TLS: only a partial record, or a session ticket.
+                if more {
+                    continue;
+                }
+                break Ok(());
+            }
             // One clock read per read: every frame in it had arrived by now.
             let now = now_ns();
             let plen = c.pending.len();
@@ -971,7 +1131,7 @@ impl<'a> Loop<'a> {
             if let Err(stop) = r {
                 break Err(stop);
             }
-            if n < READ {
+            if !more {
                 break Ok(());
             }
         };
@@ -988,9 +1148,16 @@ impl<'a> Loop<'a> {
             return;
         }
         let c = &mut self.conns[slot];
-        if c.out_pos < c.out.len() {
-            // Best effort: the close reply, if the socket takes it.
-            let _ = poll::write(c.raw(), &c.out[c.out_pos..]);
+        // Best effort: the close reply, if the socket takes it.
+        let fd = c.raw();
+        match c.tls.as_deref_mut() {
+            None if c.out_pos < c.out.len() => {
+                let _ = poll::write(fd, &c.out[c.out_pos..]);
+            }
+            None => {}
+            Some(t) => {
+                let _ = flush_tls(t, &mut c.out, &mut c.out_pos, fd);
+            }
         }
         match stop {
             Stop::Closed(code) => {
@@ -1147,24 +1314,33 @@ impl<'a> Loop<'a> {
         let c = &mut self.conns[slot];
         c.dirty = false;
         let fd = c.raw();
-        while c.out_pos < c.out.len() {
-            match poll::write(fd, &c.out[c.out_pos..]) {
-                Ok(n) => c.out_pos += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return self.fail(slot, &poll::error_kind(&e)),
+        let sent = match c.tls.as_deref_mut() {
+            None => {
+                while c.out_pos < c.out.len() {
+                    match poll::write(fd, &c.out[c.out_pos..]) {
+                        Ok(n) => c.out_pos += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return self.fail(slot, &poll::error_kind(&e)),
+                    }
+                }
+                if c.out_pos == c.out.len() {
+                    c.out.clear();
+                    c.out_pos = 0;
+                    true
+                } else {
+                    if c.out_pos > (1 << 20) {
+                        c.out.drain(..c.out_pos);
+                        c.out_pos = 0;
+                    }
+                    false
+                }
             }
-        }
-        let want = if c.out_pos == c.out.len() {
-            c.out.clear();
-            c.out_pos = 0;
-            IN
-        } else {
-            if c.out_pos > (1 << 20) {
-                c.out.drain(..c.out_pos);
-                c.out_pos = 0;
-            }
-            IN | OUT
+            Some(t) => match flush_tls(t, &mut c.out, &mut c.out_pos, fd) {
+                Ok(sent) => sent,
+                Err(kind) => return self.fail(slot, &kind),
+            },
         };
+        let want = if sent { IN } else { IN | OUT };
         if want != c.interest {
             c.interest = want;
             if let Err(e) = self.ep.modify(fd, slot as u64, want) {
@@ -1181,7 +1357,7 @@ impl<'a> Loop<'a> {
             self.tally.skipped += 1;
             return false;
         }
-        if c.out.len() - c.out_pos > OUT_CAP {
+        if c.unsent() > OUT_CAP {
             self.tally.skipped += 1;
             self.tally.backpressured += 1;
             return false;

@@ -392,7 +392,8 @@ fn sample_server(plan: &Plan, use_stats: &mut bool) -> ServerSample {
     if let Some(pid) = plan.server_pid {
         return sys::proc_sample(pid);
     }
-    if !*use_stats {
+    if !*use_stats || plan.url.tls {
+        // (Not over TLS: `/stats` is fetched in plain HTTP.)
         return ServerSample::default();
     }
     let rss = sys::stats_rss_bytes(plan.url.addr, &plan.url.host);
@@ -492,7 +493,9 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
         };
         samples.server_source = "none";
         let mut report = Report::build(plan, tally, &samples, cores);
-        report.warnings.insert(0, "no connection was ready: the window was skipped".into());
+        // After the TLS failure that explains it, if that was it.
+        let at = usize::from(report.tls.as_ref().is_some_and(|t| t.first_error.is_some()));
+        report.warnings.insert(at, "no connection was ready: the window was skipped".into());
         return Ok(report);
     }
     // Raw servers register a connection when their upgrade completes; give the last ones a moment.

@@ -24,6 +24,8 @@
 //! - [`report`]: derived figures, the JSON report and the human summary.
 //! - [`jwt`]: per-connection JSON Web Tokens (HS256, RS256, ES256) minted with `jsonwebtoken`, and where
 //!   the upgrade request carries them.
+//! - [`tls`]: `wss://`: rustls handshakes (ring), then records sealed and opened in place with ring's AEADs,
+//!   so TLS adds no allocation per message either.
 //! - [`poll`], [`addr`], [`sys`]: epoll and sockets, URLs and source addresses, clocks and `/proc`.
 
 pub mod addr;
@@ -40,6 +42,7 @@ pub mod report;
 pub mod seq;
 pub mod sys;
 pub mod tally;
+pub mod tls;
 
 pub use cli::{Args, Plan, Scenario, Target};
 pub use error::Error;

@@ -26,5 +26,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         write!(out, "{}", report.human())?;
     }
+    if let (Some(e), 0) = (&report.tally.tls_error, report.connect.ready) {
+        // wss:// with no handshake through (an untrusted certificate, say): the run measured nothing.
+        anyhow::bail!("no connection got through its TLS handshake: {e} (see the warnings)");
+    }
     Ok(())
 }

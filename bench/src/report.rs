@@ -52,7 +52,7 @@ pub struct ConnectReport {
     pub ramp_s: f64,
     /// Connections ready per second of ramp.
     pub per_s: f64,
-    /// TCP connect + upgrade latency, µs.
+    /// TCP connect (+ TLS handshake) + upgrade latency, µs.
     pub latency_us: Summary,
     /// Server CPU (with `--server-pid`) from before the first connection until all were ready, seconds: what
     /// the ramp cost the server (its accepts, upgrades, token checks, and for throng the welcome and any
@@ -60,6 +60,41 @@ pub struct ConnectReport {
     pub server_cpu_s: Option<f64>,
     /// `server_cpu_s` per ready connection, µs.
     pub server_cpu_us_per_conn: Option<f64>,
+    /// The bench's CPU over the ramp, seconds (all threads, from the start of the ramp until each had its
+    /// connections resolved): what connecting cost the client (TLS handshakes above all).
+    pub client_cpu_s: f64,
+    /// `client_cpu_s` per connection attempted, µs.
+    pub client_cpu_us_per_conn: Option<f64>,
+    /// Share of the bench's CPUs used over the ramp (`client_cpu_s` / (`ramp_s` × cores)): near 1, the
+    /// connect rate and latencies were the client's limit, not the server's.
+    pub client_utilization: f64,
+}
+
+/// TLS figures (`wss://`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsReport {
+    /// Negotiated by the first handshake that completed: `TLSv1.3` or `TLSv1.2`.
+    pub version: Option<String>,
+    /// Its cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
+    pub cipher_suite: Option<String>,
+    /// Its key exchange group (`X25519`, ...).
+    pub kx_group: Option<String>,
+    /// How the server certificate was checked: `ca-file`, `system` or `none` (`--insecure-skip-verify`).
+    pub verify: &'static str,
+    /// The name sent as SNI and checked (an IP address is checked against the certificate, not sent).
+    pub server_name: String,
+    /// Whether sessions were resumed when the cache had one (off with `--no-tls-resumption`).
+    pub resumption: bool,
+    /// Handshakes completed (churn connections included).
+    pub handshakes: u64,
+    /// Those that resumed a session (no certificate check, no signature).
+    pub resumed: u64,
+    /// Handshake time: TCP connected to handshake done, µs.
+    pub handshake_us: Summary,
+    /// Client CPU per handshake (in rustls: key exchange, certificate check, signature), µs.
+    pub handshake_cpu_us: Summary,
+    /// The first handshake failure's message.
+    pub first_error: Option<String>,
 }
 
 /// Message figures (echo, broadcast, churn).
@@ -232,6 +267,8 @@ pub struct Report {
     pub pace_ms: f64,
     /// Tokens, when the run had a JWT key.
     pub auth: Option<AuthReport>,
+    /// TLS, for a `wss://` URL.
+    pub tls: Option<TlsReport>,
     /// Connection figures.
     pub connect: ConnectReport,
     /// Message figures (not for connect).
@@ -441,6 +478,54 @@ impl Report {
             ));
         }
         let ramp_s = s.connect_s.max(t.connect_span_ns as f64 / 1e9);
+        let ramp_util = if ramp_s > 0.0 { t.ramp_cpu_ns as f64 / 1e9 / (ramp_s * cores as f64) } else { 0.0 };
+        let tls = plan.tls.as_ref().map(|p| TlsReport {
+            version: t.tls.as_ref().map(|i| i.version.clone()),
+            cipher_suite: t.tls.as_ref().map(|i| i.cipher_suite.clone()),
+            kx_group: t.tls.as_ref().and_then(|i| i.kx_group.clone()),
+            verify: p.verify,
+            server_name: p.server_name.to_str().into_owned(),
+            resumption: p.resumption,
+            handshakes: t.tls_handshakes,
+            resumed: t.tls_resumed,
+            handshake_us: t.tls_handshake.summary(),
+            handshake_cpu_us: t.tls_handshake_cpu.summary(),
+            first_error: t.tls_error.clone(),
+        });
+        if let (Some(r), Some(e)) = (&tls, &t.tls_error) {
+            let certificate = t.errors.keys().any(|k| crate::tls::is_certificate_kind(k));
+            let hint = if e.contains("CaUsedAsEndEntity") {
+                ": the server's certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl req -x509` \
+                 makes by default), which webpki refuses as a server's: make it with `-addext \
+                 basicConstraints=critical,CA:FALSE`, or sign it with a separate CA (or --insecure-skip-verify, \
+                 benchmarking only)"
+            } else if certificate {
+                match r.verify {
+                    "system" => {
+                        ": trust the server's certificate with --ca-file PEM (its CA, or the self-signed \
+                                 certificate itself), or --insecure-skip-verify (benchmarking only); an IP address in \
+                                 the URL needs --sni NAME unless the certificate lists the address"
+                    }
+                    _ => ": check --ca-file and the name checked (--sni)",
+                }
+            } else {
+                ""
+            };
+            let failed: u64 = t.errors.iter().filter(|(k, _)| k.starts_with("tls_")).map(|(_, v)| v).sum();
+            warnings.insert(0, format!("{failed} TLS handshake(s) failed, the first with \"{e}\"{hint}"));
+        }
+        if ramp_util >= 0.9 && t.attempted > 0 {
+            warnings.push(format!(
+                "the bench used {:.0}% of its {cores} CPU(s) over the ramp ({:.0} us per connection{}): the connect \
+                 rate and latencies may be the client's limit (more --procs/--threads, a lower --ramp-rate)",
+                ramp_util * 100.0,
+                t.ramp_cpu_ns as f64 / 1e3 / t.attempted as f64,
+                tls.as_ref()
+                    .filter(|r| r.handshake_cpu_us.count > 0)
+                    .map(|r| format!(", TLS handshakes {} of CPU each at the median", ms(r.handshake_cpu_us.p50)))
+                    .unwrap_or_default()
+            ));
+        }
         let ramp_cpu = match (s.before.cpu_ns, s.at_go.cpu_ns) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
@@ -472,7 +557,7 @@ impl Report {
         Report {
             scenario: scenario.name(),
             target: plan.target.name(),
-            url: format!("ws://{}", plan.url.host),
+            url: format!("{}://{}", if plan.url.tls { "wss" } else { "ws" }, plan.url.host),
             path: plan.path.clone(),
             connections: plan.receivers,
             publishers: plan.publishers,
@@ -484,6 +569,7 @@ impl Report {
             rate: plan.rate,
             pace_ms: plan.pace_ns as f64 / 1e6,
             auth,
+            tls,
             connect: ConnectReport {
                 attempted: t.attempted,
                 established: t.established,
@@ -500,6 +586,10 @@ impl Report {
                 server_cpu_us_per_conn: ramp_cpu
                     .filter(|_| t.ready > 0)
                     .map(|c| round(c as f64 / 1e3 / t.ready as f64, 2)),
+                client_cpu_s: round(t.ramp_cpu_ns as f64 / 1e9, 3),
+                client_cpu_us_per_conn: (t.attempted > 0)
+                    .then(|| round(t.ramp_cpu_ns as f64 / 1e3 / t.attempted as f64, 2)),
+                client_utilization: round(ramp_util, 3),
             },
             messages,
             churn,
@@ -544,6 +634,30 @@ impl Report {
         let _ = writeln!(o, "          latency {}", lat(&c.latency_us));
         if let (Some(cpu), Some(us)) = (c.server_cpu_s, c.server_cpu_us_per_conn) {
             let _ = writeln!(o, "          server CPU over the ramp {cpu:.3} s: {us:.2} us per connection");
+        }
+        if let Some(us) = c.client_cpu_us_per_conn {
+            let _ = writeln!(
+                o,
+                "          client CPU over the ramp {:.3} s: {us:.2} us per connection ({:.0}% of its CPUs)",
+                c.client_cpu_s,
+                c.client_utilization * 100.0
+            );
+        }
+        if let Some(t) = &self.tls {
+            let _ = writeln!(
+                o,
+                "tls       {} {}{}, certificate check: {} ({}); {} handshakes, {} resumed{}",
+                t.version.as_deref().unwrap_or("-"),
+                t.cipher_suite.as_deref().unwrap_or("-"),
+                t.kx_group.as_deref().map(|g| format!(" ({g})")).unwrap_or_default(),
+                t.verify,
+                t.server_name,
+                t.handshakes,
+                t.resumed,
+                if t.resumption { "" } else { " (resumption off)" }
+            );
+            let _ = writeln!(o, "          handshake {}", lat(&t.handshake_us));
+            let _ = writeln!(o, "          client CPU per handshake {}", lat(&t.handshake_cpu_us));
         }
         if let Some(a) = &self.auth {
             let cl = &self.client;

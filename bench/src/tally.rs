@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hist::Hist;
 use crate::load::ThreadLoad;
+use crate::tls::TlsInfo;
 
 /// Counters and histograms of a run (or of one thread or worker of it).
 ///
@@ -90,6 +91,21 @@ pub struct Tally {
     /// Tokens minted during the window because the churn connections outran the foreseen count (their
     /// signing time is then part of the churn handshakes).
     pub tokens_minted_in_window: u64,
+    /// The threads' CPU time from the start of the ramp until their initial connections were resolved, ns
+    /// (summed): what connecting cost the bench (TLS handshakes, token-free upgrades, ...).
+    pub ramp_cpu_ns: u64,
+    /// What the first TLS handshake to complete negotiated (`wss://`).
+    pub tls: Option<TlsInfo>,
+    /// TLS handshakes completed (churn connections included).
+    pub tls_handshakes: u64,
+    /// Those that resumed a session.
+    pub tls_resumed: u64,
+    /// TLS handshake time: TCP connected to handshake done.
+    pub tls_handshake: Hist,
+    /// Client CPU time per TLS handshake (the thread's CPU time inside rustls).
+    pub tls_handshake_cpu: Hist,
+    /// The first TLS failure's message (`invalid peer certificate: UnknownIssuer`, ...).
+    pub tls_error: Option<String>,
 }
 
 fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
@@ -142,5 +158,16 @@ impl Tally {
         self.token_mint_cpu_ns += o.token_mint_cpu_ns;
         self.token_mint_wall_ns = self.token_mint_wall_ns.max(o.token_mint_wall_ns);
         self.tokens_minted_in_window += o.tokens_minted_in_window;
+        self.ramp_cpu_ns += o.ramp_cpu_ns;
+        if self.tls.is_none() {
+            self.tls.clone_from(&o.tls);
+        }
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_resumed += o.tls_resumed;
+        self.tls_handshake.merge(&o.tls_handshake);
+        self.tls_handshake_cpu.merge(&o.tls_handshake_cpu);
+        if self.tls_error.is_none() {
+            self.tls_error.clone_from(&o.tls_error);
+        }
     }
 }
