@@ -78,7 +78,13 @@ pub struct Cli {
     /// Seconds a client has to complete its HTTP upgrade request. [default: 10]
     #[arg(long, env = "THRONG_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<f64>,
-    /// Seconds a graceful shutdown (SIGTERM/SIGINT) waits for clients to answer the 1001 close. [default: 10]
+    /// Seconds a graceful shutdown (SIGTERM/SIGINT) keeps serving open connections while `/health` says 503
+    /// and new upgrades are refused, so a load balancer takes the node out of rotation before anything is
+    /// closed; must exceed the balancer's health-check detection time. 0 closes at once. [default: 5]
+    #[arg(long, env = "THRONG_DRAIN_DELAY")]
+    pub drain_delay: Option<f64>,
+    /// Seconds a graceful shutdown waits, after the drain delay, for clients to answer the 1001 close.
+    /// [default: 10]
     #[arg(long, env = "THRONG_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
     /// Largest WebSocket message accepted, in bytes (summed over fragments); larger ones close with 1009.
@@ -206,6 +212,7 @@ struct FileConfig {
     ping_interval: Option<f64>,
     idle_timeout: Option<f64>,
     handshake_timeout: Option<f64>,
+    drain_delay: Option<f64>,
     drain_timeout: Option<f64>,
     max_message_size: Option<usize>,
     max_backlog_bytes: Option<usize>,
@@ -369,7 +376,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Handshake timeout.
     pub handshake_timeout: Duration,
-    /// Drain timeout.
+    /// Drain delay: how long a drain keeps serving open connections (with `/health` at 503) before closing
+    /// them. Zero closes at once.
+    pub drain_delay: Duration,
+    /// Drain timeout, counted from the end of the drain delay.
     pub drain_timeout: Duration,
     /// Largest message in bytes.
     pub max_message_size: usize,
@@ -459,6 +469,14 @@ fn secs(name: &str, v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// [`secs`] allowing zero (a setting where 0 turns something off).
+fn secs_or_zero(name: &str, v: f64) -> anyhow::Result<Duration> {
+    if v == 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    secs(name, v).map_err(|_| anyhow::anyhow!("{name} must be 0 or a positive number of seconds, got {v}"))
+}
+
 impl Config {
     /// Resolves flags, environment and the optional TOML file into a configuration.
     pub fn load(cli: Cli) -> anyhow::Result<Self> {
@@ -481,6 +499,7 @@ impl Config {
                 "handshake_timeout",
                 cli.handshake_timeout.or(file.handshake_timeout).unwrap_or(10.0),
             )?,
+            drain_delay: secs_or_zero("drain_delay", cli.drain_delay.or(file.drain_delay).unwrap_or(5.0))?,
             drain_timeout: secs("drain_timeout", cli.drain_timeout.or(file.drain_timeout).unwrap_or(10.0))?,
             max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(64 * 1024),
             max_backlog_bytes: cli.max_backlog_bytes.or(file.max_backlog_bytes).unwrap_or(1 << 20),
@@ -554,6 +573,7 @@ impl Config {
         at_most("ping_interval", self.ping_interval, 86_400)?;
         at_most("idle_timeout", self.idle_timeout, 7 * 86_400)?;
         at_most("handshake_timeout", self.handshake_timeout, 300)?;
+        at_most("drain_delay", self.drain_delay, 3600)?;
         at_most("drain_timeout", self.drain_timeout, 3600)?;
         at_most("message_timeout", self.message_timeout, 3600)?;
         if self.idle_timeout <= self.ping_interval {
@@ -712,6 +732,20 @@ mod tests {
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
         let cli = Cli::try_parse_from(["throng", "--config", path.to_str().unwrap()]).unwrap();
         assert!(Config::load(cli).is_err());
+    }
+
+    #[test]
+    fn drain_delay_defaults_to_five_seconds_and_may_be_zero() {
+        let c = Config::load(Cli::try_parse_from(["throng"]).unwrap()).unwrap();
+        assert_eq!((c.drain_delay, c.drain_timeout), (Duration::from_secs(5), Duration::from_secs(10)));
+        let c = Config::load(Cli::try_parse_from(["throng", "--drain-delay", "0"]).unwrap()).unwrap();
+        assert_eq!(c.drain_delay, Duration::ZERO);
+        let c = Config::load(Cli::try_parse_from(["throng", "--drain-delay", "2.5"]).unwrap()).unwrap();
+        assert_eq!(c.drain_delay, Duration::from_millis(2500));
+        let e = load_err(&["--drain-delay=-1"]);
+        assert!(e.contains("drain_delay must be 0 or a positive number"), "{e}");
+        let e = load_err(&["--drain-delay", "4000"]);
+        assert!(e.contains("drain_delay must be at most"), "{e}");
     }
 
     #[test]

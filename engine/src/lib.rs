@@ -3,8 +3,8 @@
 //! # Layout
 //! Layers, each calling only the ones below it (the read path reaches the application through a trait it
 //! is handed, not by name):
-//! - `config`, `metrics`, `sys`: configuration (flags, `THRONG_*` variables, TOML, checks), per-shard
-//!   counters, the raw syscalls;
+//! - `config`, `metrics`, `sys`, `limits`: configuration (flags, `THRONG_*` variables, TOML, checks),
+//!   per-shard counters, the raw syscalls, the host limits that cap the connection count;
 //! - [`channel`]: channel state with no connection in it: homes and history ([`channel::home`],
 //!   [`channel::history`]), local logs ([`channel::local`]), the inter-shard bus ([`channel::bus`]);
 //! - [`conn`]: a connection: state and slab, the read path with its bounds ([`conn::read`]), the output
@@ -15,15 +15,18 @@
 //! - [`shard`]: one pinned thread per core running the shard loop ([`shard::event_loop`]) over its epoll
 //!   set ([`shard::poller`]), listener ([`shard::accept`]) and timer wheel ([`shard::timer`]).
 //!
-//! Start-up raises the open-file soft limit to the hard limit; SIGTERM or SIGINT drains: the shards stop
-//! accepting, close every WebSocket with 1001, and the process exits 0 within `drain_timeout`. A second
-//! SIGTERM or SIGINT exits at once.
+//! Start-up raises the open-file soft limit to the hard limit and logs the limits that cap the process
+//! ([`limits`]), warning about those below `max_connections`; SIGTERM or SIGINT drains: `/health` answers
+//! 503 and new upgrades are refused at once, connections keep working for `drain_delay` (a load balancer
+//! takes the node out of rotation meanwhile), then the shards stop accepting, close every WebSocket with
+//! 1001, and the process exits 0 within `drain_timeout`. A second SIGTERM or SIGINT exits at once.
 
 pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod shard;
 pub mod sys;
@@ -40,9 +43,6 @@ use crate::config::{Cli, Config, LogFormat};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Driver, Shared};
 
-/// File descriptors kept back from `max_connections` for listeners, the runtime and logs.
-const FD_RESERVE: u64 = 64;
-
 /// Runs the engine with the given command line until it is drained by a signal.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let check_only = cli.check_config;
@@ -56,27 +56,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // thread alone receives them through sigtimedwait.
     let signals = block_shutdown_signals()?;
 
-    let (soft, hard) = sys::raise_nofile_limit().context("reading the open-file limit")?;
-    let capacity = soft.saturating_sub(FD_RESERVE) as usize;
-    let max_connections = match config.max_connections {
-        Some(n) if n > capacity => {
-            tracing::warn!(
-                max_connections = n,
-                open_file_limit = soft,
-                "max_connections exceeds what the open-file limit can hold (~{capacity}): past that, accepts \
-                 fail; raise the hard limit (currently {hard}; `LimitNOFILE=` in a systemd unit, or limits.conf)"
-            );
-            n
-        }
-        Some(n) => n,
-        None => capacity,
-    };
+    let nofile = sys::raise_nofile_limit().context("reading the open-file limit")?;
+    let host = limits::HostLimits::read(nofile, config.shards);
+    let soft = host.nofile_soft;
+    let max_connections = config.max_connections.unwrap_or(host.capacity() as usize);
     config.max_connections = Some(max_connections);
     let driver = Driver::resolve(config.driver)?;
+    log_limits(&host, max_connections, driver);
     let shards = config.shards;
     let shared = Arc::new(Shared {
         metrics: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
         draining: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         listening: AtomicUsize::new(0),
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),
@@ -136,12 +127,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("a shard stopped unexpectedly");
         }
     };
+    // The drain, in two phases. First the delay: /health answers 503 and new upgrades are refused, while the
+    // listeners stay open and every connection keeps working, so that load balancers see the node fail its
+    // health check and take it out of rotation before anything is closed. Then the shards close their
+    // listeners and every connection with 1001, within drain_timeout. A second signal exits at once.
     tracing::info!(
         signal,
+        drain_delay = ?config.drain_delay,
         drain_timeout = ?config.drain_timeout,
-        "draining: closing every connection with 1001 (a second signal exits at once)"
+        "draining: /health answers 503 and new upgrades are refused; open connections are closed with 1001 \
+         after the drain delay (a second signal exits at once)"
     );
     shared.draining.store(true, Ordering::SeqCst);
+    let delay_ends = Instant::now() + config.drain_delay;
+    loop {
+        let left = delay_ends.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Some(sig) = wait_signal(&signals, left.min(Duration::from_millis(50))) {
+            tracing::warn!(signal = sig, "second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            anyhow::bail!("a shard stopped unexpectedly during the drain delay");
+        }
+    }
+    if !config.drain_delay.is_zero() {
+        tracing::info!(drain_timeout = ?config.drain_timeout, "drain delay over: closing every connection with 1001");
+    }
+    shared.closing.store(true, Ordering::SeqCst);
     while !handles.iter().all(|h| h.is_finished()) {
         if let Some(sig) = wait_signal(&signals, Duration::from_millis(50)) {
             tracing::warn!(signal = sig, "second signal: exiting without waiting for the drain");
@@ -155,6 +170,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Logs the limits that cap the process and the connections they leave room for (one `info` line with a
+/// `connection_capacity` field), then a warning for each limit below what the configuration asks.
+fn log_limits(host: &limits::HostLimits, max_connections: usize, driver: Driver) {
+    let memlock = limits::Shown(host.memlock, "unlimited");
+    let somaxconn = limits::Shown(host.somaxconn, "unknown");
+    tracing::info!(
+        open_files_soft = host.nofile_soft,
+        open_files_hard = host.nofile_hard,
+        memlock = %memlock,
+        somaxconn = %somaxconn,
+        listen_backlog = limits::LISTEN_BACKLOG,
+        fds_at_start = host.fds_at_start,
+        fds_kept = host.fds_kept(),
+        connection_capacity = host.capacity(),
+        max_connections,
+        "limits: open files {} (hard {}), memlock {memlock}, somaxconn {somaxconn}, listen backlog {} per \
+         shard; room for {} connections: open files less {} the process keeps ({} open at start, {} per shard \
+         x {}, {} reserve)",
+        host.nofile_soft,
+        host.nofile_hard,
+        limits::LISTEN_BACKLOG,
+        host.capacity(),
+        host.fds_kept(),
+        host.fds_at_start,
+        limits::FDS_PER_SHARD,
+        host.shards,
+        limits::FD_RESERVE,
+    );
+    for w in host.warnings(max_connections, (driver == Driver::Uring).then_some(shard::URING_ENTRIES)) {
+        tracing::warn!(limit = w.limit(), max_connections, "{w}");
+    }
 }
 
 fn init_logging(format: LogFormat) {

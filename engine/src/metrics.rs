@@ -117,6 +117,8 @@ counters! {
     refreshes_total: "counter",
     /// Connections closed for a missing or malformed PROXY protocol header.
     proxy_header_errors_total: "counter",
+    /// Upgrades refused with 503 because the server is draining (also in http_rejected_total).
+    drain_refused_total: "counter",
     /// Shard loop turns.
     turns_total: "counter",
     /// Turns that ended with work left over (a step used up its budget).

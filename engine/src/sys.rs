@@ -1,6 +1,6 @@
 //! The raw syscalls the shards make directly: non-blocking `recv` into the shard's pooled buffer,
 //! `sendmsg` of an iovec batch, `shutdown`, `accept4` on the listener, an eventfd for cross-shard wake-ups,
-//! `getrandom`, and the open-file limit.
+//! `getrandom`, and the open-file and locked-memory limits.
 //!
 //! Why raw: a connection waits for readiness in the shard's epoll set ([`crate::shard::poller`]) and then
 //! reads synchronously into a buffer owned by the shard, so an idle connection pins no buffer (a pending
@@ -210,6 +210,22 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         }
     }
     Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// The locked-memory soft limit (`RLIMIT_MEMLOCK`) in bytes; `None` when unlimited.
+pub fn memlock_limit() -> io::Result<Option<u64>> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur))
+}
+
+/// Descriptors this process has open now (`/proc/self/fd`, less the one listing it).
+pub fn open_fd_count() -> io::Result<u64> {
+    let n = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+    Ok(n.saturating_sub(1))
 }
 
 /// Resident set size of this process in bytes, from `/proc/self/statm`.

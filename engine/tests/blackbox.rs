@@ -35,6 +35,8 @@ on_both_drivers! {
     slow_consumer_closed_4008 => slow_consumer_closed_4008_uring, slow_consumer_closed_4008_epoll;
     slow_consumer_quiet_closed_4008 => slow_consumer_quiet_closed_4008_uring, slow_consumer_quiet_closed_4008_epoll;
     drain_on_sigterm => drain_on_sigterm_uring, drain_on_sigterm_epoll;
+    drain_delay_keeps_connections_while_health_fails =>
+        drain_delay_keeps_connections_while_health_fails_uring, drain_delay_keeps_connections_while_health_fails_epoll;
     many_connections_echo => many_connections_echo_uring, many_connections_echo_epoll;
 }
 
@@ -646,9 +648,10 @@ fn assert_refused(srv: &Server) {
     assert!(got.is_empty() || text.starts_with("HTTP/1.1 503 "), "new connection during drain got {text:?}");
 }
 
+/// With `--drain-delay 0` (the old behaviour) SIGTERM closes at once: listeners shut, every client 1001.
 fn drain_on_sigterm(driver: Driver) {
     let drain = Duration::from_secs(5);
-    let mut srv = Server::start(driver, &["--shards", "2", "--drain-timeout", "5"]);
+    let mut srv = Server::start(driver, &["--shards", "2", "--drain-delay", "0", "--drain-timeout", "5"]);
     let mut clients: Vec<Client> = (0..50).map(|_| srv.ws()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo_text(&format!("client {i}"));
@@ -679,6 +682,75 @@ fn drain_on_sigterm(driver: Driver) {
     assert!(status.success(), "exit status {status}");
     // Every client answered at once, so the drain did not have to wait out its timeout.
     assert!(waited < drain, "drain took {waited:?}");
+}
+
+/// The drain's first phase, on two shards: from SIGTERM on `/health` answers 503 `{"status":"draining"}` and
+/// new upgrades get 503 with a JSON reason, while connections already open keep working and `/metrics` and
+/// `/stats` are still served; only after `--drain-delay` does every connection get 1001, and the process
+/// exits 0.
+fn drain_delay_keeps_connections_while_health_fails(driver: Driver) {
+    let delay = Duration::from_secs(4);
+    let mut srv = Server::start(driver, &["--shards", "2", "--drain-delay", "4", "--drain-timeout", "5"]);
+    let mut clients: Vec<Client> = (0..8).map(|_| srv.ws()).collect();
+    for c in &mut clients {
+        c.echo_text("before");
+        // Long enough for the delay and the close after it.
+        c.set_read_timeout(Duration::from_secs(15));
+    }
+    assert_eq!(srv.metric("throng_drain_phase"), 0);
+
+    let t0 = Instant::now();
+    srv.sigterm();
+    // /health fails at once (within a few polls), with the reason in JSON.
+    let health = loop {
+        let r = srv.get("/health");
+        if r.status != 200 || t0.elapsed() > delay {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert_eq!(health.header("Content-Type"), Some("application/json"), "{}", health.text());
+    let body: serde_json::Value = serde_json::from_slice(&health.body).expect("/health 503 body is JSON");
+    assert_eq!(body["status"], "draining", "{body}");
+    let noticed = t0.elapsed();
+
+    // Every open connection still echoes.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.echo_text(&format!("during the delay {i}"));
+    }
+    // A new upgrade is refused with 503 and a JSON reason (a proxy retries another node)...
+    let refused = exchange(&srv, &upgrade_request("/echo", SAMPLE_KEY));
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_json_error(&refused, "unavailable");
+    assert!(refused.text().contains("shutting down"), "{}", refused.text());
+    // ...while the other endpoints answer.
+    let stats = srv.stats();
+    assert_eq!((stats["draining"].as_bool(), stats["closing"].as_bool()), (Some(true), Some(false)), "{stats}");
+    assert_eq!(srv.metric("throng_drain_phase"), 1);
+    assert!(srv.metric("throng_drain_refused_total") >= 1);
+    let during = t0.elapsed();
+    assert!(during < delay, "the checks of the delay phase took {during:?}, past the {delay:?} delay");
+
+    // After the delay: 1001 for everyone, then exit 0.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let f = c.expect_close(1001);
+        assert!(!f.close_reason().is_empty(), "client {i}: empty close reason");
+        c.write(&client_close(1001, ""));
+    }
+    let closed = t0.elapsed();
+    assert!(closed >= delay - Duration::from_millis(100), "1001 after {closed:?}, before the {delay:?} delay");
+    for c in &mut clients {
+        c.expect_eof();
+    }
+    let status = srv
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running {:?} after SIGTERM", t0.elapsed()));
+    assert!(status.success(), "exit status {status}");
+    eprintln!(
+        "health 503 after {noticed:?}; delay checks done at {during:?}; 1001 at {closed:?}; exit at {:?}",
+        t0.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------

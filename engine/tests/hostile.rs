@@ -312,9 +312,24 @@ fn over_capacity_refused_at_accept(driver: Driver) {
 // ---------------------------------------------------------------------------------------------------------
 // Signals
 
-/// A second SIGTERM during a drain exits at once instead of waiting for the drain timeout.
+/// A second SIGTERM during a drain exits at once instead of waiting for the drain timeout, and during the
+/// drain delay instead of waiting for it.
 fn second_signal_exits_at_once(driver: Driver) {
-    let mut srv = Server::start(driver, &["--drain-timeout", "30"]);
+    let mut srv = Server::start(driver, &["--drain-delay", "30"]);
+    let mut c = srv.ws();
+    srv.sigterm();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.get("/health").status == 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.echo_text("still open in the delay");
+    let t = Instant::now();
+    srv.sigterm();
+    let status = srv.wait_exit(Duration::from_secs(2));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {:?} after the second SIGTERM", t.elapsed());
+    assert!(srv.log().contains("second signal"), "{}", srv.log());
+
+    let mut srv = Server::start(driver, &["--drain-delay", "0", "--drain-timeout", "30"]);
     let mut c = srv.ws();
     srv.sigterm();
     c.expect_close(1001);

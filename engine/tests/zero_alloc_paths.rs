@@ -107,6 +107,7 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
     let shared = Arc::new(Shared {
         metrics: (0..2).map(|_| Arc::new(ShardMetrics::default())).collect(),
         draining: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         listening: AtomicUsize::new(2),
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),

@@ -21,16 +21,24 @@ pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>) {
     let head = req.method == "HEAD";
     let (ctype, body) = match req.path {
         "/health" => {
-            if env.shared.draining.load(Relaxed) {
-                ShardMetrics::inc(&env.metrics.http_rejected_total);
-                handshake::write_rejection(out, Status::ServiceUnavailable, "draining");
-                return;
-            }
+            // 503 takes the node out of a load balancer's rotation: while starting (connections accepted now
+            // would all stay on the shards already up) and for the whole drain, from the signal on.
             let (up, all) = (env.shared.listening.load(Acquire), env.shared.config.shards);
-            if up < all {
+            let unavailable = if env.shared.draining.load(Relaxed) {
+                Some(("draining", "shutting down: new connections go to other nodes".to_string()))
+            } else if up < all {
+                Some(("starting", format!("starting: {up} of {all} shards listening")))
+            } else {
+                None
+            };
+            if let Some((status, reason)) = unavailable {
                 ShardMetrics::inc(&env.metrics.http_rejected_total);
-                let reason = format!("starting: {up} of {all} shards listening");
-                handshake::write_rejection(out, Status::ServiceUnavailable, &reason);
+                let mut body = format!("{{\"status\":\"{status}\",\"reason\":").into_bytes();
+                handshake::write_json_str(&mut body, &reason);
+                body.push(b'}');
+                let body = if head { &[][..] } else { &body[..] };
+                let headers = [("Cache-Control", "no-store")];
+                handshake::write_response(out, Status::ServiceUnavailable, "application/json", &headers, body, false);
                 return;
             }
             ("text/plain", "ok".to_string())
@@ -39,9 +47,20 @@ pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>) {
             let rss = sys::rss_bytes().unwrap_or(0);
             let uptime = env.shared.started.elapsed().as_secs();
             let dropped = env.shared.inboxes.iter().map(|i| i.dropped.load(Relaxed)).sum();
+            let phase = match (env.shared.draining.load(Relaxed), env.shared.closing.load(Relaxed)) {
+                (_, true) => 2,
+                (true, false) => 1,
+                (false, false) => 0,
+            };
             let extra = [
                 ("rss_bytes", "gauge", "Resident set size of the process.", rss),
                 ("uptime_seconds", "gauge", "Seconds since start.", uptime),
+                (
+                    "drain_phase",
+                    "gauge",
+                    "0 serving; 1 draining, in the drain delay (/health 503, upgrades refused, connections open); 2 closing connections with 1001.",
+                    phase,
+                ),
                 (
                     "ring_dropped_total",
                     "counter",
@@ -71,7 +90,7 @@ fn stats(env: &Env) -> String {
     let mut o = String::with_capacity(1024);
     let _ = write!(
         o,
-        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"auth\":\"{}\",\"users\":{},\"client_addresses\":{},\"per_shard\":[",
+        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"closing\":{},\"auth\":\"{}\",\"users\":{},\"client_addresses\":{},\"per_shard\":[",
         env!("CARGO_PKG_VERSION"),
         s.driver_name,
         s.metrics.len(),
@@ -79,6 +98,7 @@ fn stats(env: &Env) -> String {
         s.open_connections.load(Relaxed),
         sys::rss_bytes().unwrap_or(0),
         s.draining.load(Relaxed),
+        s.closing.load(Relaxed),
         if s.auth.is_some() { "jwt" } else { "open" },
         users,
         addresses,

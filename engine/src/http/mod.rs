@@ -70,7 +70,10 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     } else if req.path != "/ws" && (req.path != "/echo" || !cfg.echo) {
         Some((Status::NotFound, "no WebSocket endpoint at this path"))
     } else if env.shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        Some((Status::ServiceUnavailable, "server is shutting down"))
+        // From the signal on, through the drain delay: the connections already here keep working, new ones
+        // go elsewhere (a proxy retries another node on this 503).
+        ShardMetrics::inc(&env.metrics.drain_refused_total);
+        Some((Status::ServiceUnavailable, "server is shutting down: connect to another node"))
     } else if req.origin.is_some_and(|o| !net::origin_allowed(o, &cfg.allowed_origins)) {
         ShardMetrics::inc(&env.metrics.origin_refused_total);
         Some((Status::Forbidden, "origin not allowed"))

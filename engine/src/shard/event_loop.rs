@@ -3,7 +3,7 @@
 //!
 //! | step | what | bound per turn |
 //! |---|---|---|
-//! | 1. timers | advance the shard clock; fire due connection timers (handshake, heartbeat, message deadline, close grace); once per tick: ring retries, history ageing, drain | [`TIMER_BUDGET`] timers or [`STEP_SLICE`] |
+//! | 1. timers | advance the shard clock; fire due connection timers (handshake, heartbeat, message deadline, close grace); once per tick: ring retries, history ageing, the drain's closing phase | [`TIMER_BUDGET`] timers or [`STEP_SLICE`] |
 //! | 2. inbox | messages from other shards (deliveries, requests for channels homed here, answers) | [`INBOX_BUDGET`] messages or [`STEP_SLICE`] |
 //! | 3. accept | new connections | [`ACCEPT_BUDGET`] connections |
 //! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes | [`EVENT_BUDGET`] events or [`STEP_SLICE`] |
@@ -96,7 +96,7 @@ struct Turns {
     timers_left: bool,
     /// The tick housekeeping last ran at.
     housekept: u64,
-    /// When the drain must end, once it has begun.
+    /// When the drain must end, once its closing phase has begun (after the drain delay).
     drain_deadline: Option<Instant>,
 }
 
@@ -215,13 +215,16 @@ fn timer_step(sh: &mut Shard, t: &mut Turns, now: Instant) {
     }
     t.housekept = env.now;
     sh.ctx.chans.housekeeping(env);
-    if env.shared.draining.load(Ordering::Relaxed) && t.drain_deadline.is_none() {
+    // The drain's first phase (`draining`: /health 503, upgrades refused) needs nothing from the loop; its
+    // closing phase starts once the main thread has waited out the drain delay.
+    if env.shared.closing.load(Ordering::Relaxed) && t.drain_deadline.is_none() {
         t.drain_deadline = Some(now + env.cfg().drain_timeout);
         start_drain(sh);
     }
 }
 
-/// Stops accepting; every upgraded connection gets a 1001 close, the others are shut down.
+/// The drain's closing phase: stops accepting; every upgraded connection gets a 1001 close, the others
+/// are shut down.
 fn start_drain(sh: &mut Shard) {
     sh.acceptor.close();
     for key in sh.conns.keys() {

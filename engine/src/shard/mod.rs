@@ -41,7 +41,7 @@ pub const TICK: Duration = Duration::from_millis(50);
 /// Size of the per-shard receive buffer every connection reads into.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 /// io_uring submission queue entries per shard.
-const URING_ENTRIES: u32 = 1024;
+pub const URING_ENTRIES: u32 = 1024;
 
 /// State shared by all shards (read-mostly).
 #[derive(Debug)]
@@ -50,8 +50,12 @@ pub struct Shared {
     pub config: Config,
     /// Every shard's counters, indexed by shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
-    /// Set once on SIGTERM/SIGINT: shards stop accepting and close every connection with 1001.
+    /// Set once on SIGTERM/SIGINT: `/health` answers 503 and new upgrades are refused, while the listeners
+    /// stay open and connections keep working (the drain delay, for load balancers to notice).
     pub draining: AtomicBool,
+    /// Set once the drain delay is over: shards stop accepting and close every connection with 1001, within
+    /// the drain timeout.
+    pub closing: AtomicBool,
     /// Shards whose listener is bound. `/health` says `ok` only once all are: until then the kernel would
     /// hand every connection to the shards already listening, and they would stay there.
     pub listening: AtomicUsize,
@@ -181,7 +185,7 @@ fn bind(addr: SocketAddr) -> anyhow::Result<OwnedFd> {
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
     sock.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
-    sock.listen(4096).with_context(|| format!("listening on {addr}"))?;
+    sock.listen(crate::limits::LISTEN_BACKLOG as i32).with_context(|| format!("listening on {addr}"))?;
     Ok(sock.into())
 }
 
