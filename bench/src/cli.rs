@@ -101,6 +101,11 @@ pub struct Args {
     /// PID of the server: sample its CPU time and RSS (`/proc`) before and after.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// PIDs of a proxy in front of the server (repeat the flag, or `a,b,c`; nginx: its master and every
+    /// worker): their CPU time (all threads) and RSS, summed over the processes, are sampled at the same
+    /// points as `--server-pid` and reported as `proxy`.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub proxy_pid: Vec<u32>,
     /// Source addresses to spread connections over (`127.0.0.1-127.0.0.50`, `127.0.0.0/24`, `a,b,c`).
     #[arg(long)]
     pub source_ips: Option<String>,
@@ -279,6 +284,8 @@ pub struct Plan {
     pub threads: u32,
     /// Server PID to sample.
     pub server_pid: Option<u32>,
+    /// Proxy PIDs to sample, summed (empty: no proxy figures).
+    pub proxy_pids: Vec<u32>,
     /// CPUs to pin to.
     pub cpus: Option<Vec<usize>>,
     /// Machine-readable output.
@@ -466,6 +473,15 @@ impl Plan {
             }
         };
         let tls = tls(args, &url)?;
+        let mut seen = std::collections::HashSet::new();
+        for &pid in &args.proxy_pid {
+            if pid == 0 || !seen.insert(pid) {
+                return Err(Error::Config(format!("--proxy-pid {pid}: zero, or given twice (it would count twice)")));
+            }
+            if args.server_pid == Some(pid) {
+                return Err(Error::Config(format!("--proxy-pid {pid} is also the --server-pid")));
+            }
+        }
         Ok(Plan {
             scenario: s,
             target: t,
@@ -495,6 +511,7 @@ impl Plan {
             procs: args.procs,
             threads: args.threads,
             server_pid: args.server_pid,
+            proxy_pids: args.proxy_pid.clone(),
             cpus: args.cpu.as_deref().map(parse_cpu_list).transpose()?,
             json: args.json,
             worker,
@@ -577,6 +594,20 @@ mod tests {
         assert_eq!((p.path.as_str(), p.rate), ("/custom", None));
         let p = plan(&["connect", "--url", "ws://127.0.0.1:1", "--hold", "3", "--target", "raw"]);
         assert_eq!((p.path.as_str(), p.duration_ns), ("/echo", 3_000_000_000));
+    }
+
+    #[test]
+    fn proxy_pids_repeat_or_comma_separated() {
+        let p = plan(&["echo", "--url", "ws://127.0.0.1:1", "--proxy-pid", "10,11", "--proxy-pid", "12"]);
+        assert_eq!(p.proxy_pids, vec![10, 11, 12]);
+        assert!(plan(&["echo", "--url", "ws://127.0.0.1:1"]).proxy_pids.is_empty());
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench", "echo", "--url", "ws://127.0.0.1:1"];
+            v.extend_from_slice(args);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&["--proxy-pid", "10,10"]).contains("twice"));
+        assert!(err(&["--proxy-pid", "7", "--server-pid", "7"]).contains("--server-pid"));
     }
 
     #[test]

@@ -425,7 +425,14 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     let cores = sys::affinity_count();
     let tty = !plan.json && std::io::stdout().is_terminal();
     let mut use_stats = true;
+    for &pid in &plan.proxy_pids {
+        if sys::proc_sample(pid).cpu_ns.is_none() {
+            return Err(Error::Config(format!("--proxy-pid {pid}: no such process (nothing in /proc/{pid})")));
+        }
+    }
+    // The proxy is sampled right after the server at every point, so both cover the same span.
     let mut samples = Samples { before: sample_server(plan, &mut use_stats), ..Samples::default() };
+    samples.proxy_before = sys::procs_sample(&plan.proxy_pids);
     let spawned = now_ns();
     let mut fleet = if plan.procs > 1 {
         Fleet::Procs(Procs::start(plan, worker)?)
@@ -509,6 +516,8 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     // CPU readings come from /proc only; /stats (RSS) is read before and at the end of the window.
     let cpu_sample = |plan: &Plan| plan.server_pid.map(sys::proc_sample).unwrap_or_default();
     samples.at_go = cpu_sample(plan);
+    samples.proxy_at_go = sys::procs_sample(&plan.proxy_pids);
+    samples.windowed = true;
     let cpu_go = sys::self_cpu_ns();
     let window_end = go + plan.duration_ns;
     let end = window_end + plan.grace_ns;
@@ -537,10 +546,12 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
         sleep_until(wake.min(window_end));
     }
     samples.at_window_end = sample_server(plan, &mut use_stats);
+    samples.proxy_at_window_end = sys::procs_sample(&plan.proxy_pids);
     let cpu_window = sys::self_cpu_ns() - cpu_go;
     // Sample just before the threads close their sockets.
     sleep_until(end.saturating_sub(5_000_000));
     samples.at_end = cpu_sample(plan);
+    samples.proxy_at_end = sys::procs_sample(&plan.proxy_pids);
     let cpu_total = sys::self_cpu_ns() - cpu_go;
     if tty {
         print!("\r\x1b[2K");

@@ -27,6 +27,16 @@ pub struct Samples {
     pub connect_s: f64,
     /// Where the readings came from: `proc`, `stats` or `none`.
     pub server_source: &'static str,
+    /// True once the window started (false when no connection was ready and it was skipped).
+    pub windowed: bool,
+    /// The proxy's processes (`--proxy-pid`), summed, read just after the server at each of its points.
+    pub proxy_before: ServerSample,
+    /// At the start of the window.
+    pub proxy_at_go: ServerSample,
+    /// At the end of the window.
+    pub proxy_at_window_end: ServerSample,
+    /// At the end of the grace period.
+    pub proxy_at_end: ServerSample,
 }
 
 /// Connection figures.
@@ -60,6 +70,11 @@ pub struct ConnectReport {
     pub server_cpu_s: Option<f64>,
     /// `server_cpu_s` per ready connection, µs.
     pub server_cpu_us_per_conn: Option<f64>,
+    /// The proxy's CPU (with `--proxy-pid`: all its processes and threads) over the same span, seconds: its
+    /// accepts, TLS handshakes and upgrades toward the server.
+    pub proxy_cpu_s: Option<f64>,
+    /// `proxy_cpu_s` per ready connection, µs.
+    pub proxy_cpu_us_per_conn: Option<f64>,
     /// The bench's CPU over the ramp, seconds (all threads, from the start of the ramp until each had its
     /// connections resolved): what connecting cost the client (TLS handshakes above all).
     pub client_cpu_s: f64,
@@ -189,6 +204,26 @@ pub struct ServerReport {
     pub rss_per_conn_bytes: Option<f64>,
 }
 
+/// Resource figures of a proxy in front of the server (`--proxy-pid`): its processes summed, sampled at the
+/// server's points, so `cpu_us_per_msg` here plus the server's is the cost of a message through both.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyReport {
+    /// The PIDs sampled.
+    pub pids: Vec<u32>,
+    /// Proxy CPU seconds from the start of the window to the end of the grace period (as the server's).
+    pub cpu_s: Option<f64>,
+    /// That CPU time in cores over the window and grace.
+    pub cpu_cores: Option<f64>,
+    /// Proxy CPU µs per message received by the bench (per echo, per delivery); echo and broadcast only.
+    pub cpu_us_per_msg: Option<f64>,
+    /// RSS (summed over the processes) before the first connection.
+    pub rss_before_bytes: Option<u64>,
+    /// RSS at the end of the window, connections held.
+    pub rss_held_bytes: Option<u64>,
+    /// Growth of RSS per connection held: (held − before) / connections held.
+    pub rss_per_conn_bytes: Option<f64>,
+}
+
 /// The bench's own resource use.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClientReport {
@@ -277,6 +312,8 @@ pub struct Report {
     pub churn: Option<ChurnReport>,
     /// Server figures, when it could be observed.
     pub server: Option<ServerReport>,
+    /// Proxy figures, with `--proxy-pid`.
+    pub proxy: Option<ProxyReport>,
     /// The bench's own CPU.
     pub client: ClientReport,
     /// Things to look at before trusting the figures.
@@ -349,13 +386,14 @@ impl Report {
             Scenario::Echo | Scenario::Broadcast => t.received,
             Scenario::Connect | Scenario::Churn => 0,
         };
+        let per_conn = |before: Option<u64>, held: Option<u64>| match (before, held) {
+            (Some(a), Some(b)) if t.held > 0 => Some(round((b as f64 - a as f64) / t.held as f64, 1)),
+            _ => None,
+        };
         let server = (s.server_source != "none").then(|| {
             let cpu = server_cpu;
             let rss_held = s.at_window_end.rss_bytes;
-            let per_conn = match (s.before.rss_bytes, rss_held) {
-                (Some(a), Some(b)) if t.held > 0 => Some(round((b as f64 - a as f64) / t.held as f64, 1)),
-                _ => None,
-            };
+            let per_conn = per_conn(s.before.rss_bytes, rss_held);
             ServerReport {
                 pid: plan.server_pid,
                 source: s.server_source,
@@ -365,6 +403,27 @@ impl Report {
                 rss_before_bytes: s.before.rss_bytes,
                 rss_held_bytes: rss_held,
                 rss_per_conn_bytes: per_conn,
+            }
+        });
+        let span = |a: ServerSample, b: ServerSample| a.cpu_ns.zip(b.cpu_ns).map(|(a, b)| b.saturating_sub(a));
+        let proxy = (!plan.proxy_pids.is_empty()).then(|| {
+            let cpu = span(s.proxy_at_go, s.proxy_at_end);
+            let all = [s.proxy_before, s.proxy_at_go, s.proxy_at_window_end, s.proxy_at_end];
+            if s.windowed && all.iter().any(|x| x.cpu_ns.is_none()) {
+                warnings.push(format!(
+                    "a --proxy-pid process ({}) could not be read at every sample point (it exited, or a worker \
+                     was replaced): the proxy figures it affects are missing",
+                    plan.proxy_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                ));
+            }
+            ProxyReport {
+                pids: plan.proxy_pids.clone(),
+                cpu_s: cpu.map(|c| round(c as f64 / 1e9, 3)),
+                cpu_cores: cpu.map(|c| round(c as f64 / 1e9 / (dur + grace), 3)),
+                cpu_us_per_msg: cpu.filter(|_| msgs > 0).map(|c| round(c as f64 / 1e3 / msgs as f64, 3)),
+                rss_before_bytes: s.proxy_before.rss_bytes,
+                rss_held_bytes: s.proxy_at_window_end.rss_bytes,
+                rss_per_conn_bytes: per_conn(s.proxy_before.rss_bytes, s.proxy_at_window_end.rss_bytes),
             }
         });
         let cores = affinity_cores.min((plan.procs * plan.threads) as usize).max(1);
@@ -526,10 +585,8 @@ impl Report {
                     .unwrap_or_default()
             ));
         }
-        let ramp_cpu = match (s.before.cpu_ns, s.at_go.cpu_ns) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
+        let ramp_cpu = span(s.before, s.at_go);
+        let proxy_ramp_cpu = span(s.proxy_before, s.proxy_at_go);
         let auth = plan.auth.as_ref().map(|a| AuthReport {
             alg: a.minter.alg().name(),
             token_in: a.token_in.name(),
@@ -586,6 +643,10 @@ impl Report {
                 server_cpu_us_per_conn: ramp_cpu
                     .filter(|_| t.ready > 0)
                     .map(|c| round(c as f64 / 1e3 / t.ready as f64, 2)),
+                proxy_cpu_s: proxy_ramp_cpu.map(|c| round(c as f64 / 1e9, 3)),
+                proxy_cpu_us_per_conn: proxy_ramp_cpu
+                    .filter(|_| t.ready > 0)
+                    .map(|c| round(c as f64 / 1e3 / t.ready as f64, 2)),
                 client_cpu_s: round(t.ramp_cpu_ns as f64 / 1e9, 3),
                 client_cpu_us_per_conn: (t.attempted > 0)
                     .then(|| round(t.ramp_cpu_ns as f64 / 1e3 / t.attempted as f64, 2)),
@@ -594,6 +655,7 @@ impl Report {
             messages,
             churn,
             server,
+            proxy,
             client,
             warnings,
             tally: t,
@@ -634,6 +696,9 @@ impl Report {
         let _ = writeln!(o, "          latency {}", lat(&c.latency_us));
         if let (Some(cpu), Some(us)) = (c.server_cpu_s, c.server_cpu_us_per_conn) {
             let _ = writeln!(o, "          server CPU over the ramp {cpu:.3} s: {us:.2} us per connection");
+        }
+        if let (Some(cpu), Some(us)) = (c.proxy_cpu_s, c.proxy_cpu_us_per_conn) {
+            let _ = writeln!(o, "          proxy CPU over the ramp {cpu:.3} s: {us:.2} us per connection");
         }
         if let Some(us) = c.client_cpu_us_per_conn {
             let _ = writeln!(
@@ -724,6 +789,23 @@ impl Report {
             }
             if let Some(p) = s.rss_per_conn_bytes {
                 let _ = write!(line, " ({} per connection)", bytes(p));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        if let Some(p) = &self.proxy {
+            let pids = p.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            let mut line = format!("proxy     pid {pids}");
+            if let (Some(cpu), Some(cores)) = (p.cpu_s, p.cpu_cores) {
+                let _ = write!(line, ": {cpu:.2} s CPU ({:.0}% of a core)", cores * 100.0);
+            }
+            if let Some(us) = p.cpu_us_per_msg {
+                let _ = write!(line, ", {us:.2} us per message");
+            }
+            if let (Some(a), Some(b)) = (p.rss_before_bytes, p.rss_held_bytes) {
+                let _ = write!(line, "; RSS {} -> {}", bytes(a as f64), bytes(b as f64));
+            }
+            if let Some(b) = p.rss_per_conn_bytes {
+                let _ = write!(line, " ({} per connection)", bytes(b));
             }
             let _ = writeln!(o, "{line}");
         }

@@ -147,6 +147,22 @@ pub fn proc_sample(pid: u32) -> ServerSample {
     ServerSample { cpu_ns: proc_cpu_ns(pid), rss_bytes: proc_rss_bytes(pid) }
 }
 
+/// CPU time and RSS of several processes (a proxy's master and workers), summed: `None` in a field when any
+/// process could not be read (gone), so a sum is never silently partial. RSS counts pages shared between the
+/// processes once per process; differences between two readings are what to compare.
+pub fn procs_sample(pids: &[u32]) -> ServerSample {
+    if pids.is_empty() {
+        return ServerSample::default();
+    }
+    let mut sum = ServerSample { cpu_ns: Some(0), rss_bytes: Some(0) };
+    for &pid in pids {
+        let s = proc_sample(pid);
+        sum.cpu_ns = sum.cpu_ns.zip(s.cpu_ns).map(|(a, b)| a + b);
+        sum.rss_bytes = sum.rss_bytes.zip(s.rss_bytes).map(|(a, b)| a + b);
+    }
+    sum
+}
+
 fn proc_cpu_ns(pid: u32) -> Option<u64> {
     schedstat_cpu_ns(pid).or_else(|| stat_cpu_ns(pid))
 }
@@ -223,5 +239,15 @@ mod tests {
         assert!(s.rss_bytes.unwrap() > 0);
         assert!(s.cpu_ns.is_some());
         assert!(now_ns() > 0);
+    }
+
+    #[test]
+    fn summed_samples() {
+        let me = std::process::id();
+        assert_eq!(procs_sample(&[]), ServerSample::default());
+        let one = procs_sample(&[me]);
+        assert!(one.rss_bytes.unwrap() > 0 && one.cpu_ns.is_some());
+        // PID 0 has no /proc entry: the sum is missing, not partial.
+        assert_eq!(procs_sample(&[me, 0]), ServerSample::default());
     }
 }

@@ -424,3 +424,104 @@ fn a_thread_saturated_in_bursts_is_flagged() {
     let r = raw_broadcast_10(&server, "1", "0.5", &[]);
     assert!(!r.client.limited && r.client.saturated_share < 0.1, "{:#?}", r.client);
 }
+
+/// A helper process for `--proxy-pid`, killed on drop.
+struct Helper(std::process::Child);
+
+impl Helper {
+    fn start(script: &str) -> Helper {
+        Helper(std::process::Command::new("sh").args(["-c", script]).spawn().expect("spawning sh"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("helper's status");
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
+        kb.trim().trim_end_matches("kB").trim().parse::<u64>().expect("VmRSS in kB") * 1024
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn proxy_processes_are_sampled_beside_the_server() {
+    // Two helper processes stand for a proxy's master and worker: one forks a `sleep` every 10 ms (so it
+    // uses some CPU), one sleeps. Their figures are summed, on the server's sample points.
+    let busy = Helper::start("while :; do sleep 0.01; done");
+    let idle = Helper::start("exec sleep 600");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let idle_rss = idle.rss_bytes();
+    let server = TestServer::start(Options::default());
+    let url = server.url();
+    let me = std::process::id().to_string();
+    let pids = format!("{},{}", busy.pid(), idle.pid());
+    let r = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "5",
+        "--rate",
+        "500",
+        "--duration",
+        "1",
+        "--grace",
+        "0.5",
+        "--server-pid",
+        &me,
+        "--proxy-pid",
+        &pids,
+    ]);
+    let m = r.messages.as_ref().unwrap();
+    let p = r.proxy.as_ref().expect("a proxy object");
+    let s = r.server.as_ref().expect("a server object");
+    assert_eq!(p.pids, vec![busy.pid(), idle.pid()], "{p:#?}");
+    let cpu = p.cpu_s.expect("proxy CPU");
+    // Some CPU (forks), well under a core: the helper sleeps most of the time.
+    assert!(cpu > 0.0 && p.cpu_cores.unwrap() < 0.5, "{p:#?}");
+    // Per message with the server's denominator: the messages received in the window.
+    let us = p.cpu_us_per_msg.expect("proxy us/msg");
+    assert!(m.received > 0 && s.cpu_us_per_msg.is_some(), "{r:#?}");
+    // (cpu_s is rounded to the ms.)
+    assert!((us * m.received as f64 / 1e6 - cpu).abs() <= 0.000_6, "{p:#?} {m:#?}");
+    // Summed: more than the idle helper alone.
+    let (before, held) = (p.rss_before_bytes.unwrap(), p.rss_held_bytes.unwrap());
+    assert!(before > idle_rss && held > idle_rss, "{p:#?}, idle helper alone {idle_rss}");
+    assert!(r.connect.proxy_cpu_s.is_some() && r.connect.proxy_cpu_us_per_conn.is_some(), "{:#?}", r.connect);
+    assert!(!r.warnings.iter().any(|w| w.contains("--proxy-pid")), "{:?}", r.warnings);
+
+    // The binary, --json, connect with the flag repeated: the proxy object, and its RSS per connection.
+    let busy_pid = busy.pid().to_string();
+    let idle_pid = idle.pid().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_throng-bench"))
+        .args(["connect", "--url", &url, "--connections", "20", "--hold", "0.5", "--grace", "0", "--json"])
+        .args(["--proxy-pid", &busy_pid, "--proxy-pid", &idle_pid])
+        .output()
+        .expect("running throng-bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let p = &v["proxy"];
+    assert_eq!(p["pids"], serde_json::json!([busy.pid(), idle.pid()]), "{v:#}");
+    assert!(p["cpu_s"].as_f64().is_some_and(|c| c >= 0.0), "{v:#}");
+    assert!(p["cpu_us_per_msg"].is_null(), "connect has no messages: {v:#}");
+    // The helpers hold no connections: their RSS barely moves, far less than a MiB per connection.
+    assert!(p["rss_per_conn_bytes"].as_f64().is_some_and(|b| b.abs() < 1e6), "{v:#}");
+    assert!(v["connect"]["proxy_cpu_us_per_conn"].as_f64().is_some_and(|c| c >= 0.0), "{v:#}");
+
+    // A PID with no process is refused before anything connects.
+    drop(idle);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_throng-bench"))
+        .args(["connect", "--url", &url, "--connections", "2", "--hold", "0.2", "--proxy-pid", &idle_pid])
+        .output()
+        .expect("running throng-bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such process"), "{out:?}");
+}
