@@ -19,12 +19,20 @@ pub struct WsUrl {
     pub path: Option<String>,
 }
 
-/// Parses and resolves a `ws://` or `wss://` URL (default ports 80 and 443).
+/// Parses and resolves a `ws://` or `wss://` URL (default ports 80 and 443); `http://` and `https://` are
+/// taken as `ws://` and `wss://`.
 pub fn parse_ws_url(url: &str) -> Result<WsUrl, Error> {
-    let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+    // http:// and https:// name the same server (api-publish speaks plain HTTP to it).
+    let plain = url.strip_prefix("ws://").or_else(|| url.strip_prefix("http://"));
+    let tls = url.strip_prefix("wss://").or_else(|| url.strip_prefix("https://"));
+    let (tls, rest) = match (plain, tls) {
         (Some(rest), _) => (false, rest),
         (None, Some(rest)) => (true, rest),
-        (None, None) => return Err(Error::Config(format!("--url must start with ws:// or wss:// (got {url:?})"))),
+        (None, None) => {
+            return Err(Error::Config(format!(
+                "--url must start with ws://, wss://, http:// or https:// (got {url:?})"
+            )))
+        }
     };
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -109,7 +117,10 @@ mod tests {
         assert_eq!(parse_ws_url("wss://[::1]:9443").unwrap().hostname, "::1");
         assert_eq!(parse_ws_url("wss://localhost:1").unwrap().hostname, "localhost");
         assert!(!parse_ws_url("ws://127.0.0.1:1").unwrap().tls);
-        assert!(parse_ws_url("http://127.0.0.1:1").is_err());
+        // http:// and https:// are aliases (api-publish speaks plain HTTP).
+        assert!(!parse_ws_url("http://127.0.0.1:1").unwrap().tls);
+        assert_eq!(parse_ws_url("https://127.0.0.1").unwrap().addr.port(), 443);
+        assert!(parse_ws_url("ftp://127.0.0.1:1").is_err());
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub enum Scenario {
     Broadcast,
     /// Broadcast to steady subscribers while other connections open and close at a rate.
     Churn,
+    /// `POST /api/publish` over HTTP/1.1 keep-alive, closed loop, optionally checked by WebSocket
+    /// subscribers; requests/s, messages/s, request latency, errors by status.
+    ApiPublish,
 }
 
 /// The protocol spoken to the server.
@@ -42,6 +45,7 @@ impl Scenario {
             Scenario::Echo => "echo",
             Scenario::Broadcast => "broadcast",
             Scenario::Churn => "churn",
+            Scenario::ApiPublish => "api-publish",
         }
     }
 }
@@ -70,9 +74,10 @@ pub struct Args {
     /// Protocol: `throng` (v1 on /ws) or `raw` (the peers' /echo and /broadcast).
     #[arg(long, value_enum, default_value_t = Target::Throng)]
     pub target: Target,
-    /// Connections: echo connections, subscribers (broadcast, churn: the steady ones) or idle connections.
-    #[arg(long, default_value_t = 100)]
-    pub connections: u64,
+    /// Connections: echo connections, subscribers (broadcast, churn: the steady ones), idle connections, or
+    /// api-publish's HTTP connections. [default: 100; api-publish: 10]
+    #[arg(long)]
+    pub connections: Option<u64>,
     /// Length of the measured window in seconds (connect: default for --hold).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -95,9 +100,26 @@ pub struct Args {
     /// Publishers (broadcast, churn). Throng: extra connections; raw: some of the --connections.
     #[arg(long, default_value_t = 1)]
     pub publishers: u64,
-    /// Channel for throng broadcast and churn.
-    #[arg(long, default_value = "bench:0")]
-    pub channel: String,
+    /// Channel for throng broadcast and churn; api-publish: the prefix of its channels (`<prefix>-0`,
+    /// `<prefix>-1`, ...). [default: bench:0; api-publish: bench:api]
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// api-publish: requests each HTTP connection keeps in flight (pipelined, answered in order).
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: u32,
+    /// api-publish: messages per request (1: `{"channel","data"}`; more: `{"batch":[...]}`, at most 1000).
+    #[arg(long, default_value_t = 1)]
+    pub batch: u32,
+    /// api-publish: distinct channels, used round-robin (their homes spread over the server's shards).
+    #[arg(long, default_value_t = 16)]
+    pub channels: u32,
+    /// api-publish: WebSocket subscribers (v1, on every channel) that check every published message arrives.
+    #[arg(long, default_value_t = 0)]
+    pub subscribers: u64,
+    /// api-publish: the server's API key, sent as `Authorization: apikey <key>` (or THRONG_BENCH_API_KEY,
+    /// which other users of the host cannot see in the process list).
+    #[arg(long, env = "THRONG_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// PID of the server: sample its CPU time and RSS (`/proc`) before and after.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -218,6 +240,8 @@ pub enum Role {
     Sub,
     /// Throng publisher: sends `publish` commands, receives no deliveries.
     Pub,
+    /// api-publish: an HTTP/1.1 connection sending `POST /api/publish` requests, closed loop.
+    Api,
     /// Raw publisher: one of the `/broadcast` connections, so it also receives.
     PubSub,
     /// Churn: connects, upgrades (and subscribes), closes, repeatedly.
@@ -258,6 +282,8 @@ pub struct Plan {
     pub duration_ns: u64,
     /// Receive-only time after the window.
     pub grace_ns: u64,
+    /// api-publish: its settings (`None` for the other scenarios).
+    pub api: Option<ApiPlan>,
     /// Receive pacing period during the window (0 = off).
     pub pace_ns: u64,
     /// Connections per second while ramping (all processes).
@@ -294,6 +320,51 @@ pub struct Plan {
     pub worker: Option<(u32, u32)>,
     /// Testing only: every `.0` ns of the window, spin for `.1` ns (`--test-busy`).
     pub test_busy: Option<(u64, u64)>,
+}
+
+/// What api-publish's HTTP connections send.
+#[derive(Clone, Debug)]
+pub struct ApiPlan {
+    /// Requests in flight per connection.
+    pub pipeline: u32,
+    /// Messages per request.
+    pub batch: u32,
+    /// The channel names, used round-robin.
+    pub channels: Vec<String>,
+    /// The key for `Authorization: apikey`.
+    pub key: String,
+}
+
+/// Most messages in one `POST /api/publish` (the server's bound).
+pub const MAX_API_BATCH: u32 = 1000;
+/// Most channels a subscriber may be on at once (the server's default `max_subscriptions`).
+pub const MAX_API_SUB_CHANNELS: u32 = 256;
+
+/// The api-publish settings of `args`, checked.
+fn api(args: &Args, channel: &str) -> Result<ApiPlan, Error> {
+    let Some(key) = args.api_key.clone() else {
+        return Err(Error::Config("api-publish needs --api-key (or THRONG_BENCH_API_KEY)".into()));
+    };
+    if key.is_empty() || key.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(Error::Config("--api-key must be printable ASCII without spaces".into()));
+    }
+    if args.pipeline == 0 || args.batch == 0 || args.channels == 0 {
+        return Err(Error::Config("--pipeline, --batch and --channels must be at least 1".into()));
+    }
+    if args.batch > MAX_API_BATCH {
+        return Err(Error::Config(format!("--batch is at most {MAX_API_BATCH} (the server's bound)")));
+    }
+    if args.subscribers > 0 && args.channels > MAX_API_SUB_CHANNELS {
+        return Err(Error::Config(format!(
+            "with --subscribers every subscriber joins every channel: --channels is then at most \
+             {MAX_API_SUB_CHANNELS} (the server's default max_subscriptions)"
+        )));
+    }
+    if args.rate.is_some() {
+        return Err(Error::Config("api-publish is a closed loop: no --rate (use --pipeline and --connections)".into()));
+    }
+    let channels = (0..args.channels).map(|i| format!("{channel}-{i}")).collect();
+    Ok(ApiPlan { pipeline: args.pipeline, batch: args.batch, channels, key })
 }
 
 /// How connections authenticate: a token per connection, signed by `minter`, sent in `token_in`.
@@ -397,6 +468,12 @@ impl Plan {
         let url = parse_ws_url(&args.url)?;
         let s = args.scenario;
         let t = args.target;
+        let is_api = s == Scenario::ApiPublish;
+        let connections = args.connections.unwrap_or(if is_api { 10 } else { 100 });
+        let channel = args.channel.clone().unwrap_or_else(|| (if is_api { "bench:api" } else { "bench:0" }).into());
+        if is_api && t == Target::Raw {
+            return Err(Error::Config("api-publish drives Throng's backend API: no --target raw".into()));
+        }
         let path = match (&args.path, &url.path) {
             (Some(p), _) | (None, Some(p)) => p.clone(),
             (None, None) => match (s, t) {
@@ -413,19 +490,28 @@ impl Plan {
         if args.procs == 0 || args.threads == 0 {
             return Err(Error::Config("--procs and --threads must be at least 1".into()));
         }
-        if args.connections == 0 {
+        if connections == 0 {
             return Err(Error::Config("--connections must be at least 1".into()));
         }
-        let publishers = if bcast { args.publishers } else { 0 };
+        let api = if is_api { Some(api(args, &channel)?) } else { None };
+        // api-publish: the HTTP connections are its publishers, the subscribers its receivers.
+        let publishers = if bcast {
+            args.publishers
+        } else if is_api {
+            connections
+        } else {
+            0
+        };
         if bcast && publishers == 0 {
             return Err(Error::Config("--publishers must be at least 1".into()));
         }
-        if bcast && t == Target::Raw && publishers > args.connections {
+        if bcast && t == Target::Raw && publishers > connections {
             return Err(Error::Config("raw target: --publishers are among the --connections; too many".into()));
         }
-        let total = if bcast && t == Target::Throng { args.connections + publishers } else { args.connections };
+        let receivers = if is_api { args.subscribers } else { connections };
+        let total = if (bcast && t == Target::Throng) || is_api { receivers + publishers } else { connections };
         let rate = match s {
-            Scenario::Connect => None,
+            Scenario::Connect | Scenario::ApiPublish => None,
             Scenario::Echo => args.rate,
             Scenario::Broadcast => Some(args.rate.unwrap_or(100.0)),
             Scenario::Churn => Some(args.rate.unwrap_or(10.0)),
@@ -444,7 +530,7 @@ impl Plan {
         if s == Scenario::Churn && (!args.churn_rate.is_finite() || args.churn_rate <= 0.0) {
             return Err(Error::Config("--churn-rate must be positive".into()));
         }
-        if args.channel.is_empty() || args.channel.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        if channel.is_empty() || channel.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
             return Err(Error::Config("--channel must be non-empty without quotes or backslashes".into()));
         }
         let window = if s == Scenario::Connect { args.hold.unwrap_or(args.duration) } else { args.duration };
@@ -487,7 +573,7 @@ impl Plan {
             target: t,
             url,
             path,
-            receivers: args.connections,
+            receivers,
             total,
             publishers,
             rate,
@@ -495,12 +581,13 @@ impl Plan {
             size: args.size,
             duration_ns: secs(if s == Scenario::Connect { "hold" } else { "duration" }, window, 0.1)?,
             grace_ns: secs("grace", args.grace, 0.0)?,
+            api,
             pace_ns: secs("pace-ms", args.pace_ms / 1000.0, 0.0)?,
             ramp_rate: args.ramp_rate,
             max_pending: args.max_pending,
             connect_timeout_ns: secs("connect-timeout", args.connect_timeout, 0.1)?,
             churn_rate: if s == Scenario::Churn { args.churn_rate } else { 0.0 },
-            channel: args.channel.clone(),
+            channel,
             source_ips: match &args.source_ips {
                 Some(v) => parse_source_ips(v)?,
                 None => Vec::new(),
@@ -529,6 +616,21 @@ impl Plan {
                 (Some(_), Target::Raw) => Role::PubSub,
                 (None, _) => Role::Sub,
             },
+            Scenario::ApiPublish => match self.publisher_id(i) {
+                Some(_) => Role::Api,
+                None => Role::Sub,
+            },
+        }
+    }
+
+    /// The stamp ids a receiver tracks a sequence for: the publishers (broadcast, churn); api-publish: one
+    /// per (HTTP connection, channel), the order the server keeps (a connection's messages to one channel
+    /// are published in the order sent; to different channels, homed on different shards, they may be
+    /// delivered in another order).
+    pub fn senders(&self) -> u64 {
+        match &self.api {
+            Some(a) => self.publishers * a.channels.len() as u64,
+            None => self.publishers,
         }
     }
 
@@ -543,7 +645,8 @@ impl Plan {
 
     /// True when throng subscribers must subscribe (and be acknowledged) before they count as ready.
     pub fn subscribes(&self) -> bool {
-        self.target == Target::Throng && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn)
+        self.target == Target::Throng
+            && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn | Scenario::ApiPublish)
     }
 }
 
@@ -594,6 +697,30 @@ mod tests {
         assert_eq!((p.path.as_str(), p.rate), ("/custom", None));
         let p = plan(&["connect", "--url", "ws://127.0.0.1:1", "--hold", "3", "--target", "raw"]);
         assert_eq!((p.path.as_str(), p.duration_ns), ("/echo", 3_000_000_000));
+    }
+
+    #[test]
+    fn api_publish_options() {
+        let p = plan(&["api-publish", "--url", "http://127.0.0.1:1", "--api-key", "k", "--subscribers", "3"]);
+        let a = p.api.as_ref().unwrap();
+        assert_eq!((p.publishers, p.receivers, p.total, p.path.as_str()), (10, 3, 13, "/ws"));
+        assert_eq!((a.pipeline, a.batch, a.channels.len()), (1, 1, 16));
+        assert_eq!((a.channels[0].as_str(), a.channels[15].as_str()), ("bench:api-0", "bench:api-15"));
+        assert_eq!((0..p.total).filter(|&i| p.role(i) == Role::Api).count(), 10);
+        // A sequence per (connection, channel).
+        assert_eq!(p.senders(), 160);
+        assert!(plan(&["echo", "--url", "ws://127.0.0.1:1"]).api.is_none());
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench", "api-publish", "--url", "ws://127.0.0.1:1"];
+            v.extend_from_slice(args);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&[]).contains("--api-key"));
+        assert!(err(&["--api-key", "k", "--batch", "1001"]).contains("--batch"));
+        assert!(err(&["--api-key", "k", "--pipeline", "0"]).contains("--pipeline"));
+        assert!(err(&["--api-key", "k", "--rate", "10"]).contains("closed loop"));
+        assert!(err(&["--api-key", "k", "--subscribers", "1", "--channels", "300"]).contains("--channels"));
+        assert!(err(&["--api-key", "has space"]).contains("--api-key"));
     }
 
     #[test]

@@ -27,6 +27,11 @@
 //! the plain path only tests that the connection has no TLS state. The handshake's time and the client CPU
 //! it took (inside rustls) are recorded per connection, and the threads' CPU over the whole ramp.
 //!
+//! api-publish's HTTP connections are ready once connected; in the window each keeps `--pipeline`
+//! `POST /api/publish` requests in flight, built in the thread's scratch buffer, and parses the responses
+//! from its `pending` bytes (status, `Content-Length` body, the offsets counted), sending the next request
+//! as each response arrives. Their subscribers are v1 `Sub` connections on every channel.
+//!
 //! With tokens (`--jwt-secret`, `--jwt-private-key`) a thread first mints one per connection it will open
 //! (its initial connections, and as many churn connections as its churn rate can start in the window),
 //! then waits until every thread of the run has (`Control::ramp`), so signing (about half a millisecond of
@@ -49,7 +54,7 @@ use crate::cli::{Auth, Plan, Role, Scenario, Target};
 use crate::error::Error;
 use crate::jwt::{self, TokenIn};
 use crate::load::ThreadHandle;
-use crate::payload::{write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
+use crate::payload::{push_u64, write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
 use crate::poll::{self, Epoll, ERR, IN, OUT};
 use crate::seq::{Arrival, SeqTrack};
 use crate::sys::{now_ns, thread_cpu_ns};
@@ -199,6 +204,16 @@ struct Conn {
     token: String,
     /// `wss://`: the TLS state; `out` then holds frames not sealed yet.
     tls: Option<Box<TlsConn>>,
+    /// Subscriber: `subscribed` acknowledgements still awaited.
+    acks: u32,
+    /// api-publish: requests in flight, oldest first (answered in order): when sent, messages.
+    reqs: VecDeque<(u64, u32)>,
+    /// api-publish: the next sequence number per channel (this connection's stream to each channel).
+    chan_seq: Vec<u64>,
+    /// api-publish: the channel of the next message.
+    next_ch: usize,
+    /// api-publish: the server said `Connection: close`; nothing more is sent.
+    no_more: bool,
 }
 
 impl Conn {
@@ -222,6 +237,11 @@ impl Conn {
             seq_base: usize::MAX,
             token: String::new(),
             tls: None,
+            acks: 0,
+            reqs: VecDeque::new(),
+            chan_seq: Vec::new(),
+            next_ch: 0,
+            no_more: false,
         }
     }
 
@@ -371,6 +391,13 @@ struct Loop<'a> {
     churn_tokens: Vec<String>,
     /// The thread's CPU time when the ramp started.
     ramp_cpu0: u64,
+    /// Stamp ids receivers track ([`Plan::senders`]).
+    n_senders: u64,
+    /// api-publish: every request's head up to the `Content-Length` value.
+    api_head: Vec<u8>,
+    /// api-publish: counts offsets and per-message errors in a `200`'s body.
+    offset_finder: memchr::memmem::Finder<'static>,
+    error_finder: memchr::memmem::Finder<'static>,
 }
 
 impl<'a> Loop<'a> {
@@ -380,7 +407,7 @@ impl<'a> Loop<'a> {
         let mut conns = Vec::with_capacity(n_initial as usize);
         let mut senders = Vec::new();
         let mut n_tracks = 0usize;
-        let publishers = plan.publishers as usize;
+        let n_senders = plan.senders();
         for gidx in spec.lo..spec.hi {
             let mut c = Conn::free();
             c.role = plan.role(gidx);
@@ -389,10 +416,15 @@ impl<'a> Loop<'a> {
             c.pub_id = plan.publisher_id(gidx).unwrap_or(0);
             if c.role.receives() {
                 c.seq_base = n_tracks;
-                n_tracks += publishers;
+                n_tracks += n_senders as usize;
             } else if c.role == Role::Echo {
                 c.seq_base = n_tracks;
                 n_tracks += 1;
+            }
+            if let (Role::Api, Some(api)) = (c.role, &plan.api) {
+                c.chan_seq = vec![0; api.channels.len()];
+                c.next_ch = (c.pub_id % api.channels.len() as u64) as usize;
+                c.reqs = VecDeque::with_capacity(api.pipeline as usize);
             }
             let slot = conns.len();
             let rate_sender = match c.role {
@@ -407,6 +439,17 @@ impl<'a> Loop<'a> {
         }
         let mut host_line = b"\r\nHost: ".to_vec();
         host_line.extend_from_slice(plan.url.host.as_bytes());
+        let mut api_head = Vec::new();
+        let mut scratch_room = plan.size + 256;
+        if let Some(api) = &plan.api {
+            api_head.extend_from_slice(b"POST /api/publish HTTP/1.1");
+            api_head.extend_from_slice(&host_line);
+            api_head.extend_from_slice(b"\r\nAuthorization: apikey ");
+            api_head.extend_from_slice(api.key.as_bytes());
+            api_head.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+            let longest = api.channels.iter().map(String::len).max().unwrap_or(0);
+            scratch_room = api.batch as usize * (plan.size + longest + 64) + 64;
+        }
         Ok(Self {
             plan,
             spec,
@@ -416,7 +459,7 @@ impl<'a> Loop<'a> {
             free: Vec::new(),
             // TLS: a read also carries one partial record in front of the new bytes.
             rbuf: vec![0u8; HEAD + READ + if plan.tls.is_some() { tls::READ_ROOM } else { 0 }],
-            scratch: Vec::with_capacity(plan.size + 256),
+            scratch: Vec::with_capacity(scratch_room),
             sc: Scanner::new(),
             hint: 1,
             tally: Tally::default(),
@@ -445,6 +488,10 @@ impl<'a> Loop<'a> {
             host_line,
             churn_tokens: Vec::new(),
             ramp_cpu0: 0,
+            n_senders,
+            api_head,
+            offset_finder: memchr::memmem::Finder::new(b"\"offset\":"),
+            error_finder: memchr::memmem::Finder::new(b"\"error\":"),
         })
     }
 
@@ -464,6 +511,10 @@ impl<'a> Loop<'a> {
         for slot in 0..self.n_initial as usize {
             if minted % 256 == 0 && self.ctl.abort.load(Relaxed) {
                 return Ok(());
+            }
+            if self.conns[slot].role == Role::Api {
+                // Authenticated by the API key, not a token.
+                continue;
             }
             self.conns[slot].token = mint(auth, self.conns[slot].gidx, now)?;
             minted += 1;
@@ -612,6 +663,10 @@ impl<'a> Loop<'a> {
 
     fn finish(mut self) -> Tally {
         self.publish_progress(u64::MAX);
+        let unanswered: usize = self.conns.iter().filter(|c| c.role == Role::Api).map(|c| c.reqs.len()).sum();
+        if unanswered > 0 {
+            self.tally.api_error("unanswered", unanswered as u64);
+        }
         self.tally.gaps = self.seqs.iter().map(SeqTrack::missing).sum();
         for c in &mut self.conns {
             c.fd = None;
@@ -872,7 +927,19 @@ impl<'a> Loop<'a> {
             // The ClientHello.
             return self.tls_progress(slot, None);
         }
-        self.send_upgrade(slot);
+        self.after_connect(slot, now);
+    }
+
+    /// TCP (and TLS) is up: an API connection is ready; a WebSocket sends its upgrade request.
+    fn after_connect(&mut self, slot: usize, now: u64) {
+        let c = &self.conns[slot];
+        if c.role != Role::Api {
+            return self.send_upgrade(slot);
+        }
+        self.tally.established += u64::from(c.initial);
+        self.tally.connect_lat.record(now.saturating_sub(c.t0));
+        self.mark_ready(slot);
+        self.flush(slot);
     }
 
     /// TLS handshake: takes everything the socket has, then lets rustls go on.
@@ -928,7 +995,7 @@ impl<'a> Loop<'a> {
                 if t.tls.is_none() {
                     t.tls = Some(done.info);
                 }
-                self.send_upgrade(slot);
+                self.after_connect(slot, now_ns());
             }
         }
     }
@@ -1057,9 +1124,23 @@ impl<'a> Loop<'a> {
             self.tally.connect_lat.record(lat);
         }
         if subscribes {
-            self.scratch.clear();
-            write_subscribe(&mut self.scratch, 1, &self.plan.channel);
-            c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+            match &self.plan.api {
+                // api-publish: every channel.
+                Some(api) => {
+                    for (i, ch) in api.channels.iter().enumerate() {
+                        self.scratch.clear();
+                        write_subscribe(&mut self.scratch, i as u64 + 1, ch);
+                        c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+                    }
+                    c.acks = api.channels.len() as u32;
+                }
+                None => {
+                    self.scratch.clear();
+                    write_subscribe(&mut self.scratch, 1, &self.plan.channel);
+                    c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+                    c.acks = 1;
+                }
+            }
             c.st = St::Subscribing;
         } else if c.role == Role::Churn {
             self.tally.churn_lat.record(lat);
@@ -1088,6 +1169,9 @@ impl<'a> Loop<'a> {
     /// Reads everything available (edge-triggered: until a short read or `EAGAIN`) and processes the frames
     /// in place.
     fn on_readable(&mut self, slot: usize) {
+        if self.conns[slot].role == Role::Api {
+            return self.on_api_readable(slot);
+        }
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let outcome = loop {
             let c = &mut self.conns[slot];
@@ -1204,7 +1288,7 @@ impl<'a> Loop<'a> {
     fn on_message(&mut self, slot: usize, msg: &[u8], now: u64) -> Result<(), Stop> {
         let role = self.conns[slot].role;
         match role {
-            Role::Idle => {}
+            Role::Idle | Role::Api => {}
             Role::Echo => match self.sc.stamp(msg, &mut self.hint) {
                 Some(s) if s.id == self.conns[slot].gidx => {
                     if !self.arrive(self.conns[slot].seq_base, s, now) {
@@ -1243,7 +1327,7 @@ impl<'a> Loop<'a> {
 
     #[inline]
     fn deliver(&mut self, slot: usize, s: Stamp, now: u64) {
-        if s.id >= self.plan.publishers {
+        if s.id >= self.n_senders {
             self.tally.unparsed += 1;
             return;
         }
@@ -1279,8 +1363,13 @@ impl<'a> Loop<'a> {
     }
 
     fn on_subscribed(&mut self, slot: usize, now: u64) {
-        let c = &self.conns[slot];
+        let c = &mut self.conns[slot];
         if c.st != St::Subscribing {
+            return;
+        }
+        c.acks = c.acks.saturating_sub(1);
+        if c.acks > 0 {
+            // api-publish: more channels to be acknowledged.
             return;
         }
         if c.role == Role::Churn {
@@ -1387,6 +1476,16 @@ impl<'a> Loop<'a> {
     }
 
     fn start_window(&mut self, now: u64) {
+        if let Some(api) = &self.plan.api {
+            for slot in 0..self.n_initial as usize {
+                if self.conns[slot].role == Role::Api && self.conns[slot].st == St::Open {
+                    // The closed loop starts at the window's start, `--pipeline` requests on every connection.
+                    for _ in 0..api.pipeline {
+                        self.send_request(slot, self.go);
+                    }
+                }
+            }
+        }
         if self.plan.scenario == Scenario::Echo && self.plan.rate.is_none() {
             for slot in 0..self.n_initial as usize {
                 if self.conns[slot].st == St::Open {
@@ -1400,6 +1499,183 @@ impl<'a> Loop<'a> {
         }
         self.send_due(now, now, 100_000);
         self.churn_due(now);
+    }
+
+    // ---- api-publish ----
+
+    /// Queues one `POST /api/publish` of `--batch` stamped messages on `slot`, scheduled (and stamped) at
+    /// `t_ns`: channels round-robin, each message stamped with its (connection, channel) stream and that
+    /// stream's sequence number. Built in the reused scratch buffer and appended to `out`: no allocation.
+    fn send_request(&mut self, slot: usize, t_ns: u64) {
+        let plan = self.plan;
+        let Some(api) = &plan.api else { return };
+        let c = &mut self.conns[slot];
+        if c.st != St::Open || c.no_more {
+            return;
+        }
+        let n_ch = api.channels.len();
+        let body = &mut self.scratch;
+        body.clear();
+        if api.batch > 1 {
+            body.extend_from_slice(b"{\"batch\":[");
+        }
+        for i in 0..api.batch {
+            if i > 0 {
+                body.push(b',');
+            }
+            let ch = c.next_ch;
+            c.next_ch = if ch + 1 == n_ch { 0 } else { ch + 1 };
+            let seq = c.chan_seq[ch];
+            c.chan_seq[ch] += 1;
+            body.extend_from_slice(b"{\"channel\":\"");
+            body.extend_from_slice(api.channels[ch].as_bytes());
+            body.extend_from_slice(b"\",\"data\":");
+            let stamp = Stamp { t_ns, id: c.pub_id * n_ch as u64 + ch as u64, seq };
+            write_payload(body, stamp, plan.size);
+            body.push(b'}');
+        }
+        if api.batch > 1 {
+            body.extend_from_slice(b"]}");
+        }
+        c.out.extend_from_slice(&self.api_head);
+        push_u64(&mut c.out, body.len() as u64);
+        c.out.extend_from_slice(b"\r\n\r\n");
+        c.out.extend_from_slice(body);
+        c.reqs.push_back((t_ns, api.batch));
+        self.tally.api_requests += 1;
+        self.tally.sent += u64::from(api.batch);
+        self.mark_dirty(slot);
+    }
+
+    /// Reads an API connection's responses (edge-triggered: until a short read or `EAGAIN`), accounts each,
+    /// and sends the next request for each one answered while the window lasts.
+    fn on_api_readable(&mut self, slot: usize) {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let outcome = loop {
+            let c = &mut self.conns[slot];
+            let (n, more) = match recv(c, &mut rbuf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(()),
+                Err(kind) => break Err(kind),
+            };
+            if n > 0 {
+                c.pending.extend_from_slice(&rbuf[HEAD..HEAD + n]);
+                if let Err(kind) = self.api_responses(slot, now_ns()) {
+                    break Err(kind);
+                }
+            }
+            // After a `Connection: close` the end of the stream may have come with the response, and no
+            // edge would report it again: read on until it (or `EAGAIN`).
+            if !more && !self.conns[slot].no_more {
+                break Ok(());
+            }
+        };
+        self.rbuf = rbuf;
+        match outcome {
+            Ok(()) => self.flush(slot),
+            Err(kind) => {
+                // Requests in flight when the server closed the connection (or it failed) are failed ones.
+                let lost = self.conns[slot].reqs.len() as u64;
+                if lost > 0 {
+                    self.tally.api_error("closed", lost);
+                    self.conns[slot].reqs.clear();
+                }
+                self.fail(slot, &kind);
+            }
+        }
+    }
+
+    /// Handles the complete responses at the front of the connection's `pending` bytes (status line,
+    /// headers, `Content-Length` body); keeps an unfinished one.
+    fn api_responses(&mut self, slot: usize, now: u64) -> Result<(), String> {
+        let pending = std::mem::take(&mut self.conns[slot].pending);
+        let mut off = 0;
+        let result = loop {
+            let buf = &pending[off..];
+            if buf.is_empty() {
+                break Ok(());
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 24];
+            let mut resp = httparse::Response::new(&mut headers);
+            let head = match resp.parse(buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if buf.len() <= 64 * 1024 => break Ok(()),
+                _ => break Err("bad_response".to_string()),
+            };
+            let code = resp.code.unwrap_or(0);
+            let mut len = Some(0usize);
+            let mut close = false;
+            for h in resp.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    len = None;
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    close = h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                }
+            }
+            let Some(len) = len else { break Err("bad_response".to_string()) };
+            if buf.len() < head + len {
+                break Ok(());
+            }
+            let body = &buf[head..head + len];
+            off += head + len;
+            if (100..200).contains(&code) {
+                // Informational (`100 Continue`): the real response follows.
+                continue;
+            }
+            let (offsets, errors) = if code == 200 {
+                (self.offset_finder.find_iter(body).count() as u64, self.error_finder.find_iter(body).count() as u64)
+            } else {
+                (0, 0)
+            };
+            if close {
+                self.conns[slot].no_more = true;
+            }
+            self.api_response(slot, code, offsets, errors, now);
+        };
+        let mut pending = pending;
+        pending.drain(..off);
+        self.conns[slot].pending = pending;
+        result
+    }
+
+    /// Accounts one response (`offsets` and per-message `errors` counted in a `200`'s body) to the oldest
+    /// request in flight, and sends the next one while the window lasts.
+    fn api_response(&mut self, slot: usize, code: u16, offsets: u64, errors: u64, now: u64) {
+        let Some((sent, batch)) = self.conns[slot].reqs.pop_front() else {
+            self.tally.api_error("unexpected_response", 1);
+            return;
+        };
+        let in_window = now < self.window_end;
+        let t = &mut self.tally;
+        if code == 200 {
+            let batch = u64::from(batch);
+            if offsets != batch {
+                t.api_error("200_incomplete", 1);
+            }
+            t.api_message_errors += errors;
+            let published = offsets.min(batch);
+            let complete = u64::from(offsets == batch);
+            let lat = now.saturating_sub(sent);
+            if in_window {
+                t.api_ok += complete;
+                t.api_published += published;
+                t.api_latency.record(lat);
+            } else {
+                t.api_ok_late += complete;
+                t.api_published_late += published;
+                t.api_late_latency.record(lat);
+            }
+        } else {
+            // The status's three digits, without allocating (a new status allocates its key once).
+            let digits = [b'0' + (code / 100 % 10) as u8, b'0' + (code / 10 % 10) as u8, b'0' + (code % 10) as u8];
+            t.api_error(std::str::from_utf8(&digits).unwrap_or("bad_status"), 1);
+        }
+        if self.phase == Phase::Measure && now < self.window_end {
+            // Closed loop: the next request is due the moment this response arrived.
+            self.send_request(slot, now);
+        }
     }
 
     /// Testing (`--test-busy`): spins for the configured time when due, like a loop stuck in a long burst.

@@ -3,7 +3,8 @@
 //! It speaks only the wire protocol (RFC 6455 through `throng-protocol`'s client encoder and state
 //! machine, plus Throng v1's JSON commands), so the same load runs against Throng (`--target throng`) and
 //! against any server that follows the comparison peers' plain contract (`--target raw`: `/echo` echoes,
-//! `/broadcast` relays to every connection). Scenarios: `connect`, `echo`, `broadcast`, `churn`.
+//! `/broadcast` relays to every connection). Scenarios: `connect`, `echo`, `broadcast`, `churn`, and
+//! `api-publish` (Throng's backend HTTP API, `POST /api/publish`, over keep-alive connections).
 //!
 //! The client must cost far less per message than the servers it measures, so each thread runs one epoll
 //! loop over its share of nonblocking sockets, reads 64 KiB at a time, parses frames in place, finds the

@@ -30,5 +30,10 @@ fn main() -> anyhow::Result<()> {
         // wss:// with no handshake through (an untrusted certificate, say): the run measured nothing.
         anyhow::bail!("no connection got through its TLS handshake: {e} (see the warnings)");
     }
+    if let Some(a) = report.api.as_ref().filter(|a| a.ok + a.ok_late == 0) {
+        // api-publish with no request served (a wrong key, the API off): the run measured nothing.
+        let errors = a.errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+        anyhow::bail!("no API request succeeded ({errors}; see the warnings)");
+    }
     Ok(())
 }

@@ -166,6 +166,56 @@ pub struct MessageReport {
     pub send_lag_us: Summary,
 }
 
+/// api-publish figures: `POST /api/publish` requests, closed loop over keep-alive connections.
+///
+/// A request counts where its response arrived: in the window (`ok`, `published`, `latency_us`, the rates)
+/// or in the grace period (`ok_late`, `published_late`, `late_latency_us`). Every request that did not get a
+/// `200` with an offset for each of its messages is in `errors`, by status or kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiReport {
+    /// HTTP connections.
+    pub connections: u64,
+    /// Requests in flight per connection.
+    pub pipeline: u32,
+    /// Messages per request.
+    pub batch: u32,
+    /// Channels used round-robin.
+    pub channels: usize,
+    /// Requests sent in the window.
+    pub requests_sent: u64,
+    /// Messages in them.
+    pub messages_sent: u64,
+    /// `200` responses with every message's offset, arrived in the window.
+    pub ok: u64,
+    /// The same, arrived in the grace period (not in the rates).
+    pub ok_late: u64,
+    /// `ok` per second of window.
+    pub requests_per_s: f64,
+    /// Messages published (an offset returned) in the window's responses.
+    pub published: u64,
+    /// The same in the grace period's.
+    pub published_late: u64,
+    /// `published` per second of window.
+    pub messages_per_s: f64,
+    /// Messages refused inside a `200` (a batch's per-message errors).
+    pub message_errors: u64,
+    /// Failed requests (the sum of `errors`).
+    pub failed: u64,
+    /// Failed requests by HTTP status (`401`, `404`, `503`, ...) or kind: `200_incomplete` (a `200` short
+    /// of offsets), `closed` (in flight when the server closed the connection), `unanswered` (no response by
+    /// the end of the grace period), `bad_response`, `unexpected_response`.
+    pub errors: BTreeMap<String, u64>,
+    /// Request latency (sent to its `200` parsed) of the window's responses, µs.
+    pub latency_us: Summary,
+    /// The same for the grace period's, µs.
+    pub late_latency_us: Summary,
+    /// With `--server-pid`: the server's CPU from the start of the window to the end of the grace period
+    /// per `200` (deliveries to `--subscribers` included), µs.
+    pub server_cpu_us_per_request: Option<f64>,
+    /// The same per message published, µs.
+    pub server_cpu_us_per_message: Option<f64>,
+}
+
 /// Churn figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChurnReport {
@@ -310,6 +360,8 @@ pub struct Report {
     pub messages: Option<MessageReport>,
     /// Churn figures (churn only).
     pub churn: Option<ChurnReport>,
+    /// api-publish figures (api-publish only).
+    pub api: Option<ApiReport>,
     /// Server figures, when it could be observed.
     pub server: Option<ServerReport>,
     /// Proxy figures, with `--proxy-pid`.
@@ -335,11 +387,15 @@ impl Report {
         let grace = plan.grace_ns as f64 / 1e9;
         let scenario = plan.scenario;
         let mut warnings = Vec::new();
-        let messages = (scenario != Scenario::Connect).then(|| {
+        let is_api = scenario == Scenario::ApiPublish;
+        // api-publish: message figures are the subscribers' (none without them).
+        let messages = (scenario != Scenario::Connect && !(is_api && plan.receivers == 0)).then(|| {
             let scheduled = t.sent + t.skipped;
             // Every subscriber requested should have had every message, whether it became ready or not.
             let expected = match scenario {
                 Scenario::Echo => scheduled,
+                // Every message the server published (an offset returned), to every subscriber.
+                Scenario::ApiPublish => (t.api_published + t.api_published_late) * plan.receivers,
                 _ => scheduled * plan.receivers,
             };
             MessageReport {
@@ -384,8 +440,75 @@ impl Report {
         // Per-message figures make sense where messages are the work: not for connect or churn.
         let msgs = match scenario {
             Scenario::Echo | Scenario::Broadcast => t.received,
+            // The messages published are the work (their deliveries to subscribers included).
+            Scenario::ApiPublish => t.api_published + t.api_published_late,
             Scenario::Connect | Scenario::Churn => 0,
         };
+        let api = plan.api.as_ref().map(|a| {
+            let oks = t.api_ok + t.api_ok_late;
+            let published = t.api_published + t.api_published_late;
+            ApiReport {
+                connections: plan.publishers,
+                pipeline: a.pipeline,
+                batch: a.batch,
+                channels: a.channels.len(),
+                requests_sent: t.api_requests,
+                messages_sent: t.sent,
+                ok: t.api_ok,
+                ok_late: t.api_ok_late,
+                requests_per_s: round(t.api_ok as f64 / dur, 1),
+                published: t.api_published,
+                published_late: t.api_published_late,
+                messages_per_s: round(t.api_published as f64 / dur, 1),
+                message_errors: t.api_message_errors,
+                failed: t.api_errors.values().sum(),
+                errors: t.api_errors.clone(),
+                latency_us: t.api_latency.summary(),
+                late_latency_us: t.api_late_latency.summary(),
+                server_cpu_us_per_request: server_cpu
+                    .filter(|_| oks > 0)
+                    .map(|c| round(c as f64 / 1e3 / oks as f64, 3)),
+                server_cpu_us_per_message: server_cpu
+                    .filter(|_| published > 0)
+                    .map(|c| round(c as f64 / 1e3 / published as f64, 3)),
+            }
+        });
+        if let Some(a) = &api {
+            if a.ok + a.ok_late == 0 && t.ready > 0 {
+                warnings.push("no API request succeeded: nothing was measured (see the errors)".into());
+            }
+            if a.failed > 0 {
+                let list = a.errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+                let mut hints = Vec::new();
+                if a.errors.contains_key("401") {
+                    hints.push("401: the server refused the key: check --api-key (or THRONG_BENCH_API_KEY)");
+                }
+                if a.errors.contains_key("404") {
+                    hints.push(
+                        "404: the server has no API (no api_key configured), or serves it only on its admin_listen",
+                    );
+                }
+                if a.errors.contains_key("503") {
+                    hints
+                        .push("503: the server was overloaded (API requests waiting for other shards, or a ring full)");
+                }
+                if a.errors.contains_key("closed") {
+                    hints.push("closed: the server closed connections with requests in flight");
+                }
+                let hints = if hints.is_empty() { String::new() } else { format!(" ({})", hints.join("; ")) };
+                warnings.push(format!(
+                    "{} of {} API requests failed: {list}{hints}",
+                    a.failed,
+                    a.requests_sent.max(a.failed)
+                ));
+            }
+            if a.message_errors > 0 {
+                warnings.push(format!(
+                    "{} messages were refused inside 200 responses (per-message errors of a batch)",
+                    a.message_errors
+                ));
+            }
+        }
         let per_conn = |before: Option<u64>, held: Option<u64>| match (before, held) {
             (Some(a), Some(b)) if t.held > 0 => Some(round((b as f64 - a as f64) / t.held as f64, 1)),
             _ => None,
@@ -614,7 +737,16 @@ impl Report {
         Report {
             scenario: scenario.name(),
             target: plan.target.name(),
-            url: format!("{}://{}", if plan.url.tls { "wss" } else { "ws" }, plan.url.host),
+            url: format!(
+                "{}://{}",
+                match (plan.api.is_some(), plan.url.tls) {
+                    (false, false) => "ws",
+                    (false, true) => "wss",
+                    (true, false) => "http",
+                    (true, true) => "https",
+                },
+                plan.url.host
+            ),
             path: plan.path.clone(),
             connections: plan.receivers,
             publishers: plan.publishers,
@@ -654,6 +786,7 @@ impl Report {
             },
             messages,
             churn,
+            api,
             server,
             proxy,
             client,
@@ -665,23 +798,44 @@ impl Report {
     /// The human summary.
     pub fn human(&self) -> String {
         let mut o = String::new();
+        if let Some(a) = &self.api {
+            let _ = writeln!(
+                o,
+                "throng-bench api-publish -> {}/api/publish: {} connections x pipeline {}, batch {} x {} B over {} \
+                 channels, {} subscribers ({}), closed loop, {} s + {} s grace, {} proc x {} thread",
+                self.url,
+                a.connections,
+                a.pipeline,
+                a.batch,
+                self.size,
+                a.channels,
+                self.connections,
+                self.path,
+                self.duration_s,
+                self.grace_s,
+                self.procs,
+                self.threads
+            );
+        }
         let load = match (self.scenario, self.rate) {
             ("connect", _) => format!("held {} s", self.duration_s),
             (_, Some(r)) => format!("{r} msg/s x {} B, {} s + {} s grace", self.size, self.duration_s, self.grace_s),
             (_, None) => format!("closed loop x {} B, {} s + {} s grace", self.size, self.duration_s, self.grace_s),
         };
-        let _ = writeln!(
-            o,
-            "throng-bench {} -> {}{} ({}): {} connections{}, {load}, {} proc x {} thread",
-            self.scenario,
-            self.url,
-            self.path,
-            self.target,
-            self.connections,
-            if self.publishers > 0 { format!(" + {} publishers", self.publishers) } else { String::new() },
-            self.procs,
-            self.threads
-        );
+        if self.api.is_none() {
+            let _ = writeln!(
+                o,
+                "throng-bench {} -> {}{} ({}): {} connections{}, {load}, {} proc x {} thread",
+                self.scenario,
+                self.url,
+                self.path,
+                self.target,
+                self.connections,
+                if self.publishers > 0 { format!(" + {} publishers", self.publishers) } else { String::new() },
+                self.procs,
+                self.threads
+            );
+        }
         let c = &self.connect;
         let errors = if c.errors.is_empty() {
             "none".to_string()
@@ -758,6 +912,34 @@ impl Report {
             }
             if m.send_lag_us.count > 0 {
                 let _ = writeln!(o, "          send lag {}", lat(&m.send_lag_us));
+            }
+        }
+        if let Some(a) = &self.api {
+            let errors = if a.errors.is_empty() {
+                "none".to_string()
+            } else {
+                a.errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            };
+            let _ = writeln!(
+                o,
+                "api       {} requests sent ({} messages); {} ok in the window ({:.0}/s) + {} late; {} messages \
+                 published ({:.0}/s) + {} late; failed {}: {errors}",
+                a.requests_sent,
+                a.messages_sent,
+                a.ok,
+                a.requests_per_s,
+                a.ok_late,
+                a.published,
+                a.messages_per_s,
+                a.published_late,
+                a.failed
+            );
+            let _ = writeln!(o, "          latency {}", lat(&a.latency_us));
+            if a.ok_late > 0 {
+                let _ = writeln!(o, "          late    {}", lat(&a.late_latency_us));
+            }
+            if let (Some(r), Some(m)) = (a.server_cpu_us_per_request, a.server_cpu_us_per_message) {
+                let _ = writeln!(o, "          server CPU {r:.2} us per request, {m:.3} us per message");
             }
         }
         if let Some(ch) = &self.churn {

@@ -106,6 +106,26 @@ pub struct Tally {
     pub tls_handshake_cpu: Hist,
     /// The first TLS failure's message (`invalid peer certificate: UnknownIssuer`, ...).
     pub tls_error: Option<String>,
+    /// api-publish: requests sent in the window.
+    pub api_requests: u64,
+    /// api-publish: `200` responses carrying an offset for every message of their request, in the window.
+    pub api_ok: u64,
+    /// The same, arrived in the grace period.
+    pub api_ok_late: u64,
+    /// api-publish: messages published (an offset received) in the window.
+    pub api_published: u64,
+    /// The same, in the grace period.
+    pub api_published_late: u64,
+    /// api-publish: messages refused inside a `200` (a batch's per-message `error` entries).
+    pub api_message_errors: u64,
+    /// api-publish: failed requests by HTTP status (`401`, `503`, ...) or kind (`200_incomplete`: a `200`
+    /// short of offsets; `closed`: in flight when the server closed the connection; `unanswered`: still
+    /// waiting at the end of the grace period; `bad_response`, `unexpected_response`).
+    pub api_errors: BTreeMap<String, u64>,
+    /// api-publish: request sent to `200` parsed, for the responses in the window.
+    pub api_latency: Hist,
+    /// The same for the responses in the grace period.
+    pub api_late_latency: Hist,
 }
 
 fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
@@ -118,6 +138,16 @@ impl Tally {
     /// Counts one error of `kind`.
     pub fn error(&mut self, kind: &str) {
         *self.errors.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// Counts one failed API request of `kind` (allocates only the first time a kind is seen).
+    pub fn api_error(&mut self, kind: &str, n: u64) {
+        match self.api_errors.get_mut(kind) {
+            Some(v) => *v += n,
+            None => {
+                self.api_errors.insert(kind.to_string(), n);
+            }
+        }
     }
 
     /// Adds `o` into `self` (times: the maximum).
@@ -169,5 +199,14 @@ impl Tally {
         if self.tls_error.is_none() {
             self.tls_error.clone_from(&o.tls_error);
         }
+        self.api_requests += o.api_requests;
+        self.api_ok += o.api_ok;
+        self.api_ok_late += o.api_ok_late;
+        self.api_published += o.api_published;
+        self.api_published_late += o.api_published_late;
+        self.api_message_errors += o.api_message_errors;
+        add_map(&mut self.api_errors, &o.api_errors);
+        self.api_latency.merge(&o.api_latency);
+        self.api_late_latency.merge(&o.api_late_latency);
     }
 }
