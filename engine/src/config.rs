@@ -87,6 +87,10 @@ pub struct Cli {
     /// [default: 10]
     #[arg(long, env = "THRONG_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
+    /// Seconds a `GET /poll` long-poll is held waiting for a message before it is answered with none.
+    /// [default: 25]
+    #[arg(long, env = "THRONG_POLL_TIMEOUT")]
+    pub poll_timeout: Option<f64>,
     /// Largest WebSocket message accepted, in bytes (summed over fragments); larger ones close with 1009.
     /// [default: 65536]
     #[arg(long, env = "THRONG_MAX_MESSAGE_SIZE")]
@@ -195,6 +199,18 @@ pub struct Cli {
     /// Retry-After. 0: no limit. [default: 1000]
     #[arg(long, env = "THRONG_MAX_UPGRADES_PER_SECOND_PER_IP")]
     pub max_upgrades_per_second_per_ip: Option<u32>,
+    /// Key the backend HTTP API (`/api/*`) requires as `Authorization: apikey <key>`; at least 16 bytes.
+    /// Prefer THRONG_API_KEY or the file to a flag. Unset: the API is off (every `/api/*` path answers 404).
+    #[arg(long, env = "THRONG_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest HTTP request body accepted (the backend API's JSON), in bytes; a request announcing more is
+    /// answered 413 before its body is read. [default: 1048576]
+    #[arg(long, env = "THRONG_MAX_API_BODY_BYTES")]
+    pub max_api_body_bytes: Option<usize>,
+    /// A second address (e.g. 127.0.0.1:9090) serving `/metrics`, `/stats` and `/api/*` only there: the
+    /// main listener then answers 404 for them. Accepted by shard 0. [default: none, all on --listen]
+    #[arg(long, env = "THRONG_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Validate the configuration (flags, variables and file), print it, and exit: 0 when it is valid,
     /// 1 with the reason otherwise. Nothing is bound or started.
     #[arg(long)]
@@ -214,6 +230,7 @@ struct FileConfig {
     handshake_timeout: Option<f64>,
     drain_delay: Option<f64>,
     drain_timeout: Option<f64>,
+    poll_timeout: Option<f64>,
     max_message_size: Option<usize>,
     max_backlog_bytes: Option<usize>,
     echo: Option<bool>,
@@ -242,6 +259,9 @@ struct FileConfig {
     max_connections_per_user: Option<u32>,
     max_connections_per_ip: Option<u32>,
     max_upgrades_per_second_per_ip: Option<u32>,
+    api_key: Option<String>,
+    max_api_body_bytes: Option<usize>,
+    admin_listen: Option<SocketAddr>,
     /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
     #[serde(default)]
     namespace: std::collections::BTreeMap<String, NamespaceFile>,
@@ -381,6 +401,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Drain timeout, counted from the end of the drain delay.
     pub drain_timeout: Duration,
+    /// How long a `GET /poll` is held waiting for a message.
+    pub poll_timeout: Duration,
     /// Largest message in bytes.
     pub max_message_size: usize,
     /// Slow-consumer bound in bytes.
@@ -427,6 +449,22 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     /// Upgrades per second per client address (0: unlimited).
     pub max_upgrades_per_second_per_ip: u32,
+    /// The backend API's key; `None`: the API is off.
+    pub api_key: Option<ApiKey>,
+    /// Largest HTTP request body.
+    pub max_api_body_bytes: usize,
+    /// Where `/metrics`, `/stats` and `/api/*` are served instead of `listen`, when set.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// The backend API key (never printed: its `Debug` shows only its length).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey(<{} bytes>)", self.0.len())
+    }
 }
 
 /// JWT settings; `None` key: the open development mode.
@@ -501,6 +539,7 @@ impl Config {
             )?,
             drain_delay: secs_or_zero("drain_delay", cli.drain_delay.or(file.drain_delay).unwrap_or(5.0))?,
             drain_timeout: secs("drain_timeout", cli.drain_timeout.or(file.drain_timeout).unwrap_or(10.0))?,
+            poll_timeout: secs("poll_timeout", cli.poll_timeout.or(file.poll_timeout).unwrap_or(25.0))?,
             max_message_size: cli.max_message_size.or(file.max_message_size).unwrap_or(64 * 1024),
             max_backlog_bytes: cli.max_backlog_bytes.or(file.max_backlog_bytes).unwrap_or(1 << 20),
             echo: cli.echo.or(file.echo).unwrap_or(true),
@@ -535,6 +574,9 @@ impl Config {
                 .max_upgrades_per_second_per_ip
                 .or(file.max_upgrades_per_second_per_ip)
                 .unwrap_or(1000),
+            api_key: cli.api_key.clone().or(file.api_key.clone()).map(ApiKey),
+            max_api_body_bytes: cli.max_api_body_bytes.or(file.max_api_body_bytes).unwrap_or(1 << 20),
+            admin_listen: cli.admin_listen.or(file.admin_listen),
         };
         cfg.check()?;
         Ok(cfg)
@@ -575,6 +617,7 @@ impl Config {
         at_most("handshake_timeout", self.handshake_timeout, 300)?;
         at_most("drain_delay", self.drain_delay, 3600)?;
         at_most("drain_timeout", self.drain_timeout, 3600)?;
+        at_most("poll_timeout", self.poll_timeout, 300)?;
         at_most("message_timeout", self.message_timeout, 3600)?;
         if self.idle_timeout <= self.ping_interval {
             bail!(
@@ -590,6 +633,18 @@ impl Config {
         within("max_unfinished_bytes", self.max_unfinished_bytes, 64 * 1024, 1 << 40)?;
         within("max_queue_bytes", self.max_queue_bytes, 64 * 1024, 1 << 40)?;
         within("max_token_bytes", self.auth.max_token_bytes, 64, 64 * 1024)?;
+        within("max_api_body_bytes", self.max_api_body_bytes, 1024, 256 * MIB)?;
+        if let Some(k) = &self.api_key {
+            if k.0.len() < 16 {
+                bail!("api_key must be at least 16 bytes (a short key can be guessed); better as THRONG_API_KEY");
+            }
+            if !k.0.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!("api_key must be printable ASCII without spaces (it travels in an HTTP header)");
+            }
+        }
+        if self.admin_listen.is_some_and(|a| a == self.listen) {
+            bail!("admin_listen must differ from listen");
+        }
         if self.open_mode() && !self.listen.ip().is_loopback() && !self.insecure {
             bail!(
                 "listening on {} with no JWT key would let anyone connect as any user: set jwt_secret (HS256) or \
@@ -746,6 +801,16 @@ mod tests {
         assert!(e.contains("drain_delay must be 0 or a positive number"), "{e}");
         let e = load_err(&["--drain-delay", "4000"]);
         assert!(e.contains("drain_delay must be at most"), "{e}");
+    }
+
+    #[test]
+    fn poll_timeout_defaults_to_25_seconds() {
+        let c = Config::load(Cli::try_parse_from(["throng"]).unwrap()).unwrap();
+        assert_eq!(c.poll_timeout, Duration::from_secs(25));
+        let c = Config::load(Cli::try_parse_from(["throng", "--poll-timeout", "1.5"]).unwrap()).unwrap();
+        assert_eq!(c.poll_timeout, Duration::from_millis(1500));
+        assert!(load_err(&["--poll-timeout", "0"]).contains("poll_timeout"));
+        assert!(load_err(&["--poll-timeout", "301"]).contains("poll_timeout must be at most"));
     }
 
     #[test]

@@ -108,6 +108,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         driver.name(),
     );
 
+    if let Some(admin) = config.admin_listen {
+        tracing::info!(%admin, "admin listener on {admin} (shard 0): /metrics, /stats and /api/* served only there");
+    }
+    if config.api_key.is_none() {
+        tracing::info!("backend API off (every /api/* path answers 404): set api_key to enable it");
+    }
     if config.open_mode() {
         tracing::warn!(
             listen = %config.listen,

@@ -284,12 +284,14 @@ fn rejected_upgrades(driver: Driver) {
 
 fn http_endpoints(driver: Driver) {
     let srv = Server::start(driver, &[]);
-    let resp = exchange(&srv, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    assert_eq!(
-        resp.text(),
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nCache-Control: no-store\r\n\
-         Connection: close\r\n\r\nok"
-    );
+    // Connection: close, so that `exchange` reads to the end (a plain request's connection is kept alive).
+    let resp = exchange(&srv, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("Content-Type"), Some("application/json"), "{}", resp.text());
+    assert_eq!(resp.header("Cache-Control"), Some("no-store"), "{}", resp.text());
+    let health: serde_json::Value = serde_json::from_slice(&resp.body).expect("/health is JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!((health["shards"].as_u64(), health["shards_listening"].as_u64()), (Some(1), Some(1)), "{health}");
 
     let resp = srv.get("/metrics");
     assert_eq!(resp.status, 200);

@@ -192,7 +192,7 @@ fn timers_and_health_under_saturation(driver: Driver) {
         let t = Instant::now();
         let resp = srv.get("/health");
         let took = t.elapsed();
-        assert_eq!((resp.status, &resp.body[..]), (200, &b"ok"[..]), "{}", resp.text());
+        assert!(resp.status == 200 && support::health_ok(&resp.body), "{}", resp.text());
         worst = worst.max(took);
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -19,7 +19,7 @@ use throng::channel::{HistoryEntry, HomeChannel, LocalChannel};
 use throng::config::SlowConsumerPolicy;
 use throng::conn::write::{Flushed, QueuePool};
 use throng::conn::{Conn, ConnKey, ConnSub, Phase};
-use throng::metrics::ShardMetrics;
+use throng::metrics::{Recorder, ShardMetrics};
 
 /// Counts allocations (and reallocations) made by the current thread while counting is switched on.
 struct Counting;
@@ -102,6 +102,8 @@ struct Setup {
     home: HomeChannel,
     metrics: ShardMetrics,
     queues: QueuePool,
+    /// The shard's histograms (the flush records each delivery's latency).
+    rec: Recorder,
     /// The receiving ends, by connection index.
     clients: Vec<TcpStream>,
 }
@@ -130,7 +132,17 @@ impl Setup {
             assert_eq!(idx, i);
             clients.push(client);
         }
-        Setup { conns, channels, chan, home, metrics: ShardMetrics::default(), queues: QueuePool::default(), clients }
+        let rec = Recorder::new(std::time::Instant::now());
+        Setup {
+            conns,
+            channels,
+            chan,
+            home,
+            metrics: ShardMetrics::default(),
+            queues: QueuePool::default(),
+            rec,
+            clients,
+        }
     }
 
     /// Publishes `n` messages at the home (encoding each frame once; not measured).
@@ -149,11 +161,12 @@ impl Setup {
     fn deliver(&mut self, entries: &[HistoryEntry]) -> usize {
         let ch = &mut self.channels[self.chan];
         for e in entries {
-            assert!(ch.append(e.offset, &e.frame), "offset {} was not appended", e.offset);
+            // Timed like a publish (the latency is recorded per delivery, in the measured region).
+            assert!(ch.append(e.offset, &e.frame, self.rec.stamp()), "offset {} was not appended", e.offset);
         }
         let mut done = 0;
         for (_, conn) in self.conns.iter_mut() {
-            if flush_conn(conn, &mut self.channels, &mut self.queues, &self.metrics) == Flushed::Done {
+            if flush_conn(conn, &mut self.channels, &mut self.queues, &self.metrics, &mut self.rec) == Flushed::Done {
                 done += 1;
             }
         }
@@ -218,6 +231,7 @@ fn delivery_allocates_nothing_and_copies_nothing() {
             assert_eq!(done, SUBSCRIBERS, "round {round}: some sockets did not take everything");
             assert_eq!(allocs, 0, "round {round}: {allocs} allocations for 64 x {SUBSCRIBERS} deliveries");
             assert_eq!(s.frames_out() - before, 64 * SUBSCRIBERS as u64);
+            assert_eq!(s.rec.latency.count(), 64 * SUBSCRIBERS as u64 * (round + 2), "one latency per delivery");
             s.verify(&entries);
         }
 
@@ -227,13 +241,13 @@ fn delivery_allocates_nothing_and_copies_nothing() {
         let ((), appends) = allocations(|| {
             let ch = &mut s.channels[s.chan];
             for e in &entries {
-                assert!(ch.append(e.offset, &e.frame));
+                assert!(ch.append(e.offset, &e.frame, s.rec.stamp()));
             }
         });
         let (done, flush_allocs) = allocations(|| {
             let mut done = 0;
             for (_, conn) in s.conns.iter_mut() {
-                if flush_conn(conn, &mut s.channels, &mut s.queues, &s.metrics) == Flushed::Done {
+                if flush_conn(conn, &mut s.channels, &mut s.queues, &s.metrics, &mut s.rec) == Flushed::Done {
                     done += 1;
                 }
             }

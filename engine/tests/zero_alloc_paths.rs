@@ -139,6 +139,11 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
                 flush: FlushState::default(),
                 queues: Default::default(),
                 proxied: Default::default(),
+                rec: throng::metrics::Recorder::new(shared.started),
+                frames_from: 0,
+                api: Default::default(),
+                resume: Vec::new(),
+                sse: Default::default(),
             },
             conns: Conns::default(),
         })

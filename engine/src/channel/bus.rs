@@ -18,7 +18,8 @@
 //!    remembered per channel; as soon as there is room again the destination gets a `Lost` message, and
 //!    every local subscriber of the channel a `gap` marker (in the channel's log, after the frames before
 //!    it) telling it to recover from history. Requests from clients (publish, subscribe, presence,
-//!    history) are refused at once with an `overloaded` error reply instead. Bookkeeping messages
+//!    history) are refused at once with an `overloaded` error reply instead, and so are the backend API's
+//!    requests ([`super::api::ApiMsg::is_request`]: answered 503 or, in a batch, per message). Bookkeeping messages
 //!    (unsubscribe, presence changes, answers) are always queued: they are small and their number is bounded
 //!    by the connections and subscriptions that cause them, so presence never drifts.
 
@@ -54,6 +55,8 @@ pub enum ShardMsg {
         offset: u64,
         /// The frame, shared.
         frame: Bytes,
+        /// When the publish arrived ([`crate::metrics::stamp`]), for the delivery latency.
+        born: u64,
     },
     /// Home -> a shard: deliveries with offsets `from..=to` were dropped for it (ring overflow).
     Lost {
@@ -72,6 +75,8 @@ pub enum ShardMsg {
         data: Bytes,
         /// Whom to send `published` to, if anyone.
         reply: Option<ReplyTo>,
+        /// When the publish arrived ([`crate::metrics::stamp`]): the origin of its deliveries' latency.
+        born: u64,
     },
     /// A shard -> the home: a connection subscribes (and maybe recovers from `since`).
     Subscribe {
@@ -150,6 +155,8 @@ pub enum ShardMsg {
         /// The reason.
         reason: &'static str,
     },
+    /// The backend HTTP API's requests and answers ([`super::api`]).
+    Api(super::api::ApiMsg),
 }
 
 impl ShardMsg {
@@ -173,6 +180,7 @@ impl ShardMsg {
             ShardMsg::Presence { channel, .. } => channel.len(),
             ShardMsg::History { channel, since, .. } => channel.len() + since.as_ref().map_or(0, |(_, e)| e.len()),
             ShardMsg::Reply { frame, .. } => frame.len(),
+            ShardMsg::Api(m) => m.carried(),
         };
         std::mem::size_of::<Self>() + carried
     }
@@ -325,6 +333,7 @@ impl Outbox {
             | ShardMsg::Subscribe { .. }
             | ShardMsg::Presence { .. }
             | ShardMsg::History { .. }) => Sent::Refused(m),
+            ShardMsg::Api(m) if m.is_request() => Sent::Refused(ShardMsg::Api(m)),
             other => {
                 self.push_overflow(dest, other);
                 Sent::Queued
@@ -372,7 +381,7 @@ mod tests {
     use super::*;
 
     fn deliver(offset: u64) -> ShardMsg {
-        ShardMsg::Deliver { channel: Arc::from("c"), offset, frame: Bytes::from_static(b"x") }
+        ShardMsg::Deliver { channel: Arc::from("c"), offset, frame: Bytes::from_static(b"x"), born: 0 }
     }
 
     fn offsets(inbox: &Inbox) -> Vec<String> {
@@ -430,8 +439,12 @@ mod tests {
     fn bytes_in_flight_are_bounded() {
         let inboxes: Arc<[Inbox]> = vec![Inbox::new(1000).unwrap()].into();
         let mut out = Outbox::new(inboxes.clone(), 1000, 1 << 20);
-        let publish =
-            || ShardMsg::Publish { channel: "c".into(), data: Bytes::from(vec![b'1'; 64 * 1024]), reply: None };
+        let publish = || ShardMsg::Publish {
+            channel: "c".into(),
+            data: Bytes::from(vec![b'1'; 64 * 1024]),
+            reply: None,
+            born: 0,
+        };
         let mut queued = 0;
         while let Sent::Queued = out.send(0, publish()) {
             queued += 1;

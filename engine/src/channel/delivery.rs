@@ -18,6 +18,7 @@
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use slab::Slab;
 
 use super::local::LocalChannel;
@@ -25,7 +26,7 @@ use crate::config::SlowConsumerPolicy;
 use crate::conn::close::{self, Close};
 use crate::conn::write::{self, Flushed, QueuePool};
 use crate::conn::{flag, Conn, ConnKey, Conns};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Recorder, ShardMetrics};
 use crate::shard::{Ctx, Env};
 use crate::sys;
 
@@ -40,35 +41,72 @@ const CLOCK_EVERY: usize = 32;
 
 /// Writes a connection's queue, then every unsent frame of its channels, in batches of `MAX_IOV` buffers.
 /// A frame the socket took only part of moves (its unsent rest) to the front of the queue, so cursors
-/// always point at whole frames and the stream stays frame-aligned whatever is queued next.
+/// always point at whole frames and the stream stays frame-aligned whatever is queued next. Each message
+/// frame handed to the socket records its publish-to-write latency in `rec` (one clock read per write).
 pub fn flush_conn(
     conn: &mut Conn,
     channels: &mut Slab<LocalChannel>,
     queues: &mut QueuePool,
     metrics: &ShardMetrics,
+    rec: &mut Recorder,
 ) -> Flushed {
+    flush_stream(conn, channels, queues, metrics, rec, None)
+}
+
+/// [`flush_conn`] for any subscriber: with `sse` (an `/sse` stream's positions), the log entries are
+/// written as their Server-Sent Events ([`super::local::LogEntry::wire`], encoded once per entry for all
+/// SSE subscribers) and each write that carries messages ends with an `id:` line naming the stream's
+/// position in every channel (`crate::http::sse`), so the browser's `Last-Event-ID` resumes them all.
+pub fn flush_stream(
+    conn: &mut Conn,
+    channels: &mut Slab<LocalChannel>,
+    queues: &mut QueuePool,
+    metrics: &ShardMetrics,
+    rec: &mut Recorder,
+    mut sse: Option<&mut crate::http::sse::Stream>,
+) -> Flushed {
+    let is_sse = sse.is_some();
+    // One slot is kept for an SSE stream's `id:` line.
+    let max_iov = if is_sse { MAX_IOV - 1 } else { MAX_IOV };
     loop {
+        let mut id_line = Vec::new();
+        // Log entries gathered: the walk after the write passes at most these (an `id:` line follows them).
+        let mut entries = 0usize;
         let (written, gathered, full) = {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             let mut total = 0usize;
             for b in conn.outq.iter() {
-                if n == MAX_IOV {
+                if n == max_iov {
                     break;
                 }
                 iov[n] = IoSlice::new(b);
                 total += b.len();
                 n += 1;
             }
+            let mut ahead = sse.as_ref().map(|s| s.positions());
             'subs: for s in conn.subs.iter().filter(|s| s.is_active()) {
                 let ch = &channels[s.chan as usize];
                 let cursor = ch.subs[s.slot as usize].cursor;
                 for e in ch.log.range((cursor - ch.base) as usize..) {
-                    if n == MAX_IOV {
+                    if n == max_iov {
                         break 'subs;
                     }
-                    iov[n] = IoSlice::new(&e.frame);
-                    total += e.frame.len();
+                    let bytes = e.wire(is_sse);
+                    iov[n] = IoSlice::new(bytes);
+                    total += bytes.len();
+                    n += 1;
+                    entries += 1;
+                    if let Some(p) = ahead.as_mut().filter(|_| e.offset != 0) {
+                        p.advance(s.chan, e.offset);
+                    }
+                }
+            }
+            if let (Some(stream), Some(p)) = (sse.as_ref(), ahead) {
+                if p.moved || stream.unsent {
+                    p.write_id(&mut id_line);
+                    iov[n] = IoSlice::new(&id_line);
+                    total += id_line.len();
                     n += 1;
                 }
             }
@@ -76,35 +114,69 @@ pub fn flush_conn(
                 return Flushed::Done;
             }
             match sys::send_vectored(conn.fd(), &iov[..n]) {
-                Ok(w) => (w, total, n == MAX_IOV),
+                Ok(w) => (w, total, n >= max_iov),
                 Err(_) => return Flushed::Failed,
             }
         };
         ShardMetrics::add(&metrics.bytes_out_total, written as u64);
         let mut left = write::consume_queue(conn, written, queues);
         let mut frames = 0u64;
+        let mut now = 0;
+        let mut partial = false;
         if left > 0 {
-            for s in conn.subs.iter().filter(|s| s.is_active()) {
+            'walk: for s in conn.subs.iter().filter(|s| s.is_active()) {
                 let ch = &mut channels[s.chan as usize];
                 let base = ch.base;
                 let sub = &mut ch.subs[s.slot as usize];
                 while left > 0 {
+                    if frames as usize == entries {
+                        break 'walk;
+                    }
                     let Some(e) = ch.log.get((sub.cursor - base) as usize) else { break };
                     sub.cursor += 1;
                     frames += 1;
-                    if e.frame.len() <= left {
-                        left -= e.frame.len();
+                    if e.born != 0 {
+                        if now == 0 {
+                            now = rec.stamp();
+                        }
+                        rec.latency.record_us(now.saturating_sub(e.born) / 1000);
+                    }
+                    if let Some(st) = sse.as_mut().filter(|_| e.offset != 0) {
+                        st.delivered(s.chan, e.offset);
+                    }
+                    let bytes = e.wire(is_sse);
+                    if bytes.len() <= left {
+                        left -= bytes.len();
                     } else {
-                        let rest = e.frame.slice(left..);
+                        let rest = if is_sse {
+                            e.sse.get().map_or_else(Bytes::new, |b| b.slice(left..))
+                        } else {
+                            e.frame.slice(left..)
+                        };
                         conn.queued += rest.len() as u32;
+                        queues.bytes += rest.len() as u64;
                         conn.outq.push_back(rest, queues);
                         conn.flags |= flag::HEAD_STARTED;
                         left = 0;
+                        partial = true;
                     }
                 }
                 if left == 0 {
                     break;
                 }
+            }
+        }
+        // The `id:` line goes out only behind every frame it counts: whole, or its rest queued.
+        if let Some(st) = sse.as_mut().filter(|_| !id_line.is_empty()) {
+            if !partial && frames as usize == entries && left > 0 {
+                if left < id_line.len() {
+                    let rest = Bytes::copy_from_slice(&id_line[left..]);
+                    conn.queued += rest.len() as u32;
+                    queues.bytes += rest.len() as u64;
+                    conn.outq.push_back(rest, queues);
+                    conn.flags |= flag::HEAD_STARTED;
+                }
+                st.unsent = false;
             }
         }
         ShardMetrics::add(&metrics.frames_out_total, frames);
@@ -117,13 +189,25 @@ pub fn flush_conn(
     }
 }
 
+/// [`flush_stream`] of a connection of this shard: an `/sse` stream with its positions; a held `/poll`
+/// takes its frames into its answer.
+fn flush_of(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) -> Flushed {
+    let sse = if conn.phase == crate::conn::Phase::Sse { ctx.sse.get_mut(&key) } else { None };
+    if sse.as_ref().is_some_and(|s| s.is_poll()) {
+        // A held long-poll takes the frames into its answer instead.
+        crate::http::sse::poll_flush(env, ctx, key, conn);
+        return Flushed::Done;
+    }
+    flush_stream(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics, &mut ctx.rec, sse)
+}
+
 /// Room to write: flushes a connection that waits for it (queue and channel frames).
 pub fn on_writable(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
     let Some(conn) = conns.get_mut(key) else { return };
     if !conn.writer_active() {
         return;
     }
-    match flush_conn(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics) {
+    match flush_of(env, ctx, key, conn) {
         Flushed::Blocked => {}
         Flushed::Done => {
             conn.flags &= !flag::WRITER;
@@ -150,10 +234,14 @@ fn check_lag(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, ch_idx: us
             ctx.chans.locals[ch_idx].subs[slot].cursor = new_cursor;
             if let Some((from, to)) = skipped {
                 ShardMetrics::inc(&env.metrics.gaps_total);
-                let gap = super::frame_bytes(|o| throng_protocol::message::encode_gap(o, &name, from, to));
+                let mut gap = super::frame_bytes(|o| throng_protocol::message::encode_gap(o, &name, from, to));
+                if conn.phase == crate::conn::Phase::Sse {
+                    gap = crate::http::sse::event_of(&gap);
+                }
                 // The queue is written before the channel's frames: the marker lands right after what was
                 // already sent, before the frames that follow the skipped ones.
                 write::push(conn, gap, &mut ctx.queues);
+                ShardMetrics::inc(&env.metrics.frames_out_total);
             }
         }
     }
@@ -241,7 +329,7 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
             if conn.flush_mark != pass && !conn.writer_active() {
                 conn.flush_mark = pass;
                 written += 1;
-                match flush_conn(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics) {
+                match flush_of(env, ctx, key, conn) {
                     Flushed::Done => continue,
                     Flushed::Blocked => write::wait_writable(env, conn),
                     Flushed::Failed => {
@@ -264,6 +352,7 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
     let f = &mut ctx.flush;
     f.active = false;
     f.spent += t0.elapsed();
+    ctx.rec.flush.record(f.spent);
     let pace = env.cfg().flush_pacing;
     f.not_before =
         (f.spent > PACE_THRESHOLD && pace > 0.0).then(|| Instant::now() + f.spent.mul_f64(pace).min(PACE_MAX));
@@ -298,15 +387,18 @@ mod tests {
         conn.phase = Phase::V1;
         conn.subs.push(ConnSub { chan: idx as u32, slot: slot as u32 });
         let ch = &mut channels[idx];
-        ch.append(1, &Bytes::from_static(b"[one]"));
-        ch.append(2, &Bytes::from_static(b"[two]"));
+        ch.append(1, &Bytes::from_static(b"[one]"), 1);
+        ch.append(2, &Bytes::from_static(b"[two]"), 1);
         ch.append_marker(Bytes::from_static(b"[gap 3-5]"));
-        ch.append(6, &Bytes::from_static(b"[six]"));
+        ch.append(6, &Bytes::from_static(b"[six]"), 1);
         let metrics = ShardMetrics::default();
         let mut queues = QueuePool::default();
-        assert_eq!(flush_conn(&mut conn, &mut channels, &mut queues, &metrics), Flushed::Done);
+        let mut rec = Recorder::new(std::time::Instant::now());
+        assert_eq!(flush_conn(&mut conn, &mut channels, &mut queues, &metrics, &mut rec), Flushed::Done);
         let mut got = vec![0u8; 24];
         client.read_exact(&mut got).expect("read");
         assert_eq!(got, b"[one][two][gap 3-5][six]");
+        assert_eq!(metrics.frames_out_total.load(std::sync::atomic::Ordering::Relaxed), 4);
+        assert_eq!(rec.latency.count(), 3, "one latency per message, none for the marker");
     }
 }

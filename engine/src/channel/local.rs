@@ -25,6 +25,22 @@ pub struct LogEntry {
     pub offset: u64,
     /// Bytes of all earlier entries ever appended: lag is `end_bytes - start` in O(1).
     pub start: u64,
+    /// When its publish arrived ([`crate::metrics::stamp`]; 0 for a marker), for the delivery latency.
+    pub born: u64,
+    /// The same message as a Server-Sent Event (`crate::http::sse::event_of`), made once, by the first
+    /// SSE subscriber the flush pass writes it to, and shared by every other.
+    pub sse: std::cell::OnceCell<Bytes>,
+}
+
+impl LogEntry {
+    /// The bytes a subscriber gets: the WebSocket frame, or (`sse`) its Server-Sent Event.
+    pub fn wire(&self, sse: bool) -> &[u8] {
+        if sse {
+            self.sse.get_or_init(|| crate::http::sse::event_of(&self.frame))
+        } else {
+            &self.frame
+        }
+    }
 }
 
 /// A local subscriber: which connection, and the sequence number of the next log entry it has not been sent.
@@ -82,14 +98,14 @@ impl LocalChannel {
     }
 
     /// Appends a message frame if it is newer than what subscribers were positioned at; returns whether it
-    /// was (and there is someone to send it to).
-    pub fn append(&mut self, offset: u64, frame: &Bytes) -> bool {
+    /// was (and there is someone to send it to). `born`: when its publish arrived.
+    pub fn append(&mut self, offset: u64, frame: &Bytes, born: u64) -> bool {
         // Offsets at or below the position subscribers were given are already covered: deliveries that
         // raced a (re-)subscription on their way from the home.
         if self.accept_after == u64::MAX || offset <= self.accept_after {
             return false;
         }
-        self.push(offset, frame.clone());
+        self.push(offset, frame.clone(), born);
         self.accept_after = offset;
         !self.subs.is_empty()
     }
@@ -99,14 +115,14 @@ impl LocalChannel {
         if self.subs.is_empty() {
             return false;
         }
-        self.push(0, frame);
+        self.push(0, frame, 0);
         true
     }
 
-    fn push(&mut self, offset: u64, frame: Bytes) {
+    fn push(&mut self, offset: u64, frame: Bytes, born: u64) {
         let start = self.end_bytes;
         self.end_bytes += frame.len() as u64;
-        self.log.push_back(LogEntry { frame, offset, start });
+        self.log.push_back(LogEntry { frame, offset, start, born, sse: std::cell::OnceCell::new() });
     }
 
     /// Adds a subscriber positioned at the end of the log, after `offset` (the position it was told).
@@ -172,12 +188,12 @@ mod tests {
     fn log_cursors_lag_trim_and_skip() {
         let mut c = LocalChannel::new(Arc::from("c"), SlowConsumerPolicy::Close);
         let f = Bytes::from_static(b"0123456789");
-        assert!(!c.append(1, &f), "nothing is accepted before the first subscription");
+        assert!(!c.append(1, &f, 0), "nothing is accepted before the first subscription");
         let a = c.subscribe(key(1), 0);
         for off in 1..=5 {
-            assert!(c.append(off, &f));
+            assert!(c.append(off, &f, 0));
         }
-        assert!(!c.append(3, &f), "old offsets are ignored");
+        assert!(!c.append(3, &f, 0), "old offsets are ignored");
         let b = c.subscribe(key(2), 5);
         assert_eq!(c.lag(c.subs[a].cursor), 50);
         assert_eq!(c.lag(c.subs[b].cursor), 0);
@@ -201,9 +217,9 @@ mod tests {
         let mut c = LocalChannel::new(Arc::from("c"), SlowConsumerPolicy::DropOldest);
         let f = Bytes::from_static(b"0123456789");
         let a = c.subscribe(key(1), 0);
-        assert!(c.append(1, &f));
+        assert!(c.append(1, &f, 0));
         assert!(c.append_marker(Bytes::from_static(b"gap")));
-        assert!(c.append(4, &f));
+        assert!(c.append(4, &f, 0));
         let order: Vec<u64> = c.log.range((c.subs[a].cursor - c.base) as usize..).map(|e| e.offset).collect();
         assert_eq!(order, [1, 0, 4]);
         let (cur, gap) = c.skip_to_fit(c.subs[a].cursor, 10);

@@ -11,6 +11,7 @@
 //! Connection-facing commands are in `crate::v1`; this module never touches a connection, which is what
 //! lets the connection layer end subscriptions when it closes without depending on the command layer.
 
+pub mod api;
 pub mod bus;
 pub mod delivery;
 pub mod history;
@@ -183,6 +184,12 @@ impl Channels {
     /// channel's and the shard's bounds, appends it to the local log and sends one pointer to every other
     /// interested shard. Returns the offset.
     pub fn publish(&mut self, env: &Env, name: &str, data: &[u8]) -> Result<u64, Refusal> {
+        self.publish_at(env, name, data, crate::metrics::stamp(env.shared.started))
+    }
+
+    /// [`Channels::publish`] of a publish that arrived at `born` ([`crate::metrics::stamp`]), the origin of
+    /// its deliveries' latency.
+    pub fn publish_at(&mut self, env: &Env, name: &str, data: &[u8], born: u64) -> Result<u64, Refusal> {
         let i = self.home_entry(env, name)?;
         let home = &mut self.homes[i];
         let (entry, kept, freed) = home.publish(data, env.now);
@@ -194,14 +201,15 @@ impl Channels {
         let evicted = self.budget.enforce(&mut self.homes);
         ShardMetrics::add(&env.metrics.history_evicted_total, evicted as u64);
         if let Some(&idx) = self.local_index.get(name) {
-            if self.locals[idx].append(entry.offset, &entry.frame) {
+            if self.locals[idx].append(entry.offset, &entry.frame, born) {
                 self.mark_dirty(idx);
             }
         }
         while interested != 0 {
             let dest = interested.trailing_zeros() as usize;
             interested &= interested - 1;
-            let msg = ShardMsg::Deliver { channel: channel.clone(), offset: entry.offset, frame: entry.frame.clone() };
+            let (offset, frame) = (entry.offset, entry.frame.clone());
+            let msg = ShardMsg::Deliver { channel: channel.clone(), offset, frame, born };
             let _ = self.outbox.send(dest, msg);
         }
         ShardMetrics::inc(&env.metrics.publishes_total);
@@ -328,7 +336,9 @@ impl Channels {
         if !sub.is_active() {
             return;
         }
-        ch.subs.try_remove(sub.slot as usize);
+        if ch.subs.try_remove(sub.slot as usize).is_some() {
+            ShardMetrics::dec(&env.metrics.active_subscriptions);
+        }
         let name = ch.name.clone();
         let last = ch.subs.is_empty() && ch.pending == 0;
         let presence = env.cfg().namespaces.of_channel(&name).is_some_and(|n| n.presence);
@@ -364,9 +374,9 @@ impl Channels {
     }
 
     /// A message published at another shard, for the local subscribers.
-    pub fn deliver(&mut self, name: &str, offset: u64, frame: &Bytes) {
+    pub fn deliver(&mut self, name: &str, offset: u64, frame: &Bytes, born: u64) {
         if let Some(&idx) = self.local_index.get(name) {
-            if self.locals[idx].append(offset, frame) {
+            if self.locals[idx].append(offset, frame, born) {
                 self.mark_dirty(idx);
             }
         }

@@ -57,6 +57,9 @@ pub enum Phase {
     Echo,
     /// Upgraded to `/ws`: wire protocol v1.
     V1,
+    /// Streaming `/sse` (Server-Sent Events, `crate::http::sse`): a channel subscriber written in the SSE
+    /// encoding; what the client sends is discarded.
+    Sse,
     /// Our last bytes (a close frame or an HTTP response) are queued behind what was already queued; nothing
     /// else will be. Input is discarded (a WebSocket peer's close frame is still recognised).
     Closing,
@@ -70,7 +73,7 @@ pub enum Phase {
 impl Phase {
     /// True while the connection may be sent data (replies, channel frames, echoes).
     pub fn is_open(self) -> bool {
-        matches!(self, Phase::Echo | Phase::V1)
+        matches!(self, Phase::Echo | Phase::V1 | Phase::Sse)
     }
 
     /// True once a close has begun.
@@ -92,6 +95,14 @@ pub mod flag {
     /// The listener speaks the PROXY protocol and this connection's header has not been read yet: the first
     /// bytes must be one (within the handshake deadline), or the connection is dropped.
     pub const PROXY_PENDING: u8 = 16;
+    /// A plain HTTP connection that has been answered at least once and is kept alive: its timer is the
+    /// keep-alive deadline (when it fires with no request started, the connection is closed quietly).
+    pub const HTTP_SERVED: u8 = 32;
+    /// A plain HTTP request waits for answers from other shards (the backend API): nothing more is read
+    /// or parsed until its response is written, so pipelined requests are answered in order.
+    pub const HTTP_WAITING: u8 = 64;
+    /// Upgraded (`/ws` or `/echo`): counted in `ws_connections`, not `http_connections`.
+    pub const UPGRADED: u8 = 128;
 }
 
 /// One of a connection's subscriptions: the local channel, and the subscriber's slot in it.
@@ -140,7 +151,9 @@ pub struct Conn {
     /// Message tokens, in twentieths of a message (one tick's refill at one message per second is one
     /// twentieth): see [`read`].
     pub msg_credit: u32,
-    /// Byte tokens.
+    /// Byte tokens (`/ws`). On a connection still reading HTTP requests (no bucket there): the length, head
+    /// and body, of the request whose head has arrived and whose body has not yet all arrived (0: none);
+    /// see [`Conn::http_request_len`].
     pub byte_credit: u32,
     /// The connection's one timer: handshake deadline, next heartbeat, message deadline, or close grace.
     pub timer: Option<TimerKey>,
@@ -159,6 +172,8 @@ pub struct Conn {
     /// Tick at which its token expires ([`timers::NO_EXPIRY`]: never): then it is closed with 4001 unless a
     /// `refresh` moved it.
     pub expires_at: u32,
+    /// Tick it was accepted at (for the duration in its close log line).
+    pub opened: u32,
 }
 
 impl Conn {
@@ -186,12 +201,28 @@ impl Conn {
             subs: Vec::new(),
             id: None,
             expires_at: timers::NO_EXPIRY,
+            opened: now as u32,
         }
     }
 
     /// The user this connection belongs to (empty before the upgrade and for `/echo`).
     pub fn user(&self) -> &str {
         self.id.as_ref().map_or("", |i| &i.user)
+    }
+
+    /// The length (head and body) of the HTTP request whose body is still arriving; 0 when none is.
+    /// (Stored in `byte_credit`, which only `/ws` connections use.)
+    pub fn http_request_len(&self) -> usize {
+        if self.phase == Phase::Handshake {
+            self.byte_credit as usize
+        } else {
+            0
+        }
+    }
+
+    /// Notes the length of the HTTP request whose body is arriving (0: none).
+    pub fn set_http_request_len(&mut self, len: usize) {
+        self.byte_credit = len as u32;
     }
 
     /// True while the socket is full and the connection waits for an output edge: nothing else writes to it

@@ -16,19 +16,29 @@
 //!   of the read gets its pong (RFC 6455 5.5.3 allows answering only the most recent one).
 //! - **Request heads** are parsed only once their end has arrived, so a head trickled a byte at a time
 //!   costs linear, not quadratic, time.
+//! - **HTTP requests** (plain, not upgrades) may carry a `Content-Length` body of at most
+//!   `max_api_body_bytes` (a larger one is refused with 413 before it is read; chunked bodies with 411), and
+//!   only when the sink takes it on the head alone ([`Sink::takes_body`]: the backend API with the right
+//!   key, `POST /publish` with a valid token; anything else is answered from its head and closed, the body
+//!   unread, no `100 Continue` sent), held
+//!   like an unfinished frame until it has all arrived (its length noted, so a trickled body is not parsed
+//!   again per read) and dropped once the request is answered. Requests on a kept-alive connection are
+//!   answered in order: one that waits for other shards stops the parsing of those behind it
+//!   ([`super::flag::HTTP_WAITING`]) until [`resume`]. Responses the client does not read count against
+//!   `max_backlog_bytes` (past it the connection is shut).
 
 use std::ops::Range;
 use std::os::fd::AsFd;
 
 use throng_protocol::conn::{Event, MessageData, MessageKind, Step};
 use throng_protocol::frame::{close as code, OpCode};
-use throng_protocol::handshake::{self, Request};
+use throng_protocol::handshake::{self, HandshakeError, Request, Status};
 use throng_protocol::proxy::{self, ProxyHeader};
 
 use super::close::{self, Close};
 use super::timers::{self, NOT_HOLDING};
 use super::{flag, write, Conn, ConnKey, Conns, Phase};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Refused, ShardMetrics};
 use crate::shard::{Ctx, Env};
 use crate::sys::{self, Recv};
 
@@ -50,10 +60,18 @@ const MAX_DIRECT_READ: usize = 256 * 1024;
 /// What the application does with what a connection sends: the shard supplies it (`/ws` commands,
 /// `/echo`, HTTP routing), so this layer knows nothing of them.
 pub trait Sink {
-    /// A complete HTTP request head on a connection in the handshake phase. The sink writes the response
-    /// (a 101 and what follows it, or a plain response) to `ctx.out` and sets `conn.phase`; a phase other
-    /// than `Echo` or `V1` ends the connection once the response is out.
-    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>);
+    /// A complete HTTP request on a connection in the handshake phase: its head and (plain requests only)
+    /// its `Content-Length` body. The sink writes the response (a 101 and what follows it, or a plain
+    /// response) to `ctx.out` and either upgrades the connection (`conn.phase` `Echo` or `V1`), closes it,
+    /// keeps it in the handshake phase for the next request, or sets [`super::flag::HTTP_WAITING`] when the
+    /// response is written later (then nothing more is parsed until it is, and [`resume`] is called).
+    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>, body: &[u8]);
+
+    /// Whether the `Content-Length` body of a plain request whose head has arrived is to be read (checked
+    /// before any of it is kept, and before a `100 Continue`). When not, the request is handed to
+    /// [`Sink::request`] at once as if it had asked for `Connection: close`, with no body, and the
+    /// connection is closed after the response, its body unread.
+    fn takes_body(&mut self, env: &Env, conn: &Conn, req: &Request<'_>) -> bool;
 
     /// A complete, admitted message on an upgraded connection. Replies go to `ctx.out`.
     fn message(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, kind: MessageKind, data: &[u8]);
@@ -146,8 +164,55 @@ pub fn on_readable(
             let how = Close::Ws(code::OVERLOADED, "server busy: too many unfinished messages, retry later");
             close::close(env, ctx, key, conn, how);
         }
+    } else if conn.phase == Phase::Handshake && held > held_before && ctx.unfinished > env.cfg().max_unfinished_bytes {
+        ShardMetrics::inc(&env.metrics.unfinished_limit_closes_total);
+        refuse_request(env, ctx, key, conn, Status::ServiceUnavailable, BUSY);
     }
     flow
+}
+
+const BUSY: &str = "server busy: too many unfinished requests, retry later";
+
+/// Answers an HTTP request with an error status and a JSON reason, and closes the connection after it.
+fn refuse_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, status: Status, reason: &str) {
+    ShardMetrics::inc(&env.metrics.http_rejected_total);
+    handshake::write_rejection(&mut ctx.out, status, reason);
+    close::close(env, ctx, key, conn, Close::AfterResponse);
+}
+
+/// Picks up a kept-alive HTTP connection whose waiting request has just been answered (the sink cleared
+/// [`super::flag::HTTP_WAITING`]): first the pipelined requests already read, then the socket (no edge
+/// would come for what arrived meanwhile).
+pub fn resume(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    scratch: &mut [u8],
+    key: ConnKey,
+    sink: &mut impl Sink,
+) -> Flow {
+    let Some(conn) = conns.get_mut(key) else {
+        return Flow::Continue;
+    };
+    if conn.phase == Phase::Handshake && conn.flags & flag::HTTP_WAITING == 0 && !conn.pending.is_empty() {
+        let held_before = conn.held_bytes();
+        let mut pending = std::mem::take(&mut conn.pending);
+        let used = process(env, ctx, key, conn, &mut pending, 0, sink);
+        pending.drain(..used);
+        conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+        ctx.unfinished = ctx.unfinished - held_before + conn.held_bytes();
+        write::send_out(env, ctx, key, conn);
+    }
+    on_readable(env, ctx, conns, scratch, key, sink)
+}
+
+/// The connection was just upgraded (`/ws` or `/echo`): it moves from the HTTP to the WebSocket gauge, and
+/// what follows the 101 in `ctx.out` (the welcome) is frames, counted when written.
+fn upgraded(env: &Env, ctx: &mut Ctx, conn: &mut Conn) {
+    conn.flags |= flag::UPGRADED;
+    ShardMetrics::dec(&env.metrics.http_connections);
+    ShardMetrics::inc(&env.metrics.ws_connections);
+    ctx.frames_from = ctx.out.windows(4).rposition(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
 }
 
 /// Called when a connection is removed: gives back what it held for unfinished input.
@@ -164,6 +229,10 @@ fn read_loop(
     sink: &mut impl Sink,
 ) -> Flow {
     for _ in 0..READS_PER_EVENT {
+        if conn.flags & flag::HTTP_WAITING != 0 {
+            // Nothing is read while a request waits for other shards: `resume` reads on once it is answered.
+            return Flow::Continue;
+        }
         let old = conn.pending.len();
         // (bytes read, or None at EOF or on an error; bytes the read could have taken)
         let (res, offered) = if conn.pending.capacity() <= SMALL_PENDING {
@@ -245,30 +314,23 @@ fn process(
         }
     }
     if conn.phase == Phase::Handshake {
-        // Parse only once the head's end has arrived: looking for it in the new bytes alone keeps a head
-        // trickled a byte at a time linear.
-        let max = handshake::DEFAULT_MAX_HEADER_BYTES;
-        let tail = &buf[fresh.saturating_sub(3)..];
-        if buf.len() < max && !tail.windows(4).any(|w| w == b"\r\n\r\n") {
-            return 0;
-        }
-        match handshake::parse_request(buf, max) {
-            Ok(None) => return 0,
-            Ok(Some(req)) => {
-                off = req.header_len;
-                sink.request(env, ctx, key, conn, &req);
-                if !conn.phase.is_open() {
-                    return buf.len();
-                }
+        match http_requests(env, ctx, key, conn, buf, fresh, sink) {
+            // An SSE stream started (`crate::http::sse`): it reads nothing more. A held long-poll waits
+            // (`HTTP_WAITING`): what follows its request is kept for when it is answered.
+            Ok(at) if conn.phase == Phase::Sse => {
+                return if conn.flags & flag::HTTP_WAITING != 0 { at } else { buf.len() };
+            }
+            Ok(frames_at) => {
+                off = frames_at;
                 ShardMetrics::inc(&env.metrics.upgrades_total);
+                upgraded(env, ctx, conn);
             }
-            Err(e) => {
-                ShardMetrics::inc(&env.metrics.http_rejected_total);
-                handshake::write_rejection(&mut ctx.out, e.status(), &e.to_string());
-                close::close(env, ctx, key, conn, Close::AfterResponse);
-                return buf.len();
-            }
+            Err(used) => return used,
         }
+    }
+    // An SSE stream's client has nothing to say: discarded.
+    if conn.phase == Phase::Sse {
+        return buf.len();
     }
     // Closing: only a WebSocket that sent its close still listens, for the peer's close frame.
     if conn.phase.is_closing() && conn.ws.state() != throng_protocol::conn::State::CloseSent {
@@ -339,8 +401,8 @@ fn process(
                         }
                     }
                     Event::Pong(_) => {}
-                    Event::Closed { .. } => {
-                        close::close(env, ctx, key, conn, Close::PeerClosed);
+                    Event::Closed { code } => {
+                        close::close(env, ctx, key, conn, Close::PeerClosed(code));
                         return buf.len();
                     }
                 }
@@ -352,7 +414,7 @@ fn process(
                     code::TOO_BIG => &m.too_big_total,
                     _ => &m.protocol_errors_total,
                 });
-                close::close(env, ctx, key, conn, Close::Failed);
+                close::close(env, ctx, key, conn, Close::Failed(e.close_code(), e.reason()));
                 return buf.len();
             }
         }
@@ -363,6 +425,117 @@ fn process(
         }
     }
     off
+}
+
+/// Handles the HTTP requests in `buf` (`buf[fresh..]` arrived with this read), in order. `Ok(at)`: the
+/// connection was upgraded and its frames start at `at`; `Err(used)`: bytes consumed, the rest is an
+/// unfinished request to keep (or everything, when the connection is closing).
+fn http_requests(
+    env: &Env,
+    ctx: &mut Ctx,
+    key: ConnKey,
+    conn: &mut Conn,
+    buf: &mut [u8],
+    fresh: usize,
+    sink: &mut impl Sink,
+) -> Result<usize, usize> {
+    let max = handshake::DEFAULT_MAX_HEADER_BYTES;
+    let mut off = 0;
+    loop {
+        if conn.phase != Phase::Handshake {
+            return Err(buf.len());
+        }
+        let rest = &buf[off..];
+        if rest.is_empty() || conn.flags & flag::HTTP_WAITING != 0 {
+            return Err(off);
+        }
+        let waiting_body = conn.http_request_len();
+        if waiting_body > rest.len() {
+            return Err(off);
+        }
+        // Parse only once the head's end has arrived: looking for it in the new bytes alone keeps a head
+        // trickled a byte at a time linear.
+        let from = fresh.saturating_sub(off).saturating_sub(3);
+        if waiting_body == 0 && rest.len() < max && !rest[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Err(off);
+        }
+        let req = match handshake::parse_request(rest, max) {
+            Ok(None) => return Err(off),
+            Ok(Some(req)) => req,
+            Err(e) => {
+                let (status, reason) = match e {
+                    // A chunked body on a plain request: ask for a length (an upgrade keeps its 501).
+                    HandshakeError::UnsupportedTransferEncoding if !rest.starts_with(b"GET ") => {
+                        ShardMetrics::inc(&env.metrics.api_too_large_total);
+                        let reason = "chunked request bodies are not accepted: send a Content-Length";
+                        (Status::LengthRequired, reason.to_string())
+                    }
+                    _ => (e.status(), e.to_string()),
+                };
+                let addr = ctx.proxied.get(&key).copied();
+                close::refused(env, ctx, Refused::BadRequest, addr, Some(conn.fd()), &reason);
+                refuse_request(env, ctx, key, conn, status, &reason);
+                return Err(buf.len());
+            }
+        };
+        let head = req.header_len;
+        let body_len = if req.is_websocket_upgrade() { 0 } else { req.content_length.unwrap_or(0) };
+        let max_body = env.cfg().max_api_body_bytes;
+        if body_len > max_body {
+            // Refused before a byte of it is read.
+            ShardMetrics::inc(&env.metrics.api_too_large_total);
+            let reason = format!("request body of {body_len} bytes is over max_api_body_bytes ({max_body})");
+            refuse_request(env, ctx, key, conn, Status::PayloadTooLarge, &reason);
+            return Err(buf.len());
+        }
+        if body_len > 0 && waiting_body == 0 && !sink.takes_body(env, conn, &req) {
+            // Refused on its head (no or a wrong API key, the API off, an unknown path, the wrong method) or
+            // sent where no body is taken: answered now, from the head, and closed; the body is not read
+            // (what of it arrives while the response goes out is discarded by the close).
+            let mut head_only = req.clone();
+            head_only.connection_close = true;
+            sink.request(env, ctx, key, conn, &head_only, &[]);
+            if !conn.phase.is_closing() {
+                close::close(env, ctx, key, conn, Close::AfterResponse);
+            }
+            return Err(buf.len());
+        }
+        let total = head + body_len;
+        if rest.len() < total {
+            // The body is still arriving: keep the request and note its length, so the next reads only
+            // compare lengths. A body past the small carry is reserved whole, within the shard's budget.
+            // (This runs once per request: the head is not parsed again until the body is complete.)
+            if total > SMALL_PENDING && conn.pending.capacity() < total {
+                if total > env.cfg().max_unfinished_bytes.saturating_sub(ctx.unfinished) {
+                    ShardMetrics::inc(&env.metrics.unfinished_limit_closes_total);
+                    refuse_request(env, ctx, key, conn, Status::ServiceUnavailable, BUSY);
+                    return Err(buf.len());
+                }
+                conn.pending.reserve_exact(total);
+            }
+            conn.set_http_request_len(total);
+            if req.header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
+                // curl and libcurl wait a second for this before sending a body over 1 KiB.
+                ctx.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            return Err(off);
+        }
+        conn.set_http_request_len(0);
+        sink.request(env, ctx, key, conn, &req, &rest[head..total]);
+        if conn.phase.is_open() {
+            return Ok(off + head);
+        }
+        off += total;
+        if ctx.out.len() >= OUT_FLUSH {
+            write::send_out(env, ctx, key, conn);
+        }
+        if conn.phase == Phase::Handshake && conn.queued as usize > env.cfg().max_backlog_bytes {
+            // Pipelined requests whose responses are not read: bounded like any backlog.
+            ShardMetrics::inc(&env.metrics.slow_consumers_total);
+            close::close(env, ctx, key, conn, Close::Abort);
+            return Err(buf.len());
+        }
+    }
 }
 
 /// Reads the PROXY protocol header at the start of `buf`: `Some(0)` while it is incomplete, `Some(len)` once
@@ -379,7 +552,7 @@ fn proxy_header(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, buf: &[
         }
         Err(e) => {
             ShardMetrics::inc(&env.metrics.proxy_header_errors_total);
-            tracing::debug!(shard = env.id, error = %e, "bad PROXY protocol header; dropping the connection");
+            close::refused(env, ctx, Refused::ProxyHeader, None, Some(conn.fd()), &e.to_string());
             close::close(env, ctx, key, conn, Close::Abort);
             None
         }

@@ -6,10 +6,11 @@
 //! unfinished message) may pull its timer earlier.
 
 use throng_protocol::frame::{close as code, OpCode};
+use throng_protocol::handshake::{self, Status};
 
 use super::close::{self, Close};
 use super::write;
-use super::{Conn, ConnKey, Conns, Phase};
+use super::{flag, Conn, ConnKey, Conns, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 
@@ -40,6 +41,17 @@ pub fn expiry_moved(ctx: &mut Ctx, conn: &mut Conn) {
 pub fn arm_handshake(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
     let deadline = env.now + Env::ticks(env.cfg().handshake_timeout);
     conn.timer = Some(ctx.wheel.insert(deadline, key));
+}
+
+/// Moves a plain HTTP connection's deadline to `handshake_timeout` from now: after a response on a kept-alive
+/// connection (the next request must arrive whole by then, or the idle connection is closed), and when a
+/// request starts waiting for other shards (its answer must come by then). One wheel reset; no allocation.
+pub fn http_deadline(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
+    let deadline = env.now + Env::ticks(env.cfg().handshake_timeout);
+    match conn.timer {
+        Some(t) if ctx.wheel.reset(t, deadline) => {}
+        _ => conn.timer = Some(ctx.wheel.insert(deadline, key)),
+    }
 }
 
 /// Replaces the handshake deadline with the first heartbeat (the connection was just upgraded).
@@ -94,11 +106,47 @@ pub fn fire(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) {
     let now = env.now;
     let cfg = env.cfg();
     match conn.phase {
+        Phase::Handshake if conn.flags & flag::HTTP_WAITING != 0 => {
+            // A backend API request whose answers from other shards did not all come in time.
+            ShardMetrics::inc(&env.metrics.api_overloaded_total);
+            ShardMetrics::inc(&env.metrics.http_rejected_total);
+            let reason = "the other shards did not answer within handshake_timeout; retry later";
+            handshake::write_rejection(&mut ctx.out, Status::ServiceUnavailable, reason);
+            close::close(env, ctx, key, conn, Close::AfterResponse);
+        }
+        Phase::Handshake if conn.flags & flag::HTTP_SERVED != 0 && conn.pending.is_empty() => {
+            // A kept-alive HTTP connection left idle: closed quietly (FIN), not a handshake timeout.
+            close::close(env, ctx, key, conn, Close::AfterResponse);
+        }
         Phase::Handshake => {
             ShardMetrics::inc(&env.metrics.handshake_timeouts_total);
+            let addr = ctx.proxied.get(&key).copied();
+            let detail = "request not complete within handshake_timeout";
+            close::refused(env, ctx, crate::metrics::Refused::HandshakeTimeout, addr, Some(conn.fd()), detail);
             close::close(env, ctx, key, conn, Close::Abort);
         }
         Phase::Closing | Phase::Draining | Phase::Aborted => close::close(env, ctx, key, conn, Close::Abort),
+        Phase::Sse if ctx.sse.get(&key).is_some_and(|s| s.is_poll()) => {
+            crate::http::sse::poll_expired(env, ctx, key, conn);
+        }
+        Phase::Sse => {
+            // The client sends nothing: no idle deadline, a comment line every ping interval instead
+            // (keeps proxies from timing the stream out; a dead peer fails the write), and the token's expiry.
+            if conn.expires_at != NO_EXPIRY && now >= u64::from(conn.expires_at) {
+                ShardMetrics::inc(&env.metrics.tokens_expired_total);
+                let how = Close::Ws(code::TOKEN_EXPIRED, "token expired: reconnect with a new token");
+                close::close(env, ctx, key, conn, how);
+                return;
+            }
+            ShardMetrics::inc(&env.metrics.pings_sent_total);
+            ctx.out.extend_from_slice(b":\n\n");
+            write::send_out(env, ctx, key, conn);
+            conn.last_rx = now as u32;
+            if conn.phase.is_open() {
+                let deadline = next_deadline(env, ctx, conn);
+                conn.timer = Some(ctx.wheel.insert(deadline, key));
+            }
+        }
         Phase::Echo | Phase::V1 => {
             let silent = now.saturating_sub(u64::from(conn.last_rx));
             if conn.expires_at != NO_EXPIRY && now >= u64::from(conn.expires_at) {

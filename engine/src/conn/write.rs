@@ -80,11 +80,15 @@ impl OutQueue {
 // Boxed because connections hold them boxed (`OutQueue`): handing one over moves a pointer, not a deque.
 #[allow(clippy::box_collection, clippy::vec_box)]
 #[derive(Debug)]
-pub struct QueuePool(Vec<Box<VecDeque<Bytes>>>);
+pub struct QueuePool {
+    spare: Vec<Box<VecDeque<Bytes>>>,
+    /// Bytes queued over all of the shard's connections (`Conn::queued` summed), for `throng_queued_bytes`.
+    pub bytes: u64,
+}
 
 impl Default for QueuePool {
     fn default() -> Self {
-        Self(Vec::with_capacity(Self::MAX))
+        Self { spare: Vec::with_capacity(Self::MAX), bytes: 0 }
     }
 }
 
@@ -96,25 +100,25 @@ impl QueuePool {
 
     #[allow(clippy::box_collection)]
     fn take(&mut self) -> Box<VecDeque<Bytes>> {
-        self.0.pop().unwrap_or_default()
+        self.spare.pop().unwrap_or_default()
     }
 
     #[allow(clippy::box_collection)]
     fn give(&mut self, mut q: Box<VecDeque<Bytes>>) {
-        if self.0.len() < Self::MAX && q.capacity() <= Self::MAX_CAPACITY {
+        if self.spare.len() < Self::MAX && q.capacity() <= Self::MAX_CAPACITY {
             q.clear();
-            self.0.push(q);
+            self.spare.push(q);
         }
     }
 
     /// Spare queues held.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.spare.len()
     }
 
     /// True when none is held.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.spare.is_empty()
     }
 }
 
@@ -133,6 +137,12 @@ pub enum Flushed {
 /// behind the queue. Then applies the backlog bound, and finishes a close whose last bytes just went out.
 pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
     if !ctx.out.is_empty() {
+        if conn.flags & flag::UPGRADED != 0 {
+            // Everything in `out` after a 101 is whole frames (replies, pongs, pings, echoes, closes).
+            let frames = count_frames(ctx.out.get(ctx.frames_from..).unwrap_or_default());
+            ShardMetrics::add(&env.metrics.frames_out_total, frames);
+        }
+        ctx.frames_from = 0;
         if conn.outq.is_empty() && !conn.writer_active() {
             match sys::send_vectored(conn.fd(), &[IoSlice::new(&ctx.out)]) {
                 Ok(n) => {
@@ -165,9 +175,30 @@ pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
     }
 }
 
+/// The number of frames in `buf`, which holds whole unmasked frames: a walk over their headers.
+fn count_frames(mut buf: &[u8]) -> u64 {
+    let mut n = 0;
+    while buf.len() >= 2 {
+        let (head, len): (usize, usize) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (4, usize::from(u16::from_be_bytes([buf[2], buf[3]]))),
+            127 if buf.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&buf[2..10]);
+                (10, u64::from_be_bytes(b) as usize)
+            }
+            l if l < 126 => (2, usize::from(l)),
+            _ => break,
+        };
+        n += 1;
+        buf = buf.get(head.saturating_add(len)..).unwrap_or_default();
+    }
+    n
+}
+
 /// Queues bytes behind what is already queued.
 pub fn push(conn: &mut Conn, b: Bytes, pool: &mut QueuePool) {
     conn.queued += b.len() as u32;
+    pool.bytes += b.len() as u64;
     conn.outq.push_back(b, pool);
 }
 
@@ -187,11 +218,13 @@ pub fn consume_queue(conn: &mut Conn, mut written: usize, pool: &mut QueuePool) 
         if front.len() <= written {
             written -= front.len();
             conn.queued -= front.len() as u32;
+            pool.bytes = pool.bytes.saturating_sub(front.len() as u64);
             conn.outq.pop_front(pool);
             conn.flags &= !flag::HEAD_STARTED;
         } else {
             front.advance(written);
             conn.queued -= written as u32;
+            pool.bytes = pool.bytes.saturating_sub(written as u64);
             conn.flags |= flag::HEAD_STARTED;
             written = 0;
         }

@@ -1,11 +1,16 @@
 //! HTTP on the WebSocket port: the upgrade decision for `/ws` and `/echo` (origin, client address, upgrade
-//! rate, identity, connection limits), and the plain endpoints ([`endpoints`]: `/health`, `/metrics`,
-//! `/stats`). Every plain response, and every refused upgrade, is followed by closing the connection.
+//! rate, identity, connection limits), the plain endpoints ([`endpoints`]: `/health`, `/metrics`,
+//! `/stats`) and the backend API ([`api`]: `/api/*`). A refused upgrade is followed by closing the
+//! connection; a plain request's connection is kept for the next request unless the client or an error
+//! response closes it (`Connection: close`), or its body was refused on its head ([`takes_body`]: then it
+//! is answered at once and closed, the body unread), and is closed when idle for `handshake_timeout`.
 //!
 //! The checks run cheapest first and before anything is kept for the connection: a refused upgrade costs
 //! the parse of its request head and, for a token, its verification, and holds nothing after the response.
 
+pub mod api;
 pub mod endpoints;
+pub mod sse;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,13 +23,14 @@ use crate::auth::{self, net, Identity};
 use crate::channel::text_frame;
 use crate::conn::close::{self, Close};
 use crate::conn::read::bucket_caps;
-use crate::conn::{timers, Conn, ConnKey, Phase};
-use crate::metrics::ShardMetrics;
+use crate::conn::{flag, timers, Conn, ConnKey, Phase};
+use crate::metrics::{Refused, ShardMetrics};
 use crate::shard::{Ctx, Env};
 use crate::sys;
 
-/// Refuses an upgrade from `client_addr`: the status and JSON reason, counted and logged (at debug level, with
-/// the client's real address), then close.
+/// Refuses an upgrade from `client_addr`: the status and JSON reason, counted (`throng_refusals_total`, by a
+/// reason told from the status) and logged (at info, rate-limited per reason, with the client's real
+/// address: [`close::refused`]), then close.
 #[allow(clippy::too_many_arguments)]
 fn refuse(
     env: &Env,
@@ -37,7 +43,17 @@ fn refuse(
     headers: &[(&str, &str)],
 ) {
     ShardMetrics::inc(&env.metrics.http_rejected_total);
-    tracing::debug!(shard = env.id, %client_addr, status = status.code(), reason, "upgrade refused");
+    let why = match status {
+        Status::ServiceUnavailable => Refused::Draining,
+        Status::NotFound => Refused::NotFound,
+        Status::TooManyRequests => Refused::UpgradeRate,
+        Status::Unauthorized => Refused::Unauthorized,
+        Status::Forbidden if reason.contains("max_connections_per_user") => Refused::UserLimit,
+        Status::Forbidden if reason.contains("max_connections_per_ip") => Refused::IpLimit,
+        Status::Forbidden => Refused::Origin,
+        _ => Refused::BadRequest,
+    };
+    close::refused(env, ctx, why, Some(client_addr), None, reason);
     handshake::write_rejection_with(&mut ctx.out, status, reason, headers);
     close::close(env, ctx, key, conn, Close::AfterResponse);
 }
@@ -55,18 +71,19 @@ fn client_ip(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &Conn, req: &Request<
     net::client_addr(peer, &env.cfg().trusted_proxies, xff, real)
 }
 
-/// Handles a complete request head: upgrades it (writing the 101, and the welcome on `/ws`), or answers it
-/// and closes.
-pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>) {
+/// Handles a complete request: upgrades it (writing the 101, and the welcome on `/ws`), or answers it (a
+/// plain request, with its `body`).
+pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>, body: &[u8]) {
     if !(req.is_websocket_upgrade() || req.path == "/echo" || req.path == "/ws") {
-        endpoints::respond(env, req, &mut ctx.out);
-        close::close(env, ctx, key, conn, Close::AfterResponse);
+        plain(env, ctx, key, conn, req, body);
         return;
     }
     let cfg = env.cfg();
     let client_addr = client_ip(env, ctx, key, conn, req);
     let refusal = if let Err(e) = req.validate_upgrade() {
         Some((e.status(), e.reason()))
+    } else if on_admin_listener(env, conn) {
+        Some((Status::NotFound, "no WebSocket endpoint on the admin listener"))
     } else if req.path != "/ws" && (req.path != "/echo" || !cfg.echo) {
         Some((Status::NotFound, "no WebSocket endpoint at this path"))
     } else if env.shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
@@ -130,6 +147,84 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     // A new connection starts with full buckets: a second's worth of messages and bytes.
     (conn.msg_credit, conn.byte_credit) = bucket_caps(env);
     timers::arm_heartbeat(env, ctx, conn);
+}
+
+/// Whether the body of a plain request whose head has arrived is to be read: only for an API request that
+/// passes every check made on its head ([`api::head_ok`]: served on this port, the API enabled, the right
+/// key, a known path and its method), and for `POST /publish` from a client whose token verifies. Any other
+/// request with a body (refused on its head, or to an endpoint that takes none) is answered from its head
+/// alone and its connection closed, the body unread: nobody without the key (or a token) makes a shard
+/// buffer a byte of body, nor gets a `100 Continue`.
+pub fn takes_body(env: &Env, conn: &Conn, req: &Request<'_>) -> bool {
+    if is_api(req.path) {
+        return api::head_ok(env, req, public_port(env, conn, req));
+    }
+    // The fallback clients' `POST /publish`: a body only from a client whose token verifies (any client in
+    // the open development mode).
+    req.path == "/publish" && req.method == "POST" && identify(env, req).is_ok()
+}
+
+fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
+/// Whether the request came to the main listener for what `admin_listen`, when set, serves alone.
+fn public_port(env: &Env, conn: &Conn, req: &Request<'_>) -> bool {
+    env.cfg().admin_listen.is_some()
+        && (req.path.starts_with("/api") || matches!(req.path, "/metrics" | "/stats"))
+        && !on_admin_listener(env, conn)
+}
+
+/// A plain request: the backend API, or an endpoint. With `admin_listen` set, `/metrics`, `/stats` and the
+/// API are served only on connections accepted there.
+fn plain(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>, body: &[u8]) {
+    let keep_alive = req.keep_alive();
+    let start = ctx.out.len();
+    let public_port = public_port(env, conn, req);
+    if is_api(req.path) {
+        api::on_request(env, ctx, key, conn, req, body, public_port);
+        if conn.flags & flag::HTTP_WAITING != 0 {
+            return;
+        }
+    } else if matches!(req.path, "/sse" | "/poll" | "/publish") {
+        // The fallback transports: a refusal closes, a stream keeps the connection.
+        sse::on_request(env, ctx, key, conn, req, body);
+        if conn.phase != Phase::Handshake || conn.flags & flag::HTTP_WAITING != 0 {
+            return;
+        }
+    } else if public_port && matches!(req.path, "/metrics" | "/stats") {
+        ShardMetrics::inc(&env.metrics.http_requests_total);
+        ShardMetrics::inc(&env.metrics.http_rejected_total);
+        api::write_error(&mut ctx.out, Status::NotFound, "not_found", "served on admin_listen only", keep_alive, &[]);
+    } else {
+        endpoints::respond(env, req, &mut ctx.out, keep_alive);
+    }
+    finish(env, ctx, key, conn, start);
+}
+
+/// Whether the connection came through `admin_listen` (its local address is that one): one `getsockname`,
+/// made only when an admin listener is configured.
+fn on_admin_listener(env: &Env, conn: &Conn) -> bool {
+    let Some(admin) = env.cfg().admin_listen else { return false };
+    let local = socket2::SockRef::from(&conn.fd()).local_addr().ok().and_then(|a| a.as_socket());
+    local.is_some_and(|l| l.port() == admin.port() && (admin.ip().is_unspecified() || l.ip() == admin.ip()))
+}
+
+/// A plain response is in `ctx.out` from `start` on: keep the connection for the next request (within
+/// `handshake_timeout`), or close it after the response when the response says `Connection: close`.
+pub fn finish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, start: usize) {
+    if response_closes(&ctx.out[start..]) {
+        close::close(env, ctx, key, conn, Close::AfterResponse);
+    } else {
+        conn.flags |= flag::HTTP_SERVED;
+        timers::http_deadline(env, ctx, key, conn);
+    }
+}
+
+/// Whether a response written by `handshake::write_response` or `write_rejection` closes its connection.
+fn response_closes(resp: &[u8]) -> bool {
+    let head = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(resp, |end| &resp[..end + 2]);
+    head.windows(19).any(|w| w == b"\r\nConnection: close")
 }
 
 /// Who the request is: a verified token's identity, or (open development mode) the `?user=` name.

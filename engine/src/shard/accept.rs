@@ -90,7 +90,7 @@ pub fn accept_turn(
                 let max = shared.config.max_connections.unwrap_or(usize::MAX);
                 if shared.open_connections.fetch_add(1, Ordering::Relaxed) >= max {
                     shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                    refuse(env, &acc.over_capacity, fd, scratch);
+                    refuse(env, ctx, &acc.over_capacity, fd, scratch);
                     continue;
                 }
                 if let Some(key) = register(env, ctx, conns, poller, fd) {
@@ -103,6 +103,7 @@ pub fn accept_turn(
             }
             Accept::OutOfFds(e) => {
                 ShardMetrics::inc(&env.metrics.accept_pauses_total);
+                crate::metrics::Observed::mark(&env.metrics.obs.fd_pause_at, env.shared.started);
                 let now = Instant::now();
                 acc.paused_until = Some(now + OUT_OF_FDS_PAUSE);
                 if acc.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
@@ -123,9 +124,11 @@ pub fn accept_turn(
 }
 
 /// Answers a connection over `max_connections` with 503 and closes it, without parsing anything it sent.
-fn refuse(env: &Env, response: &[u8], fd: OwnedFd, scratch: &mut [u8]) {
+fn refuse(env: &Env, ctx: &mut Ctx, response: &[u8], fd: OwnedFd, scratch: &mut [u8]) {
     ShardMetrics::inc(&env.metrics.over_capacity_total);
     ShardMetrics::inc(&env.metrics.http_rejected_total);
+    let detail = "server at max_connections";
+    close::refused(env, ctx, crate::metrics::Refused::OverCapacity, None, Some(fd.as_fd()), detail);
     // Whatever the client sent so far is discarded, so closing sends a FIN rather than a reset.
     for _ in 0..4 {
         match sys::recv(fd.as_fd(), scratch) {
@@ -142,6 +145,7 @@ fn refuse(env: &Env, response: &[u8], fd: OwnedFd, scratch: &mut [u8]) {
 fn register(env: &Env, ctx: &mut Ctx, conns: &mut Conns, poller: &Poller, fd: OwnedFd) -> Option<ConnKey> {
     sys::set_nodelay(fd.as_fd());
     ShardMetrics::inc(&env.metrics.connections);
+    ShardMetrics::inc(&env.metrics.http_connections);
     let key = conns.insert(|gen| Conn::new(fd, gen, env.now));
     let conn = conns.get_mut(key)?;
     if env.cfg().proxy_protocol {

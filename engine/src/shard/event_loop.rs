@@ -34,13 +34,13 @@ use throng_protocol::frame::{close as code, OpCode};
 use throng_protocol::handshake::Request;
 
 use super::accept;
-use super::poller::{Ready, DOORBELL, LISTENER};
+use super::poller::{Ready, ADMIN_LISTENER, DOORBELL, LISTENER};
 use super::{Ctx, Env, Shard, TICK};
 use crate::channel::delivery;
 use crate::conn::close::{self, Close};
 use crate::conn::read::{self, Flow, Sink};
 use crate::conn::{timers, Conn, ConnKey, Phase};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Observed, ShardMetrics, LAG_DEGRADED};
 use crate::sys;
 
 /// Timers fired per turn at most.
@@ -59,8 +59,12 @@ pub const FLUSH_SLICE: Duration = Duration::from_millis(4);
 struct App;
 
 impl Sink for App {
-    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>) {
-        crate::http::on_request(env, ctx, key, conn, req);
+    fn request(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: &Request<'_>, body: &[u8]) {
+        crate::http::on_request(env, ctx, key, conn, req, body);
+    }
+
+    fn takes_body(&mut self, env: &Env, conn: &Conn, req: &Request<'_>) -> bool {
+        crate::http::takes_body(env, conn, req)
     }
 
     fn message(&mut self, env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, kind: MessageKind, data: &[u8]) {
@@ -69,8 +73,8 @@ impl Sink for App {
             (Phase::V1, MessageKind::Binary) => crate::v1::on_binary(env, ctx, key, conn),
             (Phase::Echo, _) => {
                 let op = if kind == MessageKind::Text { OpCode::Text } else { OpCode::Binary };
+                // Counted in frames_out_total when written (`write::send_out`).
                 conn.ws.encode_frame(&mut ctx.out, true, op, data);
-                ShardMetrics::inc(&env.metrics.frames_out_total);
             }
             _ => {}
         }
@@ -145,8 +149,13 @@ pub async fn run(mut sh: Shard) {
 
         // 3. Accept.
         if sh.acceptor.has_work(Instant::now()) {
-            let Shard { env, ctx, conns, poller, acceptor, scratch } = &mut sh;
+            let Shard { env, ctx, conns, poller, acceptor, scratch, .. } = &mut sh;
             accept::accept_turn(env, ctx, conns, poller, acceptor, scratch, &mut t.ready);
+        }
+        if let Shard { env, ctx, conns, poller, admin: Some(admin), scratch, .. } = &mut sh {
+            if admin.has_work(Instant::now()) {
+                accept::accept_turn(env, ctx, conns, poller, admin, scratch, &mut t.ready);
+            }
         }
 
         // 4. Connections.
@@ -169,7 +178,9 @@ pub async fn run(mut sh: Shard) {
             || t.timers_left
             || inbox_left
             || !inbox.rx.is_empty()
+            || !sh.ctx.resume.is_empty()
             || sh.acceptor.has_work(now)
+            || sh.admin.as_ref().is_some_and(|a| a.has_work(now))
             || sh.ctx.flush.has_work(dirty, now);
         if busy {
             ShardMetrics::inc(&sh.env.metrics.busy_turns_total);
@@ -213,8 +224,19 @@ fn timer_step(sh: &mut Shard, t: &mut Turns, now: Instant) {
     if t.housekept == env.now {
         return;
     }
+    if t.housekept != u64::MAX {
+        // Loop lag: how long after it was due the first tick not yet run is run (its timers fire this late).
+        let due = t.start + TICK * (t.housekept as u32 + 1);
+        let lag = now.saturating_duration_since(due);
+        sh.ctx.rec.lag.record(lag);
+        if lag > LAG_DEGRADED {
+            Observed::mark(&env.metrics.obs.lag_at, env.shared.started);
+            ShardMetrics::set(&env.metrics.obs.lag_us, lag.as_micros() as u64);
+        }
+    }
     t.housekept = env.now;
     sh.ctx.chans.housekeeping(env);
+    observe_tick(env, &mut sh.ctx);
     // The drain's first phase (`draining`: /health 503, upgrades refused) needs nothing from the loop; its
     // closing phase starts once the main thread has waited out the drain delay.
     if env.shared.closing.load(Ordering::Relaxed) && t.drain_deadline.is_none() {
@@ -223,14 +245,29 @@ fn timer_step(sh: &mut Shard, t: &mut Turns, now: Instant) {
     }
 }
 
+/// Once per tick: the histograms recorded since the last tick go to the snapshots scrapes read; gauges.
+fn observe_tick(env: &Env, ctx: &mut Ctx) {
+    let m = &env.metrics;
+    ctx.rec.publish(m);
+    ShardMetrics::set(&m.queued_bytes, ctx.queues.bytes);
+    let dropped = env.shared.inboxes[env.id].dropped.load(Ordering::Relaxed);
+    if dropped != m.ring_dropped_total.load(Ordering::Relaxed) {
+        ShardMetrics::set(&m.ring_dropped_total, dropped);
+        Observed::mark(&m.obs.ring_drop_at, env.shared.started);
+    }
+}
+
 /// The drain's closing phase: stops accepting; every upgraded connection gets a 1001 close, the others
 /// are shut down.
 fn start_drain(sh: &mut Shard) {
     sh.acceptor.close();
+    if let Some(admin) = &mut sh.admin {
+        admin.close();
+    }
     for key in sh.conns.keys() {
         let Some(conn) = sh.conns.get_mut(key) else { continue };
         let how = match conn.phase {
-            Phase::Echo | Phase::V1 => Close::Ws(code::GOING_AWAY, "server shutting down"),
+            Phase::Echo | Phase::V1 | Phase::Sse => Close::Ws(code::GOING_AWAY, "server shutting down"),
             Phase::Handshake => Close::Abort,
             Phase::Closing | Phase::Draining | Phase::Aborted => continue,
         };
@@ -247,6 +284,11 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
             let (bits, data) = (ev.events, ev.u64);
             match data {
                 LISTENER => sh.acceptor.ready = true,
+                ADMIN_LISTENER => {
+                    if let Some(admin) = &mut sh.admin {
+                        admin.ready = true;
+                    }
+                }
                 DOORBELL => sys::eventfd_clear(sh.env.shared.inboxes[sh.env.id].doorbell.as_fd()),
                 _ => t.ready.push_back((ConnKey::from_u64(data), Ready::from_bits(bits))),
             }
@@ -257,6 +299,20 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
     }
     let until = Instant::now() + STEP_SLICE;
     let mut app = App;
+    // HTTP connections whose waiting request was answered from the inbox: read on (at most one per
+    // pending API request answered this turn).
+    while let Some(key) = sh.ctx.resume.pop() {
+        let Shard { env, ctx, conns, scratch, acceptor, .. } = &mut *sh;
+        match read::resume(env, ctx, conns, scratch, key, &mut app) {
+            Flow::Continue => {}
+            Flow::More => t.again.push(key),
+            Flow::End => {
+                if close::remove(env, ctx, conns, key) {
+                    acceptor.fd_released();
+                }
+            }
+        }
+    }
     for n in 0..EVENT_BUDGET {
         if n % 16 == 15 && Instant::now() >= until {
             break;

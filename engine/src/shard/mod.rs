@@ -159,6 +159,16 @@ pub struct Ctx {
     pub queues: crate::conn::write::QueuePool,
     /// Client addresses read from PROXY protocol headers, for connections whose request has not come yet.
     pub proxied: std::collections::HashMap<ConnKey, std::net::IpAddr>,
+    /// The shard's histograms and refusal-log rate limit.
+    pub rec: crate::metrics::Recorder,
+    /// Where frames start in `out` (after a 101 written to it), for `frames_out_total`; 0 otherwise.
+    pub frames_from: usize,
+    /// Backend API requests waiting for answers from other shards.
+    pub api: crate::http::api::Pending,
+    /// HTTP connections whose waiting request was answered this turn: the connection step reads on.
+    pub resume: Vec<ConnKey>,
+    /// `/sse` streams: each one's position in its channels (for its `id:` lines).
+    pub sse: crate::http::sse::Streams,
 }
 
 /// One shard: everything its loop owns.
@@ -176,6 +186,9 @@ pub struct Shard {
     pub poller: poller::Poller,
     /// The listener and its state.
     pub acceptor: accept::Acceptor,
+    /// The `admin_listen` listener: on shard 0 only, when configured (`/metrics`, `/stats` and the API are
+    /// served only on connections accepted there).
+    pub admin: Option<accept::Acceptor>,
 }
 
 /// Binds the shard's listener with `SO_REUSEPORT`, non-blocking.
@@ -225,6 +238,14 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
         let listener = bind(shared.config.listen)?;
         poller.add_listener(&listener)?;
         poller.add_doorbell(&shared.inboxes[id].doorbell)?;
+        let admin = match shared.config.admin_listen {
+            Some(addr) if id == 0 => {
+                let l = bind(addr)?;
+                poller.add_admin_listener(&l)?;
+                Some(accept::Acceptor::new(l))
+            }
+            _ => None,
+        };
         let cfg = &shared.config;
         let max_message = cfg.max_message_size;
         let outbox = Outbox::new(shared.inboxes.clone(), cfg.ring_capacity, cfg.max_queue_bytes);
@@ -247,10 +268,16 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 flush: FlushState::default(),
                 queues: Default::default(),
                 proxied: Default::default(),
+                rec: crate::metrics::Recorder::new(shared.started),
+                frames_from: 0,
+                api: Default::default(),
+                sse: Default::default(),
+                resume: Vec::new(),
             },
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             poller,
             acceptor: accept::Acceptor::new(listener),
+            admin,
         })
     };
     let shard = match setup() {

@@ -26,6 +26,8 @@ use crate::conn::ConnKey;
 pub const LISTENER: u64 = u64::MAX;
 /// Event data of the inbox doorbell.
 pub const DOORBELL: u64 = u64::MAX - 1;
+/// Event data of the admin listener (`admin_listen`, shard 0 only).
+pub const ADMIN_LISTENER: u64 = u64::MAX - 2;
 
 /// A shard's epoll set.
 pub struct Poller {
@@ -80,6 +82,11 @@ impl Poller {
     /// queue was found empty).
     pub fn add_listener(&self, fd: &impl AsFd) -> io::Result<()> {
         self.add(fd.as_fd(), libc::EPOLLIN, LISTENER)
+    }
+
+    /// Adds the admin listener (`admin_listen`), like the main one.
+    pub fn add_admin_listener(&self, fd: &impl AsFd) -> io::Result<()> {
+        self.add(fd.as_fd(), libc::EPOLLIN, ADMIN_LISTENER)
     }
 
     /// Adds the inbox doorbell (an eventfd).

@@ -9,17 +9,17 @@ use throng_protocol::message;
 use super::refuse;
 use crate::channel::bus::{ReplyTo, ShardMsg};
 use crate::channel::{frame_bytes, text_frame, Refusal};
-use crate::conn::{write, ConnKey, ConnSub, Conns};
+use crate::conn::{write, ConnKey, ConnSub, Conns, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 
 /// Handles one message from another shard.
 pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
     match msg {
-        ShardMsg::Deliver { channel, offset, frame } => ctx.chans.deliver(&channel, offset, &frame),
+        ShardMsg::Deliver { channel, offset, frame, born } => ctx.chans.deliver(&channel, offset, &frame, born),
         ShardMsg::Lost { channel, from, to } => ctx.chans.lost(env, &channel, from, to),
-        ShardMsg::Publish { channel, data, reply } => {
-            let res = ctx.chans.publish(env, &channel, &data);
+        ShardMsg::Publish { channel, data, reply, born } => {
+            let res = ctx.chans.publish_at(env, &channel, &data, born);
             let Some(r) = reply else { return };
             match res {
                 Ok(offset) => {
@@ -66,6 +66,7 @@ pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
             send_reply(env, ctx, conns, reply, f);
         }
         ShardMsg::Reply { conn, frame } => reply_to_conn(env, ctx, conns, conn, &frame),
+        ShardMsg::Api(m) => crate::http::api::on_shard_msg(env, ctx, conns, m),
         ShardMsg::Refused { channel, reply, subscribe, code, reason } => {
             on_refused(env, ctx, conns, &channel, reply, subscribe, code, reason)
         }
@@ -90,6 +91,9 @@ fn answer_refused(env: &Env, ctx: &mut Ctx, conns: &mut Conns, to: ReplyTo, msg:
 
 /// Writes a frame that arrived for a connection of this shard, if it is still connected and open.
 fn reply_to_conn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey, frame: &[u8]) {
+    if let Some(conn) = conns.get_mut(key).filter(|c| crate::http::sse::awaits_publish(ctx, key, c)) {
+        return crate::http::sse::published(env, ctx, key, conn, Ok(frame));
+    }
     let Some(conn) = conns.get_mut(key).filter(|c| c.phase.is_open()) else { return };
     ctx.out.extend_from_slice(frame);
     write::send_out(env, ctx, key, conn);
@@ -132,7 +136,14 @@ fn on_refused(
             ctx.chans.drop_local_if_unused(idx);
         }
     }
+    if let Some(conn) = conns.get_mut(reply.conn).filter(|c| crate::http::sse::awaits_publish(ctx, reply.conn, c)) {
+        return crate::http::sse::published(env, ctx, reply.conn, conn, Err((code, reason)));
+    }
     let Some(conn) = conns.get_mut(reply.conn).filter(|c| c.phase.is_open()) else { return };
+    if conn.phase == Phase::Sse {
+        crate::http::sse::refused(env, ctx, reply.conn, conn, channel, code, reason);
+        return;
+    }
     refuse(env, ctx, reply.conn, conn, reply.id, code, reason);
     write::send_out(env, ctx, reply.conn, conn);
 }
@@ -162,6 +173,12 @@ fn on_subscribed(
         ctx.chans.undo_subscription(env, idx, channel, user);
         return;
     };
+    if conn.phase == Phase::Sse {
+        let slot = ctx.chans.locals[idx].subscribe(reply.conn, offset);
+        conn.subs[pos].slot = slot as u32;
+        crate::http::sse::confirmed(env, ctx, reply.conn, conn, idx, offset, frame, missed);
+        return;
+    }
     ctx.out.extend_from_slice(frame);
     if conn.subs[pos].slot == ConnSub::CANCELLED {
         conn.subs.swap_remove(pos);
@@ -178,5 +195,6 @@ fn on_subscribed(
         ctx.out.extend_from_slice(f);
     }
     ShardMetrics::inc(&env.metrics.subscriptions_total);
+    ShardMetrics::inc(&env.metrics.active_subscriptions);
     write::send_out(env, ctx, reply.conn, conn);
 }

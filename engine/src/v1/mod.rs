@@ -257,6 +257,7 @@ fn subscribe(
                     ctx.out.extend_from_slice(f);
                 }
                 ShardMetrics::inc(&env.metrics.subscriptions_total);
+                ShardMetrics::inc(&env.metrics.active_subscriptions);
             }
             Err(Refusal { code, reason }) => {
                 ctx.chans.drop_local_if_unused(idx);
@@ -300,8 +301,9 @@ fn publish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u
         return;
     }
     let home = home_of(&channel, env.shards());
+    let born = crate::metrics::stamp(env.shared.started);
     if home == env.id {
-        match ctx.chans.publish(env, &channel, data) {
+        match ctx.chans.publish_at(env, &channel, data, born) {
             Ok(offset) => {
                 close::forgive(conn);
                 text_frame(&mut ctx.out, |o| message::encode_published(o, id, offset));
@@ -311,7 +313,7 @@ fn publish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u
     } else {
         close::forgive(conn);
         let reply = Some(ReplyTo { shard: env.id as u16, conn: key, id });
-        let msg = ShardMsg::Publish { channel, data: Bytes::copy_from_slice(data), reply };
+        let msg = ShardMsg::Publish { channel, data: Bytes::copy_from_slice(data), reply, born };
         to_home(env, ctx, home, msg, id);
     }
 }

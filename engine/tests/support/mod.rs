@@ -288,7 +288,7 @@ impl Server {
                 return Err(format!("no /health answer within {START_TIMEOUT:?}\n{}", self.log()));
             }
             if let Ok(resp) = try_http_get(self.addr, self.http_prefix, "/health", Duration::from_millis(500)) {
-                if resp.status == 200 && resp.body == b"ok" {
+                if resp.status == 200 && health_ok(&resp.body) {
                     let stats = self.stats();
                     assert_eq!(stats["driver"], self.driver.stats_name(), "/stats names another driver: {stats}");
                     return Ok(());
@@ -415,6 +415,11 @@ impl Drop for Server {
     }
 }
 
+/// Whether a `/health` body says the server serves (`{"status":"ok",...}`, or `degraded`).
+pub fn health_ok(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v["status"] == "ok" || v["status"] == "degraded")
+}
+
 /// Sums every sample of `name` (`name{labels} value` or `name value`) in a Prometheus text body.
 pub fn sum_metric(text: &str, name: &str) -> Option<u64> {
     let mut found = None;
@@ -467,7 +472,8 @@ fn try_http_get(addr: SocketAddr, prefix: &[u8], path: &str, timeout: Duration) 
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     s.write_all(prefix)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    // Read to the end: the server closes after this response (HTTP/1.1 connections are otherwise kept).
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     if find(&raw, b"\r\n\r\n").is_none() {

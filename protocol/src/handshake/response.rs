@@ -20,6 +20,8 @@ pub enum Status {
     NotFound = 404,
     /// 405: the endpoint exists but not for this method (e.g. a `POST /ws`).
     MethodNotAllowed = 405,
+    /// 411: a request body without a `Content-Length` (chunked transfer coding is not accepted).
+    LengthRequired = 411,
     /// 413: the request body is larger than the engine accepts.
     PayloadTooLarge = 413,
     /// 426: a WebSocket endpoint reached without a usable upgrade (carries `Sec-WebSocket-Version: 13`).
@@ -42,12 +44,13 @@ pub enum Status {
 
 impl Status {
     /// Every status, for tests and tables.
-    pub const ALL: [Status; 14] = [
+    pub const ALL: [Status; 15] = [
         Status::BadRequest,
         Status::Unauthorized,
         Status::Forbidden,
         Status::NotFound,
         Status::MethodNotAllowed,
+        Status::LengthRequired,
         Status::PayloadTooLarge,
         Status::UpgradeRequired,
         Status::TooManyRequests,
@@ -80,6 +83,7 @@ impl Status {
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
+            Status::LengthRequired => "Length Required",
             Status::PayloadTooLarge => "Payload Too Large",
             Status::UpgradeRequired => "Upgrade Required",
             Status::TooManyRequests => "Too Many Requests",
@@ -102,6 +106,7 @@ impl Status {
             Status::Forbidden => "forbidden",
             Status::NotFound => "not_found",
             Status::MethodNotAllowed => "method_not_allowed",
+            Status::LengthRequired => "length_required",
             Status::PayloadTooLarge => "payload_too_large",
             Status::UpgradeRequired => "upgrade_required",
             Status::TooManyRequests => "too_many_requests",
