@@ -37,6 +37,25 @@ pub enum Target {
     Raw,
 }
 
+/// How throng broadcast subscribers receive (`--transport`); the publishers are v1 WebSocket either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// v1 WebSocket subscriptions on `/ws`.
+    Ws,
+    /// Server-Sent Events: `GET /sse?channel=<channel>` streams (HTTP/1.1 over plain TCP).
+    Sse,
+}
+
+impl Transport {
+    /// The transport's name as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 impl Scenario {
     /// The scenario's name as typed.
     pub fn name(self) -> &'static str {
@@ -74,6 +93,10 @@ pub struct Args {
     /// Protocol: `throng` (v1 on /ws) or `raw` (the peers' /echo and /broadcast).
     #[arg(long, value_enum, default_value_t = Target::Throng)]
     pub target: Target,
+    /// Broadcast to Throng: how the subscribers receive, `ws` (v1 subscriptions on /ws) or `sse`
+    /// (`GET /sse?channel=<channel>` streams, plain TCP); the publishers are v1 WebSocket either way.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
     /// Connections: echo connections, subscribers (broadcast, churn: the steady ones), idle connections, or
     /// api-publish's HTTP connections. [default: 100; api-publish: 10]
     #[arg(long)]
@@ -266,6 +289,11 @@ pub struct Plan {
     pub url: WsUrl,
     /// The request path (with query, without the token).
     pub path: String,
+    /// How throng broadcast subscribers receive.
+    pub transport: Transport,
+    /// `--transport sse`: the subscribers' request target, `/sse?channel=<channel>` (without the token);
+    /// empty otherwise.
+    pub sse_path: String,
     /// Measured receivers: echo connections, subscribers, or idle connections.
     pub receivers: u64,
     /// Connections held for the whole run (receivers plus throng publishers).
@@ -559,6 +587,21 @@ impl Plan {
             }
         };
         let tls = tls(args, &url)?;
+        let sse_path = match args.transport {
+            Transport::Ws => String::new(),
+            Transport::Sse => {
+                if s != Scenario::Broadcast || t != Target::Throng {
+                    return Err(Error::Config("--transport sse is for broadcast with --target throng".into()));
+                }
+                if url.tls {
+                    return Err(Error::Config("--transport sse runs over plain TCP: a ws:// or http:// URL".into()));
+                }
+                if args.token_in == Some(TokenIn::Subprotocol) {
+                    return Err(Error::Config("--transport sse: --token-in query or header (no subprotocol)".into()));
+                }
+                sse_target(&channel)
+            }
+        };
         let mut seen = std::collections::HashSet::new();
         for &pid in &args.proxy_pid {
             if pid == 0 || !seen.insert(pid) {
@@ -573,6 +616,8 @@ impl Plan {
             target: t,
             url,
             path,
+            transport: args.transport,
+            sse_path,
             receivers,
             total,
             publishers,
@@ -650,6 +695,19 @@ impl Plan {
     }
 }
 
+/// `/sse?channel=<channel>`, the channel percent-encoded where a query needs it.
+fn sse_target(channel: &str) -> String {
+    let mut t = String::from("/sse?channel=");
+    for b in channel.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:@/!$'()*,;".contains(&b) {
+            t.push(b as char);
+        } else {
+            t.push_str(&format!("%{b:02X}"));
+        }
+    }
+    t
+}
+
 /// Part `k` of `n` equal contiguous parts of `0..total`.
 pub fn split(total: u64, n: u64, k: u64) -> (u64, u64) {
     let base = total / n;
@@ -697,6 +755,29 @@ mod tests {
         assert_eq!((p.path.as_str(), p.rate), ("/custom", None));
         let p = plan(&["connect", "--url", "ws://127.0.0.1:1", "--hold", "3", "--target", "raw"]);
         assert_eq!((p.path.as_str(), p.duration_ns), ("/echo", 3_000_000_000));
+    }
+
+    #[test]
+    fn sse_transport() {
+        let p = plan(&["broadcast", "--url", "http://127.0.0.1:1", "--transport", "sse", "--channel", "a:b c&d"]);
+        assert_eq!(
+            (p.transport, p.sse_path.as_str(), p.path.as_str()),
+            (Transport::Sse, "/sse?channel=a:b%20c%26d", "/ws")
+        );
+        assert_eq!(p.role(0), Role::Pub);
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1"]);
+        assert_eq!((p.transport, p.sse_path.as_str()), (Transport::Ws, ""));
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench"];
+            v.extend_from_slice(args);
+            v.extend_from_slice(&["--transport", "sse"]);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&["echo", "--url", "ws://127.0.0.1:1"]).contains("broadcast"));
+        assert!(err(&["broadcast", "--url", "ws://127.0.0.1:1", "--target", "raw"]).contains("throng"));
+        assert!(err(&["broadcast", "--url", "wss://127.0.0.1:1", "--insecure-skip-verify"]).contains("plain"));
+        let sub = ["broadcast", "--url", "ws://127.0.0.1:1", "--jwt-secret", "s", "--token-in", "subprotocol"];
+        assert!(err(&sub).contains("subprotocol"));
     }
 
     #[test]

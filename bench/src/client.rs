@@ -32,6 +32,13 @@
 //! from its `pending` bytes (status, `Content-Length` body, the offsets counted), sending the next request
 //! as each response arrives. Their subscribers are v1 `Sub` connections on every channel.
 //!
+//! `--transport sse` subscribers send `GET /sse?channel=<channel>` instead of an upgrade and read a
+//! Server-Sent Events stream ([`Loop::process_sse`]): like frames, complete events are parsed in place in the
+//! read buffer and a partial one is kept in `pending` for the next read; an event's single `data:` line is
+//! read where it lies (several are joined in one reused buffer), so an event costs no allocation either.
+//! They are ready on their `subscribed` event, and a `message` event's data is the v1 `message` a
+//! WebSocket subscriber gets, stamp and all, accounted by the same code.
+//!
 //! With tokens (`--jwt-secret`, `--jwt-private-key`) a thread first mints one per connection it will open
 //! (its initial connections, and as many churn connections as its churn rate can start in the window),
 //! then waits until every thread of the run has (`Control::ramp`), so signing (about half a millisecond of
@@ -50,7 +57,7 @@ use throng_protocol::conn::{Event, Limits, MessageData, Step, WsConn};
 use throng_protocol::frame::OpCode;
 use throng_protocol::handshake::accept_key;
 
-use crate::cli::{Auth, Plan, Role, Scenario, Target};
+use crate::cli::{Auth, Plan, Role, Scenario, Target, Transport};
 use crate::error::Error;
 use crate::jwt::{self, TokenIn};
 use crate::load::ThreadHandle;
@@ -214,6 +221,8 @@ struct Conn {
     next_ch: usize,
     /// api-publish: the server said `Connection: close`; nothing more is sent.
     no_more: bool,
+    /// `--transport sse`: a subscriber reading a Server-Sent Events stream instead of WebSocket frames.
+    sse: bool,
 }
 
 impl Conn {
@@ -242,6 +251,7 @@ impl Conn {
             chan_seq: Vec::new(),
             next_ch: 0,
             no_more: false,
+            sse: false,
         }
     }
 
@@ -355,6 +365,8 @@ struct Loop<'a> {
     sc: Scanner,
     /// Where the last stamp was found in its message (v1 messages repeat their layout).
     hint: usize,
+    /// `--transport sse`: the data of an event with several `data:` lines, joined (reused).
+    sse_data: Vec<u8>,
     tally: Tally,
     /// Sequence state per (receiver, publisher), and per echo connection.
     seqs: Vec<SeqTrack>,
@@ -414,6 +426,7 @@ impl<'a> Loop<'a> {
             c.gidx = gidx;
             c.initial = true;
             c.pub_id = plan.publisher_id(gidx).unwrap_or(0);
+            c.sse = plan.transport == Transport::Sse && c.role == Role::Sub;
             if c.role.receives() {
                 c.seq_base = n_tracks;
                 n_tracks += n_senders as usize;
@@ -462,6 +475,7 @@ impl<'a> Loop<'a> {
             scratch: Vec::with_capacity(scratch_room),
             sc: Scanner::new(),
             hint: 1,
+            sse_data: Vec::new(),
             tally: Tally::default(),
             seqs: vec![SeqTrack::default(); n_tracks],
             senders,
@@ -933,6 +947,9 @@ impl<'a> Loop<'a> {
     /// TCP (and TLS) is up: an API connection is ready; a WebSocket sends its upgrade request.
     fn after_connect(&mut self, slot: usize, now: u64) {
         let c = &self.conns[slot];
+        if c.sse {
+            return self.send_sse_request(slot);
+        }
         if c.role != Role::Api {
             return self.send_upgrade(slot);
         }
@@ -1082,6 +1099,9 @@ impl<'a> Loop<'a> {
 
     /// The response head is complete in `pending`: check it and start the connection's role.
     fn on_response(&mut self, slot: usize, now: u64) {
+        if self.conns[slot].sse {
+            return self.on_sse_response(slot, now);
+        }
         let c = &mut self.conns[slot];
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -1194,7 +1214,7 @@ impl<'a> Loop<'a> {
                 // The usual case: the partial frame goes in front of the new bytes; parse in place.
                 rbuf[HEAD - plen..HEAD].copy_from_slice(&c.pending);
                 let (start, end) = (HEAD - plen, HEAD + n);
-                let r = self.process(slot, &mut rbuf[start..end], now);
+                let r = self.process_any(slot, &mut rbuf[start..end], now);
                 if let Ok(used) = r {
                     let c = &mut self.conns[slot];
                     c.pending.clear();
@@ -1205,7 +1225,7 @@ impl<'a> Loop<'a> {
                 // A message larger than the head room: collect it in `pending`.
                 c.pending.extend_from_slice(&rbuf[HEAD..HEAD + n]);
                 let mut buf = std::mem::take(&mut c.pending);
-                let r = self.process(slot, &mut buf, now);
+                let r = self.process_any(slot, &mut buf, now);
                 if let Ok(used) = r {
                     buf.drain(..used);
                     self.conns[slot].pending = buf;
@@ -1254,6 +1274,17 @@ impl<'a> Loop<'a> {
                 }
             }
             Stop::Fail(kind) => self.fail(slot, &kind),
+        }
+    }
+
+    /// Processes the complete frames (or, for an SSE subscriber, events) at the front of `buf`; returns the
+    /// bytes consumed.
+    #[inline]
+    fn process_any(&mut self, slot: usize, buf: &mut [u8], now: u64) -> Result<usize, Stop> {
+        if self.conns[slot].sse {
+            self.process_sse(slot, buf, now)
+        } else {
+            self.process(slot, buf, now)
         }
     }
 
@@ -1360,6 +1391,168 @@ impl<'a> Loop<'a> {
             self.tally.late_latency.record(lat);
         }
         true
+    }
+
+    // ---- Server-Sent Events (`--transport sse`) ----
+
+    /// Queues an SSE subscriber's `GET /sse?channel=<channel>` (with the token, if any) and sends it.
+    fn send_sse_request(&mut self, slot: usize) {
+        let token_in = self.plan.auth.as_ref().map(|a| a.token_in);
+        let c = &mut self.conns[slot];
+        // Minted before the ramp; written once, then dropped.
+        let token = std::mem::take(&mut c.token);
+        let out = &mut c.out;
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(self.plan.sse_path.as_bytes());
+        if token_in == Some(TokenIn::Query) {
+            out.extend_from_slice(b"&token=");
+            out.extend_from_slice(token.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1");
+        out.extend_from_slice(&self.host_line);
+        out.extend_from_slice(b"\r\nAccept: text/event-stream\r\nCache-Control: no-cache");
+        if token_in == Some(TokenIn::Header) {
+            out.extend_from_slice(b"\r\nAuthorization: Bearer ");
+            out.extend_from_slice(token.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        c.st = St::Upgrading;
+        self.flush(slot);
+    }
+
+    /// An SSE subscriber's response head is complete in `pending`: a `200` with `text/event-stream` starts
+    /// the stream (the connection counts as established, and waits for its `subscribed` event); anything else
+    /// fails it (`status_<code>`, `bad_content_type`, `sse_chunked`: a stream the bench does not decode).
+    fn on_sse_response(&mut self, slot: usize, now: u64) {
+        let c = &mut self.conns[slot];
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let (head_len, code, event_stream, chunked) = match resp.parse(&c.pending) {
+            Ok(httparse::Status::Complete(n)) => {
+                let h = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+                let event_stream = h("content-type").is_some_and(|v| {
+                    v.trim_ascii().get(..17).is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+                });
+                (n, resp.code.unwrap_or(0), event_stream, h("transfer-encoding").is_some())
+            }
+            _ => return self.fail(slot, "bad_response"),
+        };
+        if code != 200 {
+            return self.fail(slot, &format!("status_{code}"));
+        }
+        if !event_stream {
+            return self.fail(slot, "bad_content_type");
+        }
+        if chunked {
+            return self.fail(slot, "sse_chunked");
+        }
+        c.pending.drain(..head_len);
+        self.tally.established += u64::from(c.initial);
+        self.tally.connect_lat.record(now.saturating_sub(c.t0));
+        // Ready on the `subscribed` event, as a WebSocket subscriber on its `subscribed` reply.
+        c.acks = 1;
+        c.st = St::Subscribing;
+        if !c.pending.is_empty() {
+            // Events that came with the head (the welcome, the subscribed, ...).
+            let mut buf = std::mem::take(&mut c.pending);
+            match self.process_sse(slot, &mut buf, now) {
+                Ok(used) => {
+                    buf.drain(..used);
+                    self.conns[slot].pending = buf;
+                }
+                Err(stop) => return self.stop(slot, stop),
+            }
+        }
+        self.flush(slot);
+    }
+
+    /// Processes the complete Server-Sent Events at the front of `buf` (each ends with an empty line); returns
+    /// the bytes consumed, up to the end of the last complete event: a partial one is parsed again, whole,
+    /// when the rest has come. Lines end with LF or CRLF; `:` comments, `id:` and `retry:` lines and unknown
+    /// fields are skipped. An event's data is its `data:` line read in place, or its lines joined with LF.
+    fn process_sse(&mut self, slot: usize, buf: &mut [u8], now: u64) -> Result<usize, Stop> {
+        let mut done = 0;
+        let mut pos = 0;
+        let mut kind = SseKind::Message;
+        // The data: its range in `buf`, or (`joined`) `sse_data`.
+        let mut data: Option<(usize, usize)> = None;
+        let mut joined = false;
+        while let Some(i) = memchr::memchr(b'\n', &buf[pos..]) {
+            let nl = pos + i;
+            let end = if nl > pos && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+            let start = pos;
+            pos = nl + 1;
+            if start == end {
+                // The end of an event: dispatch it (an event without data is none).
+                if let Some((a, b)) = data.take() {
+                    let r = if joined {
+                        let d = std::mem::take(&mut self.sse_data);
+                        let r = self.on_sse_event(slot, kind, &d, now);
+                        self.sse_data = d;
+                        r
+                    } else {
+                        self.on_sse_event(slot, kind, &buf[a..b], now)
+                    };
+                    r?;
+                }
+                kind = SseKind::Message;
+                joined = false;
+                done = pos;
+                continue;
+            }
+            let line = &buf[start..end];
+            if line[0] == b':' {
+                continue;
+            }
+            let (name, vstart) = match memchr::memchr(b':', line) {
+                Some(c) if line.get(c + 1) == Some(&b' ') => (&line[..c], start + c + 2),
+                Some(c) => (&line[..c], start + c + 1),
+                None => (line, end),
+            };
+            match name {
+                b"event" => kind = SseKind::of(&buf[vstart..end]),
+                b"data" => match data {
+                    None => data = Some((vstart, end)),
+                    Some((a, b)) => {
+                        // Another data line: joined with LF (rare; the server sends one line).
+                        if !joined {
+                            self.sse_data.clear();
+                            self.sse_data.extend_from_slice(&buf[a..b]);
+                            joined = true;
+                        }
+                        self.sse_data.push(b'\n');
+                        self.sse_data.extend_from_slice(&buf[vstart..end]);
+                    }
+                },
+                _ => {}
+            }
+        }
+        if done == 0 && buf.len() > LIMITS.max_message {
+            return Err(Stop::Fail("sse_event_too_large".into()));
+        }
+        Ok(done)
+    }
+
+    /// One Server-Sent Event: a message is accounted as a WebSocket delivery; `subscribed` makes the
+    /// subscriber ready; `error` counts as a v1 error (failing a subscriber not ready yet); `close` ends the
+    /// stream as a close frame would (`close_<code>`).
+    fn on_sse_event(&mut self, slot: usize, kind: SseKind, data: &[u8], now: u64) -> Result<(), Stop> {
+        match kind {
+            SseKind::Message => match self.sc.stamp(data, &mut self.hint) {
+                Some(s) => self.deliver(slot, s, now),
+                None => self.tally.unparsed += 1,
+            },
+            SseKind::Subscribed => self.on_subscribed(slot, now),
+            SseKind::Error => {
+                self.tally.v1_errors += 1;
+                if self.conns[slot].st == St::Subscribing {
+                    return Err(Stop::Fail("subscribe_rejected".into()));
+                }
+            }
+            SseKind::Close => return Err(Stop::Closed(close_code(data))),
+            SseKind::Other => {}
+        }
+        Ok(())
     }
 
     fn on_subscribed(&mut self, slot: usize, now: u64) {
@@ -1760,6 +1953,40 @@ impl<'a> Loop<'a> {
     }
 }
 
+/// The Server-Sent Events the bench tells apart (by their `event:` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SseKind {
+    /// Unnamed (or `message`): a v1 `message`.
+    Message,
+    /// `subscribed`.
+    Subscribed,
+    /// `error`: a channel's subscription refused.
+    Error,
+    /// `close`: the server ends the stream.
+    Close,
+    /// `welcome`, `gap`, anything else.
+    Other,
+}
+
+impl SseKind {
+    fn of(name: &[u8]) -> Self {
+        match name {
+            b"" | b"message" => SseKind::Message,
+            b"subscribed" => SseKind::Subscribed,
+            b"error" => SseKind::Error,
+            b"close" => SseKind::Close,
+            _ => SseKind::Other,
+        }
+    }
+}
+
+/// The `code` of a `close` event's data (`{"type":"close","code":4008,...}`), if it has one.
+fn close_code(data: &[u8]) -> Option<u16> {
+    let at = memchr::memmem::find(data, b"\"code\":")? + 7;
+    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&data[at..at + digits]).ok()?.parse().ok()
+}
+
 /// The token of connection `gidx`.
 fn mint(auth: &Auth, gidx: u64, now_unix: u64) -> Result<String, Error> {
     auth.minter
@@ -1777,5 +2004,15 @@ mod tests {
         let b = ws_key(1, 1);
         assert_ne!(a, b);
         assert_eq!(STANDARD.decode(a).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn sse_event_names_and_close_codes() {
+        assert_eq!(SseKind::of(b""), SseKind::Message);
+        assert_eq!(SseKind::of(b"message"), SseKind::Message);
+        assert_eq!(SseKind::of(b"subscribed"), SseKind::Subscribed);
+        assert_eq!(SseKind::of(b"gap"), SseKind::Other);
+        assert_eq!(close_code(br#"{"type":"close","code":4008,"reason":"slow consumer"}"#), Some(4008));
+        assert_eq!(close_code(br#"{"type":"close"}"#), None);
     }
 }

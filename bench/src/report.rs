@@ -330,8 +330,10 @@ pub struct Report {
     pub target: &'static str,
     /// Server URL as given.
     pub url: String,
-    /// Request path used.
+    /// Request path used (with `--transport sse`, the publishers').
     pub path: String,
+    /// How the subscribers received: `ws` (v1 WebSocket), or `sse` (`GET /sse` streams).
+    pub transport: &'static str,
     /// Receivers (echo connections, subscribers, idle connections).
     pub connections: u64,
     /// Publishers.
@@ -748,6 +750,7 @@ impl Report {
                 plan.url.host
             ),
             path: plan.path.clone(),
+            transport: plan.transport.name(),
             connections: plan.receivers,
             publishers: plan.publishers,
             procs: plan.procs,
@@ -825,12 +828,13 @@ impl Report {
         if self.api.is_none() {
             let _ = writeln!(
                 o,
-                "throng-bench {} -> {}{} ({}): {} connections{}, {load}, {} proc x {} thread",
+                "throng-bench {} -> {}{} ({}): {} connections{}{}, {load}, {} proc x {} thread",
                 self.scenario,
                 self.url,
                 self.path,
                 self.target,
                 self.connections,
+                if self.transport == "sse" { " (SSE subscribers, GET /sse)" } else { "" },
                 if self.publishers > 0 { format!(" + {} publishers", self.publishers) } else { String::new() },
                 self.procs,
                 self.threads

@@ -2,74 +2,14 @@
 //! `target/debug/throng`, or `THRONG_BIN`): subscribers on every channel lose nothing, a batch of 100 gives
 //! 100 messages per request, and a wrong key is counted as 401s, warned about, and fails the binary's exit.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use clap::Parser;
 use throng_bench::{run, Args, Plan, Report, WorkerCommand};
 
-const KEY: &str = "bench-test-api-key-0123456789";
+mod real_throng;
 
-/// A `throng` child process, killed on drop.
-struct Throng {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Throng {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `throng` binary: `THRONG_BIN`, else the one built into this target directory.
-fn throng_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("THRONG_BIN") {
-        return p.into();
-    }
-    // target/debug/deps/api-<hash> -> target/debug/throng
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join("throng");
-    assert!(bin.exists(), "{} is missing: build it first (cargo build -p throng)", bin.display());
-    bin
-}
-
-impl Throng {
-    /// Starts `throng --shards 2 --api-key KEY` on a fresh port and waits for `/health`.
-    fn start() -> Throng {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(throng_bin())
-            .args(["--listen", &addr.to_string(), "--shards", "2", "--api-key", KEY])
-            .env_remove("THRONG_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn throng");
-        let srv = Throng { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(addr) {
-                let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut out = Vec::new();
-                let _ = s.read_to_end(&mut out);
-                if out.starts_with(b"HTTP/1.1 200") {
-                    return srv;
-                }
-            }
-            assert!(Instant::now() < deadline, "throng did not come up on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-}
+use real_throng::{Throng, KEY};
 
 fn bench(args: &[&str]) -> Report {
     let mut v = vec!["throng-bench", "api-publish"];
@@ -80,9 +20,9 @@ fn bench(args: &[&str]) -> Report {
 
 #[test]
 fn subscribers_get_every_published_message() {
-    let srv = Throng::start();
+    let srv = Throng::start(&[]);
     let url = srv.url();
-    let pid = srv.child.id().to_string();
+    let pid = srv.pid().to_string();
     let r = bench(&[
         "--url",
         &url,
@@ -122,7 +62,7 @@ fn subscribers_get_every_published_message() {
 
 #[test]
 fn a_batch_of_100_publishes_100_messages_per_request() {
-    let srv = Throng::start();
+    let srv = Throng::start(&[]);
     let url = srv.url();
     let r = bench(&[
         "--url",
@@ -153,7 +93,7 @@ fn a_batch_of_100_publishes_100_messages_per_request() {
 
 #[test]
 fn a_wrong_key_is_counted_as_401s_and_fails_the_run() {
-    let srv = Throng::start();
+    let srv = Throng::start(&[]);
     let url = srv.url();
     let wrong = "not-the-key-0123456789";
     let r = bench(&["--url", &url, "--api-key", wrong, "--connections", "4", "--duration", "0.5", "--grace", "1"]);
