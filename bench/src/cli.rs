@@ -26,6 +26,10 @@ pub enum Scenario {
     /// `POST /api/publish` over HTTP/1.1 keep-alive, closed loop, optionally checked by WebSocket
     /// subscribers; requests/s, messages/s, request latency, errors by status.
     ApiPublish,
+    /// Throng only: every connection on its personal channel and one group channel of `--group-size`;
+    /// publishers post to random groups and personal channels; deliveries/s, latency, loss, server CPU per
+    /// delivery and RSS per connection.
+    Rooms,
 }
 
 /// The protocol spoken to the server.
@@ -65,6 +69,7 @@ impl Scenario {
             Scenario::Broadcast => "broadcast",
             Scenario::Churn => "churn",
             Scenario::ApiPublish => "api-publish",
+            Scenario::Rooms => "rooms",
         }
     }
 }
@@ -143,6 +148,19 @@ pub struct Args {
     /// which other users of the host cannot see in the process list).
     #[arg(long, env = "THRONG_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Rooms: members of each group channel (`room:<k>` holds connections k*G .. k*G+G-1).
+    #[arg(long, default_value_t = 10)]
+    pub group_size: u64,
+    /// Rooms: the share of publishes that go to a random personal channel (the rest to a random group).
+    /// Clients may not publish to `user:` channels, so with the default --personal-prefix this must be 0.
+    /// [default: 0.5; 0 with --personal-prefix user:]
+    #[arg(long)]
+    pub personal_share: Option<f64>,
+    /// Rooms: the personal channel of connection i is `<prefix>bench-<i>` (`bench-<i>` is its user: the
+    /// token's `sub`, or `?user=` without a JWT key). A namespace clients may publish to (`inbox:`) lets
+    /// publishers reach personal channels over WebSocket.
+    #[arg(long, default_value = "user:")]
+    pub personal_prefix: String,
     /// PID of the server: sample its CPU time and RSS (`/proc`) before and after.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -348,7 +366,25 @@ pub struct Plan {
     pub worker: Option<(u32, u32)>,
     /// Testing only: every `.0` ns of the window, spin for `.1` ns (`--test-busy`).
     pub test_busy: Option<(u64, u64)>,
+    /// Rooms: its settings (`None` for the other scenarios).
+    pub rooms: Option<RoomsPlan>,
 }
+
+/// What the rooms scenario subscribes and publishes to.
+#[derive(Clone, Debug)]
+pub struct RoomsPlan {
+    /// Members per group channel.
+    pub group_size: u64,
+    /// Group channels: `ceil(receivers / group_size)`.
+    pub groups: u64,
+    /// Share of publishes to personal channels.
+    pub personal_share: f64,
+    /// Personal channel prefix (`user:`).
+    pub personal_prefix: String,
+}
+
+/// The group channel prefix of the rooms scenario.
+pub const ROOM_PREFIX: &str = "room:";
 
 /// What api-publish's HTTP connections send.
 #[derive(Clone, Debug)]
@@ -393,6 +429,36 @@ fn api(args: &Args, channel: &str) -> Result<ApiPlan, Error> {
     }
     let channels = (0..args.channels).map(|i| format!("{channel}-{i}")).collect();
     Ok(ApiPlan { pipeline: args.pipeline, batch: args.batch, channels, key })
+}
+
+/// The rooms settings of `args`, checked.
+fn rooms(args: &Args, receivers: u64) -> Result<RoomsPlan, Error> {
+    if args.group_size == 0 {
+        return Err(Error::Config("--group-size must be at least 1".into()));
+    }
+    let prefix = args.personal_prefix.clone();
+    let name_ok = |b: u8| b.is_ascii_alphanumeric() || b"_.@=/-".contains(&b);
+    if prefix.bytes().filter(|&b| b == b':').count() > 1 || !prefix.bytes().all(|b| b == b':' || name_ok(b)) {
+        return Err(Error::Config(format!("--personal-prefix {prefix:?}: channel characters and one ':' at most")));
+    }
+    let user_ns = prefix == "user:";
+    let share = args.personal_share.unwrap_or(if user_ns { 0.0 } else { 0.5 });
+    if !(0.0..=1.0).contains(&share) {
+        return Err(Error::Config(format!("--personal-share must be in 0..1 (got {share})")));
+    }
+    if user_ns && share > 0.0 {
+        return Err(Error::Config(
+            "clients may not publish to user: channels (docs/protocol.md, the backend does): --personal-share 0, \
+             or --personal-prefix <namespace>: for one clients may publish to (e.g. inbox:)"
+                .into(),
+        ));
+    }
+    Ok(RoomsPlan {
+        group_size: args.group_size,
+        groups: receivers.div_ceil(args.group_size),
+        personal_share: share,
+        personal_prefix: prefix,
+    })
 }
 
 /// How connections authenticate: a token per connection, signed by `minter`, sent in `token_in`.
@@ -514,7 +580,11 @@ impl Plan {
         if !path.starts_with('/') {
             return Err(Error::Config(format!("path must start with / (got {path:?})")));
         }
-        let bcast = matches!(s, Scenario::Broadcast | Scenario::Churn);
+        let is_rooms = s == Scenario::Rooms;
+        let bcast = matches!(s, Scenario::Broadcast | Scenario::Churn | Scenario::Rooms);
+        if is_rooms && t != Target::Throng {
+            return Err(Error::Config("rooms runs against --target throng only (for now)".into()));
+        }
         if args.procs == 0 || args.threads == 0 {
             return Err(Error::Config("--procs and --threads must be at least 1".into()));
         }
@@ -537,11 +607,12 @@ impl Plan {
             return Err(Error::Config("raw target: --publishers are among the --connections; too many".into()));
         }
         let receivers = if is_api { args.subscribers } else { connections };
+        let rooms = if is_rooms { Some(rooms(args, receivers)?) } else { None };
         let total = if (bcast && t == Target::Throng) || is_api { receivers + publishers } else { connections };
         let rate = match s {
             Scenario::Connect | Scenario::ApiPublish => None,
             Scenario::Echo => args.rate,
-            Scenario::Broadcast => Some(args.rate.unwrap_or(100.0)),
+            Scenario::Broadcast | Scenario::Rooms => Some(args.rate.unwrap_or(100.0)),
             Scenario::Churn => Some(args.rate.unwrap_or(10.0)),
         };
         if let Some(r) = rate {
@@ -648,6 +719,7 @@ impl Plan {
             json: args.json,
             worker,
             test_busy,
+            rooms,
         })
     }
 
@@ -656,7 +728,7 @@ impl Plan {
         match self.scenario {
             Scenario::Connect => Role::Idle,
             Scenario::Echo => Role::Echo,
-            Scenario::Broadcast | Scenario::Churn => match (self.publisher_id(i), self.target) {
+            Scenario::Broadcast | Scenario::Churn | Scenario::Rooms => match (self.publisher_id(i), self.target) {
                 (Some(_), Target::Throng) => Role::Pub,
                 (Some(_), Target::Raw) => Role::PubSub,
                 (None, _) => Role::Sub,
@@ -673,9 +745,20 @@ impl Plan {
     /// are published in the order sent; to different channels, homed on different shards, they may be
     /// delivered in another order).
     pub fn senders(&self) -> u64 {
-        match &self.api {
-            Some(a) => self.publishers * a.channels.len() as u64,
-            None => self.publishers,
+        match (&self.api, &self.rooms) {
+            (Some(a), _) => self.publishers * a.channels.len() as u64,
+            // Rooms: a stamp id per (publisher, personal or group): `2 * publisher + kind`; the sequence is
+            // the publisher's per channel, so a receiver sees each of its two channels in order.
+            (None, Some(_)) => self.publishers * 2,
+            (None, None) => self.publishers,
+        }
+    }
+
+    /// Rooms: the members of group `k` (the last group may be short).
+    pub fn group_members(&self, k: u64) -> u64 {
+        match &self.rooms {
+            Some(r) => self.receivers.saturating_sub(k * r.group_size).min(r.group_size),
+            None => 0,
         }
     }
 
@@ -684,6 +767,10 @@ impl Plan {
         if self.publishers == 0 {
             return None;
         }
+        if self.rooms.is_some() {
+            // Rooms: subscriber i is connection i (user `bench-<i>`); the publishers come after them.
+            return (i >= self.receivers && i < self.total).then(|| i - self.receivers);
+        }
         let stride = (self.total / self.publishers).max(1);
         (i.is_multiple_of(stride) && i / stride < self.publishers).then_some(i / stride)
     }
@@ -691,7 +778,7 @@ impl Plan {
     /// True when throng subscribers must subscribe (and be acknowledged) before they count as ready.
     pub fn subscribes(&self) -> bool {
         self.target == Target::Throng
-            && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn | Scenario::ApiPublish)
+            && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn | Scenario::ApiPublish | Scenario::Rooms)
     }
 }
 

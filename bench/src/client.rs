@@ -46,6 +46,7 @@
 //! connection's upgrade request and dropped.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -57,7 +58,7 @@ use throng_protocol::conn::{Event, Limits, MessageData, Step, WsConn};
 use throng_protocol::frame::OpCode;
 use throng_protocol::handshake::accept_key;
 
-use crate::cli::{Auth, Plan, Role, Scenario, Target, Transport};
+use crate::cli::{Auth, Plan, Role, Scenario, Target, Transport, ROOM_PREFIX};
 use crate::error::Error;
 use crate::jwt::{self, TokenIn};
 use crate::load::ThreadHandle;
@@ -410,6 +411,14 @@ struct Loop<'a> {
     /// api-publish: counts offsets and per-message errors in a `200`'s body.
     offset_finder: memchr::memmem::Finder<'static>,
     error_finder: memchr::memmem::Finder<'static>,
+    /// Rooms publishers: the next sequence number of each (publisher, personal channel) and (publisher,
+    /// group channel) stream, indexed `publisher * channels + channel`: the stream a stamp id names.
+    room_seq_personal: Vec<u64>,
+    room_seq_group: Vec<u64>,
+    /// Rooms: the channel name of the publish being written (reused).
+    room_ch: String,
+    /// Rooms publishers: the random target generator (xorshift64*).
+    rng: u64,
 }
 
 impl<'a> Loop<'a> {
@@ -450,6 +459,14 @@ impl<'a> Loop<'a> {
             }
             conns.push(c);
         }
+        // Rooms: sequence numbers per (publisher of this thread, channel).
+        let (room_seq_personal, room_seq_group) = match &plan.rooms {
+            Some(r) if !senders.is_empty() => {
+                let pubs = conns.iter().filter(|c| c.role == Role::Pub).map(|c| c.pub_id).max().unwrap_or(0) + 1;
+                (vec![0; (pubs * plan.receivers) as usize], vec![0; (pubs * r.groups) as usize])
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
         let mut host_line = b"\r\nHost: ".to_vec();
         host_line.extend_from_slice(plan.url.host.as_bytes());
         let mut api_head = Vec::new();
@@ -506,6 +523,10 @@ impl<'a> Loop<'a> {
             api_head,
             offset_finder: memchr::memmem::Finder::new(b"\"offset\":"),
             error_finder: memchr::memmem::Finder::new(b"\"error\":"),
+            room_seq_personal,
+            room_seq_group,
+            room_ch: String::new(),
+            rng: (plan.seed ^ spec.lo.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
         })
     }
 
@@ -1041,6 +1062,12 @@ impl<'a> Loop<'a> {
             out.extend_from_slice(b"token=");
             out.extend_from_slice(token.as_bytes());
         }
+        if token_in.is_none() && self.plan.rooms.is_some() {
+            // Rooms in the open mode: every connection is its own user, `bench-<i>` as a token's `sub`.
+            out.push(if self.plan.path.contains('?') { b'&' } else { b'?' });
+            out.extend_from_slice(b"user=");
+            out.extend_from_slice(jwt::subject(c.gidx).as_bytes());
+        }
         out.extend_from_slice(b" HTTP/1.1");
         out.extend_from_slice(&self.host_line);
         out.extend_from_slice(b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ");
@@ -1144,9 +1171,9 @@ impl<'a> Loop<'a> {
             self.tally.connect_lat.record(lat);
         }
         if subscribes {
-            match &self.plan.api {
+            match (&self.plan.api, &self.plan.rooms) {
                 // api-publish: every channel.
-                Some(api) => {
+                (Some(api), _) => {
                     for (i, ch) in api.channels.iter().enumerate() {
                         self.scratch.clear();
                         write_subscribe(&mut self.scratch, i as u64 + 1, ch);
@@ -1154,7 +1181,18 @@ impl<'a> Loop<'a> {
                     }
                     c.acks = api.channels.len() as u32;
                 }
-                None => {
+                (None, Some(r)) => {
+                    // Rooms: its personal channel and its group; ready when both are acknowledged.
+                    let personal = format!("{}{}", r.personal_prefix, jwt::subject(c.gidx));
+                    let group = format!("{ROOM_PREFIX}{}", c.gidx / r.group_size);
+                    for (i, ch) in [personal, group].iter().enumerate() {
+                        self.scratch.clear();
+                        write_subscribe(&mut self.scratch, i as u64 + 1, ch);
+                        c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+                    }
+                    c.acks = 2;
+                }
+                (None, None) => {
                     self.scratch.clear();
                     write_subscribe(&mut self.scratch, 1, &self.plan.channel);
                     c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
@@ -1631,10 +1669,10 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Queues one message scheduled at `t_ns` on `slot`, stamped with that time (flushed at the end of the
-    /// loop turn). False when skipped: counted in `skipped`, a lost message.
-    fn send_one(&mut self, slot: usize, t_ns: u64) -> bool {
-        let c = &mut self.conns[slot];
+    /// Whether `slot` can take a message now: open, and its unsent bytes under [`OUT_CAP`]. A message it
+    /// cannot take is skipped (a lost message; `backpressured` too when the socket is the reason).
+    fn sendable(&mut self, slot: usize) -> bool {
+        let c = &self.conns[slot];
         if c.st != St::Open {
             self.tally.skipped += 1;
             return false;
@@ -1644,6 +1682,19 @@ impl<'a> Loop<'a> {
             self.tally.backpressured += 1;
             return false;
         }
+        true
+    }
+
+    /// Queues one message scheduled at `t_ns` on `slot`, stamped with that time (flushed at the end of the
+    /// loop turn). False when skipped: counted in `skipped`, a lost message.
+    fn send_one(&mut self, slot: usize, t_ns: u64) -> bool {
+        if self.plan.rooms.is_some() && self.conns[slot].role == Role::Pub {
+            return self.send_room(slot, t_ns);
+        }
+        if !self.sendable(slot) {
+            return false;
+        }
+        let c = &mut self.conns[slot];
         let id = if c.role == Role::Echo { c.gidx } else { c.pub_id };
         let stamp = Stamp { t_ns, id, seq: c.seq };
         c.seq += 1;
@@ -1660,6 +1711,57 @@ impl<'a> Loop<'a> {
         self.tally.sent += 1;
         self.mark_dirty(slot);
         true
+    }
+
+    /// Rooms: one publish to a random personal channel (`--personal-share`) or group, stamped with the
+    /// id `2 * publisher + kind` (0 personal, 1 group) and the publisher's sequence number on that channel;
+    /// its members are expected deliveries, sent or skipped.
+    fn send_room(&mut self, slot: usize, t_ns: u64) -> bool {
+        let plan = self.plan;
+        let Some(r) = &plan.rooms else { return false };
+        let x = self.next_rand();
+        let personal = r.personal_share > 0.0 && ((x >> 11) as f64 / (1u64 << 53) as f64) < r.personal_share;
+        let y = self.next_rand();
+        let pub_id = self.conns[slot].pub_id;
+        let (kind, seq_idx, members) = if personal {
+            let j = y % self.plan.receivers;
+            self.room_ch.clear();
+            self.room_ch.push_str(&r.personal_prefix);
+            let _ = write!(self.room_ch, "bench-{j}");
+            (0, (pub_id * self.plan.receivers + j) as usize, 1)
+        } else {
+            let k = y % r.groups;
+            self.room_ch.clear();
+            self.room_ch.push_str(ROOM_PREFIX);
+            let _ = write!(self.room_ch, "{k}");
+            (1, (pub_id * r.groups + k) as usize, self.plan.group_members(k))
+        };
+        self.tally.expected_deliveries += members;
+        if !self.sendable(slot) {
+            return false;
+        }
+        let c = &mut self.conns[slot];
+        let seqs = if kind == 0 { &mut self.room_seq_personal } else { &mut self.room_seq_group };
+        let seq = seqs[seq_idx];
+        seqs[seq_idx] += 1;
+        let stamp = Stamp { t_ns, id: pub_id * 2 + kind, seq };
+        c.seq += 1;
+        self.scratch.clear();
+        write_publish(&mut self.scratch, &self.room_ch, stamp, self.plan.size);
+        c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+        self.tally.sent += 1;
+        self.mark_dirty(slot);
+        true
+    }
+
+    /// xorshift64*.
+    fn next_rand(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     fn start_echo(&mut self, slot: usize, t_ns: u64) {

@@ -74,7 +74,7 @@ pub fn thread_specs(plan: &Plan, k: u32, procs: u32, fd_budget: u64) -> Vec<Thre
             let (lo, hi) = (plo + a, plo + b);
             let share = (hi - lo) as f64 / total;
             let rate = match plan.scenario {
-                Scenario::Broadcast | Scenario::Churn => {
+                Scenario::Broadcast | Scenario::Churn | Scenario::Rooms => {
                     let pubs = (lo..hi).filter(|&i| plan.publisher_id(i).is_some()).count() as f64;
                     plan.rate.map(|r| r * pubs / plan.publishers.max(1) as f64)
                 }

@@ -398,6 +398,8 @@ impl Report {
                 Scenario::Echo => scheduled,
                 // Every message the server published (an offset returned), to every subscriber.
                 Scenario::ApiPublish => (t.api_published + t.api_published_late) * plan.receivers,
+                // Each message to every member of its channel.
+                Scenario::Rooms => t.expected_deliveries,
                 _ => scheduled * plan.receivers,
             };
             MessageReport {
@@ -441,7 +443,7 @@ impl Report {
         });
         // Per-message figures make sense where messages are the work: not for connect or churn.
         let msgs = match scenario {
-            Scenario::Echo | Scenario::Broadcast => t.received,
+            Scenario::Echo | Scenario::Broadcast | Scenario::Rooms => t.received,
             // The messages published are the work (their deliveries to subscribers included).
             Scenario::ApiPublish => t.api_published + t.api_published_late,
             Scenario::Connect | Scenario::Churn => 0,
@@ -517,7 +519,8 @@ impl Report {
         };
         let server = (s.server_source != "none").then(|| {
             let cpu = server_cpu;
-            let rss_held = s.at_window_end.rss_bytes;
+            // Rooms: when every subscription was confirmed, before any publish (as idle as connect's).
+            let rss_held = if scenario == Scenario::Rooms { s.at_go.rss_bytes } else { s.at_window_end.rss_bytes };
             let per_conn = per_conn(s.before.rss_bytes, rss_held);
             ServerReport {
                 pid: plan.server_pid,
@@ -601,9 +604,15 @@ impl Report {
                 let mut why = Vec::new();
                 if m.receivers_ready < m.receivers && scenario != Scenario::Echo {
                     let n = m.receivers - m.receivers_ready;
-                    why.push(format!("{n} receiver(s) never ready: {}", n * (m.sent + m.skipped)));
+                    if scenario == Scenario::Rooms {
+                        why.push(format!("{n} receiver(s) never ready"));
+                    } else {
+                        why.push(format!("{n} receiver(s) never ready: {}", n * (m.sent + m.skipped)));
+                    }
                 }
-                if m.skipped > 0 {
+                if m.skipped > 0 && scenario == Scenario::Rooms {
+                    why.push(format!("{} sends skipped", m.skipped));
+                } else if m.skipped > 0 {
                     let per = if scenario == Scenario::Echo { 1 } else { m.receivers };
                     why.push(format!("skipped sends: {}", m.skipped * per));
                 }

@@ -66,6 +66,9 @@ pub struct Tally {
     pub late_latency: Hist,
     /// How far behind its schedule each fixed-rate send went out (the bench's own lag).
     pub send_lag: Hist,
+    /// Rooms: deliveries the messages scheduled in the window should make (the members of each one's
+    /// channel: the group size, or 1 for a personal channel), sent or skipped.
+    pub expected_deliveries: u64,
     /// Churn connections started.
     pub churn_opened: u64,
     /// Churn connections that completed connect, upgrade (subscribe) and close.
@@ -176,6 +179,7 @@ impl Tally {
         self.latency.merge(&o.latency);
         self.late_latency.merge(&o.late_latency);
         self.send_lag.merge(&o.send_lag);
+        self.expected_deliveries += o.expected_deliveries;
         self.churn_opened += o.churn_opened;
         self.churn_completed += o.churn_completed;
         self.churn_failed += o.churn_failed;
