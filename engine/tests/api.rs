@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::v1::{poll_until, Ws};
-use support::{find, Driver, Server};
-use throng::channel::home_of;
+use support::{find, v1, Driver, Server};
 
 on_both_drivers! {
     keep_alive_and_pipelining => keep_alive_and_pipelining_uring, keep_alive_and_pipelining_epoll;
@@ -50,7 +49,7 @@ fn start(driver: Driver, extra: &[&str]) -> Server {
 
 /// The first name `<prefix>-<i>` homed on shard `home`.
 fn homed(prefix: &str, home: usize) -> String {
-    (0..).map(|i| format!("{prefix}-{i}")).find(|n| home_of(n, SHARDS) == home).expect("some name fits")
+    v1::homed(prefix, home, SHARDS)
 }
 
 /// One HTTP response.

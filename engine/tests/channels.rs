@@ -12,14 +12,13 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::v1::{poll_until, Ws};
-use support::{Driver, Server};
+use support::{v1, Driver, Server};
 use throng::channel::home_of;
 use tungstenite::Message;
 
@@ -76,11 +75,7 @@ on_both_drivers! {
 /// The config file (written once per test process).
 fn config_path() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let path: PathBuf = std::env::temp_dir().join(format!("throng-channels-test-{}.toml", std::process::id()));
-        std::fs::write(&path, CONFIG).expect("writing the test config");
-        path.to_str().expect("UTF-8 temp path").to_string()
-    })
+    v1::config_file(&PATH, "channels", CONFIG)
 }
 
 /// Starts `throng --shards 4 --config <CONFIG> <extra>`, without per-connection rate limits: these tests
@@ -93,9 +88,9 @@ fn start(driver: Driver, extra: &[&str]) -> Server {
     Server::start(driver, &args)
 }
 
-/// The first name `<prefix>-<i>` whose home shard is `home`.
+/// The first name `<prefix>-<i>` homed on shard `home`.
 fn with_home(prefix: &str, home: usize) -> String {
-    (0..).map(|i| format!("{prefix}-{i}")).find(|n| home_of(n, SHARDS) == home).expect("some name fits")
+    v1::homed(prefix, home, SHARDS)
 }
 
 /// The first name `<prefix>-<i>` whose home shard is not `shard`.

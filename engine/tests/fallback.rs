@@ -16,15 +16,13 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use support::{Driver, Server};
-use throng::channel::home_of;
+use support::{v1, Driver, Server};
 
 on_both_drivers! {
     sse_receives_and_resumes => sse_receives_and_resumes_uring, sse_receives_and_resumes_epoll;
@@ -59,13 +57,10 @@ slow_consumer = "drop_oldest"
 [namespace.secret]
 "#;
 
+/// The config file (written once per test process).
 fn config_path() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let path: PathBuf = std::env::temp_dir().join(format!("throng-fallback-test-{}.toml", std::process::id()));
-        std::fs::write(&path, CONFIG).expect("writing the test config");
-        path.to_str().expect("UTF-8 temp path").to_string()
-    })
+    v1::config_file(&PATH, "fallback", CONFIG)
 }
 
 fn start(driver: Driver, extra: &[&str]) -> Server {
@@ -89,7 +84,7 @@ fn token_with(sub: &str, publish: &[&str]) -> String {
 
 /// The first name `<prefix>-<i>` homed on shard `home`.
 fn homed(prefix: &str, home: usize) -> String {
-    (0..).map(|i| format!("{prefix}-{i}")).find(|n| home_of(n, SHARDS) == home).expect("some name fits")
+    v1::homed(prefix, home, SHARDS)
 }
 
 /// `POST /api/publish` of `data` to each channel in order (one batch); the offsets.

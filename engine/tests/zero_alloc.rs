@@ -4,8 +4,6 @@
 //! burst of messages to 1000 subscribers on real loopback sockets, and the frames the sockets received are
 //! checked to be the bytes of the one frame each publish encoded, which the log shares rather than copies.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -21,62 +19,8 @@ use throng::conn::write::{Flushed, QueuePool};
 use throng::conn::{Conn, ConnKey, ConnSub, Phase};
 use throng::metrics::{Recorder, ShardMetrics};
 
-/// Counts allocations (and reallocations) made by the current thread while counting is switched on.
-struct Counting;
-
-thread_local! {
-    // Const-initialised and without destructors: using them never allocates, so the allocator may.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn count_one() {
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
-        }
-    });
-}
-
-// SAFETY: every method forwards to `System` with the arguments it got, so the `GlobalAlloc` contract is
-// upheld by `System`; the counting only touches thread-locals that never allocate or panic.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: the caller guarantees `layout` has a non-zero size, as `System.alloc` requires.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        // SAFETY: as for `alloc`: the caller's `layout` has a non-zero size.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_one();
-        // SAFETY: the caller guarantees `ptr` came from this allocator (hence from `System`) with `layout`,
-        // and that `new_size` is non-zero and valid for `layout`'s alignment.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller guarantees `ptr` was allocated by this allocator (hence by `System`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Runs `f` and returns its result with the number of allocations it made on this thread.
-fn allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    ALLOCS.with(|n| n.set(0));
-    COUNTING.with(|on| on.set(true));
-    let r = f();
-    COUNTING.with(|on| on.set(false));
-    (r, ALLOCS.with(Cell::get))
-}
+mod counting_alloc;
+use counting_alloc::allocations;
 
 /// Subscribers (loopback TCP pairs: 2000 descriptors).
 const SUBSCRIBERS: usize = 1000;

@@ -175,22 +175,13 @@ pub fn send_out(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
     }
 }
 
-/// The number of frames in `buf`, which holds whole unmasked frames: a walk over their headers.
+/// The number of frames in `buf`, which holds whole frames this server encoded: a walk over their headers
+/// with the protocol crate's parser.
 fn count_frames(mut buf: &[u8]) -> u64 {
     let mut n = 0;
-    while buf.len() >= 2 {
-        let (head, len): (usize, usize) = match buf[1] & 0x7f {
-            126 if buf.len() >= 4 => (4, usize::from(u16::from_be_bytes([buf[2], buf[3]]))),
-            127 if buf.len() >= 10 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&buf[2..10]);
-                (10, u64::from_be_bytes(b) as usize)
-            }
-            l if l < 126 => (2, usize::from(l)),
-            _ => break,
-        };
+    while let Ok(Some(h)) = throng_protocol::frame::parse_header(buf) {
         n += 1;
-        buf = buf.get(head.saturating_add(len)..).unwrap_or_default();
+        buf = buf.get(usize::try_from(h.frame_len()).unwrap_or(usize::MAX)..).unwrap_or_default();
     }
     n
 }

@@ -37,7 +37,7 @@ use crate::channel::bus::{Sent, ShardMsg};
 use crate::channel::home::EpochStr;
 use crate::channel::{home_of, Refusal};
 use crate::conn::close::{self, Close};
-use crate::conn::{flag, timers, write, Conn, ConnKey, Conns, Phase};
+use crate::conn::{flag, timers, Conn, ConnKey, Conns, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
 
@@ -907,11 +907,7 @@ fn part(env: &Env, ctx: &mut Ctx, conns: &mut Conns, ticket: Ticket, part: Part)
     let keep_alive = conn.flags & flag::HTTP_SERVED != 0;
     let (status, body) = respond(env, e.acc);
     write_json(&mut ctx.out, status, &body, keep_alive, &[]);
-    super::finish(env, ctx, key, conn, 0);
-    write::send_out(env, ctx, key, conn);
-    // Read on: the pipelined requests behind this one, or (closing) the peer's EOF, which arrived unread
-    // while the request waited and will not be signalled again.
-    ctx.resume.push(key);
+    super::answered_later(env, ctx, key, conn, 0);
 }
 
 #[cfg(test)]

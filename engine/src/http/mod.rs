@@ -23,7 +23,7 @@ use crate::auth::{self, net, Identity};
 use crate::channel::text_frame;
 use crate::conn::close::{self, Close};
 use crate::conn::read::bucket_caps;
-use crate::conn::{flag, timers, Conn, ConnKey, Phase};
+use crate::conn::{flag, timers, write, Conn, ConnKey, Phase};
 use crate::metrics::{Refused, ShardMetrics};
 use crate::shard::{Ctx, Env};
 use crate::sys;
@@ -219,6 +219,16 @@ pub fn finish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, start: us
         conn.flags |= flag::HTTP_SERVED;
         timers::http_deadline(env, ctx, key, conn);
     }
+}
+
+/// A request that waited (for other shards, or a held poll) is answered: its response is in `ctx.out` from
+/// `start` on. Keeps or closes the connection as [`finish`] does, writes, and queues the connection to be
+/// read on: the pipelined requests behind this one, or (closing) the peer's EOF, which arrived unread while
+/// the request waited and will not be signalled again.
+pub fn answered_later(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, start: usize) {
+    finish(env, ctx, key, conn, start);
+    write::send_out(env, ctx, key, conn);
+    ctx.resume.push(key);
 }
 
 /// Whether a response written by `handshake::write_response` or `write_rejection` closes its connection.

@@ -78,6 +78,23 @@ struct Poll {
     keep_alive: bool,
 }
 
+impl Poll {
+    /// Takes one message's JSON into the answer, unless that would pass [`POLL_BODY_BOUND`] (the first
+    /// message is always taken): then the answer is full, and false says the rest waits for the next poll.
+    fn take(&mut self, json: &[u8]) -> bool {
+        if self.full || (self.count > 0 && self.body.len() + json.len() > POLL_BODY_BOUND) {
+            self.full = true;
+            return false;
+        }
+        if self.count > 0 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(json);
+        self.count += 1;
+        true
+    }
+}
+
 /// A stream's position in one channel.
 #[derive(Clone, Debug)]
 struct Pos {
@@ -610,16 +627,10 @@ fn took(ctx: &mut Ctx, key: ConnKey, idx: u32, name: &str, asked: bool, frame: &
             let mut last = None;
             for f in missed {
                 let json = payload(f);
-                if p.full || (p.count > 0 && p.body.len() + json.len() > POLL_BODY_BOUND) {
+                if !p.take(json) {
                     // The rest waits for the next poll: the position stays at the last message taken.
-                    p.full = true;
                     break;
                 }
-                if p.count > 0 {
-                    p.body.push(b',');
-                }
-                p.body.extend_from_slice(json);
-                p.count += 1;
                 last = Some(offset_in(json));
             }
             entry.at = match (p.full, last) {
@@ -720,9 +731,7 @@ fn answer(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, later: bool) 
     let start = ctx.out.len();
     handshake::write_response(&mut ctx.out, Status::Ok, "application/json", &h, &o, p.keep_alive);
     if later {
-        super::finish(env, ctx, key, conn, start);
-        write::send_out(env, ctx, key, conn);
-        ctx.resume.push(key);
+        super::answered_later(env, ctx, key, conn, start);
     }
 }
 
@@ -741,15 +750,9 @@ pub fn poll_flush(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn) {
         while let Some(e) = ch.log.get((sub.cursor - base) as usize) {
             if e.offset != 0 {
                 let json = payload(&e.frame);
-                if p.count > 0 && p.body.len() + json.len() > POLL_BODY_BOUND {
-                    p.full = true;
+                if !p.take(json) {
                     break;
                 }
-                if p.count > 0 {
-                    p.body.push(b',');
-                }
-                p.body.extend_from_slice(json);
-                p.count += 1;
                 if let Some(x) = pos.iter_mut().find(|x| x.chan == s.chan) {
                     x.at = Some((x.at.map_or(0, |a| a.0), e.offset));
                 }
@@ -962,9 +965,7 @@ pub fn published(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, res: R
     conn.flags &= !flag::HTTP_WAITING;
     let res = res.map(|frame| offset_in(payload(frame)));
     write_published(&mut ctx.out, &channel, res, &as_refs(&cors), keep_alive);
-    super::finish(env, ctx, key, conn, 0);
-    write::send_out(env, ctx, key, conn);
-    ctx.resume.push(key);
+    super::answered_later(env, ctx, key, conn, 0);
 }
 
 #[cfg(test)]

@@ -14,6 +14,24 @@ use super::Server;
 /// Longest any single read or write may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The first channel name `<prefix>-<i>` whose home is shard `home` of `shards` (tests pick channels by
+/// the shard that owns them).
+pub fn homed(prefix: &str, home: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|n| throng::channel::home_of(n, shards) == home)
+        .expect("some name fits")
+}
+
+/// Writes `contents` to a config file named after `tag` and this test process, once per `cell`; its path.
+pub fn config_file(cell: &'static std::sync::OnceLock<String>, tag: &str, contents: &str) -> &'static str {
+    cell.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("throng-{tag}-test-{}.toml", std::process::id()));
+        std::fs::write(&path, contents).expect("writing the test config");
+        path.to_str().expect("UTF-8 temp path").to_string()
+    })
+}
+
 /// Polls `check` every 20 ms until it returns `Ok`, failing with its last error after `timeout`.
 pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
