@@ -211,6 +211,25 @@ pub struct Cli {
     /// main listener then answers 404 for them. Accepted by shard 0. [default: none, all on --listen]
     #[arg(long, env = "THRONG_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Redis for a cluster of Throng nodes (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS;
+    /// several comma-separated seed URLs for a Redis Cluster, which is detected): publishes get their offsets
+    /// from Redis and reach every node's subscribers, history and presence live there. Unset: a single-box
+    /// engine that needs no Redis. [default: none]
+    #[arg(long, env = "THRONG_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key and pub/sub channel Throng uses, so several clusters can share a Redis.
+    /// [default: throng]
+    #[arg(long, env = "THRONG_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Seconds a Redis command or liveness ping may take before Redis counts as lost (publishes answered
+    /// `unavailable`, `/health` degraded, reconnect with backoff); a ping goes out every third of it.
+    /// [default: 2]
+    #[arg(long, env = "THRONG_REDIS_TIMEOUT")]
+    pub redis_timeout: Option<f64>,
+    /// Seconds a node's presence entries outlive its last refresh in Redis (refreshed every third of it):
+    /// how long the users of a node that died stay listed. [default: 15]
+    #[arg(long, env = "THRONG_REDIS_PRESENCE_TTL")]
+    pub redis_presence_ttl: Option<f64>,
     /// Validate the configuration (flags, variables and file), print it, and exit: 0 when it is valid,
     /// 1 with the reason otherwise. Nothing is bound or started.
     #[arg(long)]
@@ -262,6 +281,10 @@ struct FileConfig {
     api_key: Option<String>,
     max_api_body_bytes: Option<usize>,
     admin_listen: Option<SocketAddr>,
+    redis: Option<String>,
+    redis_prefix: Option<String>,
+    redis_timeout: Option<f64>,
+    redis_presence_ttl: Option<f64>,
     /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
     #[serde(default)]
     namespace: std::collections::BTreeMap<String, NamespaceFile>,
@@ -281,6 +304,7 @@ struct NamespaceFile {
     publish_roles: Option<Vec<String>>,
     presence_roles: Option<Vec<String>>,
     history_roles: Option<Vec<String>>,
+    relay: Option<bool>,
 }
 
 /// What happens to a subscriber whose unsent backlog passes `max_backlog_bytes`.
@@ -319,6 +343,9 @@ pub struct Namespace {
     pub presence_roles: Option<Vec<String>>,
     /// Token roles that may read history; `None`: whoever may subscribe.
     pub history_roles: Option<Vec<String>>,
+    /// With `redis`: whether the namespace's channels span the cluster (offsets, history and presence in
+    /// Redis). `false` keeps them on this node, working whether Redis is up or not.
+    pub relay: bool,
 }
 
 impl Namespace {
@@ -335,6 +362,7 @@ impl Namespace {
             publish_roles: Vec::new(),
             presence_roles: None,
             history_roles: None,
+            relay: true,
         }
     }
 }
@@ -455,6 +483,45 @@ pub struct Config {
     pub max_api_body_bytes: usize,
     /// Where `/metrics`, `/stats` and `/api/*` are served instead of `listen`, when set.
     pub admin_listen: Option<SocketAddr>,
+    /// The Redis relay; `None`: a single node.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The Redis relay's settings.
+#[derive(Clone, PartialEq)]
+pub struct RedisConfig {
+    /// Seed URLs (one for a single Redis; any of a Cluster's nodes).
+    pub urls: Vec<String>,
+    /// Prefix of keys and pub/sub channels.
+    pub prefix: String,
+    /// Command and liveness-ping timeout.
+    pub timeout: Duration,
+    /// Lifetime of a node's presence entries after their last refresh.
+    pub presence_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// URLs without their passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisConfig")
+            .field("urls", &urls)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("presence_ttl", &self.presence_ttl)
+            .finish()
+    }
+}
+
+/// A Redis URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
 }
 
 /// The backend API key (never printed: its `Debug` shows only its length).
@@ -577,6 +644,18 @@ impl Config {
             api_key: cli.api_key.clone().or(file.api_key.clone()).map(ApiKey),
             max_api_body_bytes: cli.max_api_body_bytes.or(file.max_api_body_bytes).unwrap_or(1 << 20),
             admin_listen: cli.admin_listen.or(file.admin_listen),
+            redis: match cli.redis.clone().or(file.redis.clone()) {
+                None => None,
+                Some(urls) => Some(RedisConfig {
+                    urls: urls.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect(),
+                    prefix: cli.redis_prefix.clone().or(file.redis_prefix.clone()).unwrap_or_else(|| "throng".into()),
+                    timeout: secs("redis_timeout", cli.redis_timeout.or(file.redis_timeout).unwrap_or(2.0))?,
+                    presence_ttl: secs(
+                        "redis_presence_ttl",
+                        cli.redis_presence_ttl.or(file.redis_presence_ttl).unwrap_or(15.0),
+                    )?,
+                }),
+            },
         };
         cfg.check()?;
         Ok(cfg)
@@ -640,6 +719,24 @@ impl Config {
             }
             if !k.0.bytes().all(|b| b.is_ascii_graphic()) {
                 bail!("api_key must be printable ASCII without spaces (it travels in an HTTP header)");
+            }
+        }
+        if let Some(r) = &self.redis {
+            if r.urls.is_empty() {
+                bail!("redis: give at least one URL (redis://host:port or rediss://host:port)");
+            }
+            for u in &r.urls {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                    bail!("redis: {} is not a redis:// or rediss:// URL", redact_url(u));
+                }
+            }
+            if r.prefix.is_empty() || !r.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+                bail!("redis_prefix: 1 or more characters of [A-Za-z0-9_.-]");
+            }
+            at_most("redis_timeout", r.timeout, 60)?;
+            at_most("redis_presence_ttl", r.presence_ttl, 3600)?;
+            if r.presence_ttl < Duration::from_secs(3) {
+                bail!("redis_presence_ttl must be at least 3 seconds (it is refreshed every third of it)");
             }
         }
         if self.admin_listen.is_some_and(|a| a == self.listen) {
@@ -743,6 +840,7 @@ fn namespaces(file: &std::collections::BTreeMap<String, NamespaceFile>) -> anyho
             publish_roles: f.publish_roles.clone().unwrap_or_default(),
             presence_roles: f.presence_roles.clone(),
             history_roles: f.history_roles.clone(),
+            relay: f.relay.unwrap_or(d.relay),
         });
     }
     let open = list.is_empty();

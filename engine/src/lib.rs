@@ -28,6 +28,7 @@ pub mod conn;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod relay;
 pub mod shard;
 pub mod sys;
 pub mod v1;
@@ -64,6 +65,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let driver = Driver::resolve(config.driver)?;
     log_limits(&host, max_connections, driver);
     let shards = config.shards;
+    // With Redis, the relay is one more destination on the bus, after the shards.
+    let relay = config.redis.as_ref().map(|_| Arc::new(relay::RelayShared::new()));
+    let destinations = shards + usize::from(relay.is_some());
     let shared = Arc::new(Shared {
         metrics: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
         draining: AtomicBool::new(false),
@@ -72,7 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         open_connections: AtomicUsize::new(0),
         started: Instant::now(),
         driver_name: driver.name(),
-        inboxes: (0..shards)
+        inboxes: (0..destinations)
             .map(|_| Inbox::new(config.ring_capacity))
             .collect::<std::io::Result<Vec<_>>>()
             .context("creating the inter-shard rings")?
@@ -84,7 +88,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             config.max_upgrades_per_second_per_ip,
         ),
         config: config.clone(),
+        relay: relay.clone(),
     });
+    if let (Some(rs), Some(redis)) = (&relay, &config.redis) {
+        let urls: Vec<String> = redis.urls.iter().map(|u| config::redact_url(u)).collect();
+        tracing::info!(node = %rs.node, redis = ?urls, prefix = %redis.prefix, "Redis relay on: relayed channels span every node on this Redis");
+        relay::spawn(shared.clone(), rs.clone()).context("starting the Redis relay thread")?;
+    }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);

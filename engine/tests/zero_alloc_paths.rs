@@ -64,6 +64,7 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
         auth: None,
         limits: throng::auth::limits::Limiter::new(0, 0, 0),
         config: config.clone(),
+        relay: None,
     });
     let shards = (0..2)
         .map(|id| Shard {

@@ -103,6 +103,13 @@ pub enum ApiMsg {
         /// Most channels.
         limit: u32,
     },
+    /// The relay -> the API shard: a presence or history request failed (Redis unavailable): 503.
+    Failed {
+        /// The request.
+        ticket: Ticket,
+        /// Why.
+        refusal: Refusal,
+    },
     /// A shard -> the API shard: (channel, subscribers on that shard), the first names after the cursor.
     ChannelList {
         /// The request.
@@ -134,6 +141,7 @@ impl ApiMsg {
             | ApiMsg::Presence { ticket, .. }
             | ApiMsg::History { ticket, .. }
             | ApiMsg::Json { ticket, .. }
+            | ApiMsg::Failed { ticket, .. }
             | ApiMsg::Disconnect { ticket, .. }
             | ApiMsg::Disconnected { ticket, .. }
             | ApiMsg::Channels { ticket, .. }
@@ -151,7 +159,7 @@ impl ApiMsg {
             ApiMsg::History { channel, since, .. } => channel.len() + since.as_ref().map_or(0, |(_, e)| e.len()),
             ApiMsg::Json { body, .. } => body.len(),
             ApiMsg::Disconnect { user, reason, .. } => user.as_ref().map_or(0, |u| u.len()) + reason.len(),
-            ApiMsg::Disconnected { .. } => 0,
+            ApiMsg::Disconnected { .. } | ApiMsg::Failed { .. } => 0,
             ApiMsg::Channels { after, .. } => after.len(),
             ApiMsg::ChannelList { list, .. } => list.iter().map(|(c, _)| c.len() + 24).sum(),
         }

@@ -157,6 +157,23 @@ pub enum ShardMsg {
     },
     /// The backend HTTP API's requests and answers ([`super::api`]).
     Api(super::api::ApiMsg),
+    /// The relay -> a shard with subscribers: the channel's offsets started again under a new epoch (Redis
+    /// lost its state); subscribers get a `gap` and offsets after `offset` are accepted again.
+    Reset {
+        /// Channel name.
+        channel: Arc<str>,
+        /// The new position.
+        offset: u64,
+    },
+    /// The relay -> every shard: another node's `/api/disconnect` of a user.
+    Kick {
+        /// The user.
+        user: Box<str>,
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: Box<str>,
+    },
 }
 
 impl ShardMsg {
@@ -181,6 +198,8 @@ impl ShardMsg {
             ShardMsg::History { channel, since, .. } => channel.len() + since.as_ref().map_or(0, |(_, e)| e.len()),
             ShardMsg::Reply { frame, .. } => frame.len(),
             ShardMsg::Api(m) => m.carried(),
+            ShardMsg::Reset { channel, .. } => channel.len(),
+            ShardMsg::Kick { user, reason, .. } => user.len() + reason.len(),
         };
         std::mem::size_of::<Self>() + carried
     }

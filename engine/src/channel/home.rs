@@ -122,9 +122,7 @@ impl HomeChannel {
     pub fn publish(&mut self, data: &[u8], now: u64) -> (HistoryEntry, bool, Freed) {
         self.offset += 1;
         let offset = self.offset;
-        let mut buf = Vec::with_capacity(message::message_len(&self.name, offset, data) + 10);
-        let start = frame_with(&mut buf, OpCode::Text, |o| message::encode_message(o, &self.name, offset, data));
-        let frame = Bytes::from(buf).slice(start..);
+        let frame = message_frame(&self.name, offset, data);
         let data_start = (frame.len() - 1 - data.len()) as u32;
         let entry = HistoryEntry { offset, at: now, frame, data_start };
         let keep = self.limits.size > 0 && entry.frame.len() <= self.limits.bytes;
@@ -224,6 +222,13 @@ impl HomeChannel {
     pub fn is_idle(&self) -> bool {
         self.interested == 0 && self.connections == 0 && self.history.is_empty()
     }
+}
+
+/// The `message` frame of `data` at `offset` in `name`: encoded once, shared by every delivery.
+pub fn message_frame(name: &str, offset: u64, data: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(message::message_len(name, offset, data) + 10);
+    let start = frame_with(&mut buf, OpCode::Text, |o| message::encode_message(o, name, offset, data));
+    Bytes::from(buf).slice(start..)
 }
 
 /// An epoch rendered as 16 lowercase hex digits, without allocating.

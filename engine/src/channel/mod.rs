@@ -74,6 +74,62 @@ pub fn frame_bytes(body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     Bytes::from(v)
 }
 
+/// A `presence` reply: users in name order (as `users` gives them), as many as fit in `max_reply` bytes (at
+/// most 1000), `truncated` when some were left out; `count` (connections) stays exact.
+pub fn presence_frame<'u>(
+    max_reply: usize,
+    name: &str,
+    id: Option<u64>,
+    connections: u64,
+    users: impl Iterator<Item = (&'u str, u32)> + Clone,
+    total_users: usize,
+) -> Bytes {
+    const MAX_USERS: usize = 1000;
+    // A user costs at most 6 bytes per byte of its name (JSON escapes) plus the object around it.
+    let mut room = max_reply.saturating_sub(256);
+    let listed = users
+        .clone()
+        .take(MAX_USERS)
+        .take_while(|(u, _)| {
+            let cost = 6 * u.len() + 40;
+            let fits = cost <= room;
+            room = room.saturating_sub(cost);
+            fits
+        })
+        .count();
+    let truncated = listed < total_users;
+    frame_bytes(|o| message::encode_presence(o, id, name, connections, users.take(listed), truncated))
+}
+
+/// A `history` reply from `newest`: the `wanted` candidate messages, newest first. As many as fit in
+/// `max_reply` are sent, oldest first; `truncated` says the bound left some out. `complete` (when the client
+/// gave `since`) says whether the candidates are every message after it; `recovered` is then true only if
+/// all of them fit. `(offset, epoch)`: the channel's current position.
+pub fn history_frame<'m>(
+    max_reply: usize,
+    name: &str,
+    id: Option<u64>,
+    (offset, epoch): (u64, &str),
+    newest: impl Iterator<Item = (u64, &'m [u8])>,
+    wanted: usize,
+    complete: Option<bool>,
+) -> Bytes {
+    let mut room = max_reply.saturating_sub(256 + 6 * name.len());
+    let mut fit: Vec<(u64, &[u8])> = newest
+        .take(wanted)
+        .take_while(|(_, data)| {
+            let cost = data.len() + 48;
+            let fits = cost <= room;
+            room = room.saturating_sub(cost);
+            fits
+        })
+        .collect();
+    fit.reverse();
+    let recovered = complete.map(|c| c && fit.len() == wanted);
+    let truncated = fit.len() < wanted;
+    frame_bytes(|o| message::encode_history(o, id, name, offset, epoch, fit.iter().copied(), recovered, truncated))
+}
+
 /// A shard's channel state.
 #[derive(Debug)]
 pub struct Channels {
@@ -255,35 +311,18 @@ impl Channels {
         }
     }
 
-    /// The `presence` reply. Users are listed in name order, as many as fit in the reply bound (at most
-    /// 1000), without sorting the table per request; `count` stays exact. A channel with no state is not
-    /// created: it has no subscribers.
+    /// The `presence` reply ([`presence_frame`]). A channel with no state is not created: it has no
+    /// subscribers.
     pub fn presence_reply(&self, env: &Env, name: &str, id: Option<u64>) -> Bytes {
-        const MAX_USERS: usize = 1000;
         let Some(home) = self.home_index.get(name).map(|&i| &self.homes[i]) else {
-            return frame_bytes(|o| message::encode_presence(o, id, name, 0, std::iter::empty(), false));
+            return presence_frame(env.cfg().max_reply_bytes(), name, id, 0, std::iter::empty(), 0);
         };
-        // A user costs at most 6 bytes per byte of its name (JSON escapes) plus the object around it.
-        let mut room = env.cfg().max_reply_bytes().saturating_sub(256);
-        let listed = home
-            .presence
-            .iter()
-            .take(MAX_USERS)
-            .take_while(|(u, _)| {
-                let cost = 6 * u.len() + 40;
-                let fits = cost <= room;
-                room = room.saturating_sub(cost);
-                fits
-            })
-            .count();
-        let truncated = listed < home.presence.len();
-        let users = home.presence.iter().take(listed).map(|(u, n)| (&**u, *n));
-        frame_bytes(|o| message::encode_presence(o, id, name, home.connections, users, truncated))
+        let users = home.presence.iter().map(|(u, n)| (&**u, *n));
+        presence_frame(env.cfg().max_reply_bytes(), name, id, home.connections, users, home.presence.len())
     }
 
     /// The `history` reply: the newest messages (after `since`, when given), at most `limit`, as many as fit
-    /// in the reply bound. `truncated` says the bound left some out; `recovered` (with `since`) is true only
-    /// when every message after `since` is in the reply. A channel with no state is not created.
+    /// in the reply bound ([`history_frame`]). A channel with no state is not created.
     pub fn history_reply(
         &mut self,
         env: &Env,
@@ -292,9 +331,9 @@ impl Channels {
         since: Option<(u64, &str)>,
         limit: u32,
     ) -> Bytes {
+        let max = env.cfg().max_reply_bytes();
         let Some(&i) = self.home_index.get(name) else {
-            let recovered = since.map(|_| false);
-            return frame_bytes(|o| message::encode_history(o, id, name, 0, "", std::iter::empty(), recovered, false));
+            return history_frame(max, name, id, (0, ""), std::iter::empty(), 0, since.map(|_| false));
         };
         let home = &mut self.homes[i];
         self.budget.freed(home.trim(env.now));
@@ -307,24 +346,10 @@ impl Channels {
         };
         let candidates = home.history.len() - start;
         let wanted = candidates.min(limit as usize);
-        let mut room = env.cfg().max_reply_bytes().saturating_sub(256 + 6 * name.len());
-        let fit = home
-            .history
-            .iter()
-            .rev()
-            .take(wanted)
-            .take_while(|e| {
-                let cost = e.data().len() + 48;
-                let fits = cost <= room;
-                room = room.saturating_sub(cost);
-                fits
-            })
-            .count();
-        let first = home.history.len() - fit;
-        let recovered = recovered.map(|r| r && fit == candidates);
-        let (offset, epoch) = (home.offset, home.epoch_str());
-        let msgs = home.history.range(first..).map(|e| (e.offset, e.data()));
-        frame_bytes(|o| message::encode_history(o, id, name, offset, epoch.as_str(), msgs, recovered, fit < wanted))
+        let complete = recovered.map(|r| r && wanted == candidates);
+        let epoch = home.epoch_str();
+        let newest = home.history.iter().rev().take(wanted).map(|e| (e.offset, e.data()));
+        history_frame(max, name, id, (home.offset, epoch.as_str()), newest, wanted, complete)
     }
 
     /// Removes one subscription of a connection (unsubscribe, or the connection closing). Tells the home
@@ -347,7 +372,7 @@ impl Channels {
             self.locals.remove(idx);
         }
         let user = presence.then(|| Box::<str>::from(user));
-        let home = home_of(&name, env.shards());
+        let home = env.home(&name);
         if home == env.id {
             self.unsubscribe_at_home(&name, env.id, user.as_deref(), last, env.id);
         } else if user.is_some() || last {
@@ -364,7 +389,7 @@ impl Channels {
             self.local_index.remove(channel);
             self.locals.remove(idx);
         }
-        let home = home_of(channel, env.shards());
+        let home = env.home(channel);
         if home == env.id {
             self.unsubscribe_at_home(channel, env.id, user.as_deref(), last, env.id);
         } else {
@@ -391,6 +416,21 @@ impl Channels {
             ShardMetrics::inc(&env.metrics.gaps_total);
             self.mark_dirty(idx);
         }
+    }
+
+    /// The channel's offsets started again under a new epoch (the relay saw Redis lose its state): every
+    /// local subscriber gets a `gap` marker (their positions belong to the old epoch), and messages are
+    /// accepted again from `offset` on.
+    pub fn reset(&mut self, env: &Env, name: &str, offset: u64) {
+        let Some(&idx) = self.local_index.get(name) else { return };
+        let ch = &mut self.locals[idx];
+        let after = if ch.accept_after == u64::MAX { 0 } else { ch.accept_after + 1 };
+        let gap = frame_bytes(|o| message::encode_gap(o, name, after, after));
+        if ch.append_marker(gap) {
+            ShardMetrics::inc(&env.metrics.gaps_total);
+            self.mark_dirty(idx);
+        }
+        self.locals[idx].accept_after = offset;
     }
 
     /// Once per tick: retry overflowed ring messages; every few seconds, age history and forget idle

@@ -35,7 +35,7 @@ use throng_protocol::message::parse_channel;
 use crate::channel::api::{ApiMsg, PublishItem, Published, Ticket};
 use crate::channel::bus::{Sent, ShardMsg};
 use crate::channel::home::EpochStr;
-use crate::channel::{home_of, Refusal};
+use crate::channel::Refusal;
 use crate::conn::close::{self, Close};
 use crate::conn::{flag, timers, Conn, ConnKey, Conns, Phase};
 use crate::metrics::ShardMetrics;
@@ -81,6 +81,8 @@ enum Acc {
     Publish { batch: bool, items: Vec<(Box<str>, Option<Published>)> },
     /// A presence or history object.
     Json(Option<Bytes>),
+    /// A presence or history request that failed where it was sent (the relay without Redis): 503.
+    Failed(Refusal),
     /// Connections closed so far.
     Disconnect(u64),
     /// The page so far: the first `limit` names after the cursor, with their subscribers summed.
@@ -362,8 +364,9 @@ fn publish(
             return Err(bad(format!("data of {} bytes is over max_message_size ({max_data})", m.data.get().len())));
         }
     }
-    let shards = env.shards();
-    let homes: Vec<usize> = msgs.iter().map(|m| home_of(&m.channel, shards)).collect();
+    // The shards, and the relay when there is one.
+    let destinations = env.shared.inboxes.len();
+    let homes: Vec<usize> = msgs.iter().map(|m| env.home(&m.channel)).collect();
     let remote = homes.iter().any(|&h| h != env.id);
     let items = msgs.iter().map(|m| (Box::<str>::from(&*m.channel), None)).collect();
     let ticket = if remote {
@@ -374,7 +377,7 @@ fn publish(
     };
     let born = crate::metrics::stamp(env.shared.started);
     let mut local: Vec<(u32, Published)> = Vec::new();
-    let mut groups: Vec<Vec<PublishItem>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut groups: Vec<Vec<PublishItem>> = (0..destinations).map(|_| Vec::new()).collect();
     for (i, (m, &home)) in msgs.iter().zip(&homes).enumerate() {
         if home == env.id {
             local.push((i as u32, publish_here(env, ctx, &m.channel, m.data.get().as_bytes(), born)));
@@ -481,7 +484,7 @@ fn ask_home(
 }
 
 /// The JSON object inside a v1 reply frame (the frame minus its header).
-fn frame_json(frame: Bytes) -> Bytes {
+pub fn frame_json(frame: Bytes) -> Bytes {
     match parse_header(&frame) {
         Ok(Some(h)) => frame.slice(usize::from(h.header_len)..),
         _ => frame,
@@ -502,7 +505,7 @@ fn presence(
         let reason = "presence is disabled in this namespace";
         return Err(Refused { status: Status::BadRequest, code: "not_available", reason: reason.into() });
     }
-    let home = home_of(&channel, env.shards());
+    let home = env.home(&channel);
     if home == env.id {
         let body = frame_json(ctx.chans.presence_reply(env, &channel, None));
         write_json(&mut ctx.out, Status::Ok, &body, keep_alive, &[]);
@@ -539,7 +542,7 @@ fn history(
             _ => return Err(bad("limit must be 1 to 1000")),
         },
     };
-    let home = home_of(&channel, env.shards());
+    let home = env.home(&channel);
     if home == env.id {
         let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
         let body = frame_json(ctx.chans.history_reply(env, &channel, None, since_ref, limit));
@@ -595,8 +598,9 @@ fn disconnect(
         return Err(bad("reason must be at most 123 bytes (it travels in the close frame)"));
     }
     let (user, targets, client) = match (&b.user, &b.client) {
+        // Every shard of this node, and, with Redis, the relay: it tells every other node.
         (Some(u), None) if crate::auth::valid_user(u) => {
-            (Some(Box::<str>::from(&**u)), (0..env.shards()).collect(), None)
+            (Some(Box::<str>::from(&**u)), (0..env.shared.inboxes.len()).collect(), None)
         }
         (Some(_), None) => return Err(bad("user must be 1-128 characters of [A-Za-z0-9_.@=/-]")),
         (None, Some(c)) => match parse_client(c) {
@@ -704,6 +708,7 @@ fn channels(
 enum Part {
     Published(Vec<(u32, Published)>),
     Json(Bytes),
+    Failed(Refusal),
     Count(u64),
     Channels(Vec<(Arc<str>, u64)>),
 }
@@ -718,6 +723,7 @@ fn merge(acc: &mut Acc, part: Part) {
             }
         }
         (Acc::Json(j), Part::Json(b)) => *j = Some(b),
+        (acc @ Acc::Json(_), Part::Failed(r)) => *acc = Acc::Failed(r),
         (Acc::Disconnect(n), Part::Count(c)) => *n += c,
         (Acc::Channels { limit, list }, Part::Channels(more)) => {
             list.extend(more);
@@ -781,6 +787,14 @@ fn respond(env: &Env, acc: Acc) -> (Status, Vec<u8>) {
             o.extend_from_slice(b"]}");
         }
         Acc::Json(Some(b)) => o.extend_from_slice(&b),
+        Acc::Failed(r) => {
+            o.extend_from_slice(b"{\"error\":");
+            handshake::write_json_str(&mut o, r.code);
+            o.extend_from_slice(b",\"reason\":");
+            handshake::write_json_str(&mut o, r.reason);
+            o.push(b'}');
+            return (Status::ServiceUnavailable, o);
+        }
         Acc::Json(None) => {
             o.extend_from_slice(b"{\"error\":\"internal\",\"reason\":\"no answer\"}");
             return (Status::InternalServerError, o);
@@ -827,7 +841,7 @@ fn answer(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ApiMsg) {
 /// Closes this shard's `/ws` connections (and `/sse` streams, held polls) of `user`, or the one connection
 /// `client`; returns how many.
 /// A scan of the shard's connections (a few ms for 100k): it runs once per request and shard.
-fn close_matching(
+pub fn close_matching(
     env: &Env,
     ctx: &mut Ctx,
     conns: &mut Conns,
@@ -883,6 +897,7 @@ pub fn on_shard_msg(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ApiMsg) {
         }
         ApiMsg::Published { ticket, results } => part(env, ctx, conns, ticket, Part::Published(results)),
         ApiMsg::Json { ticket, body } => part(env, ctx, conns, ticket, Part::Json(body)),
+        ApiMsg::Failed { ticket, refusal } => part(env, ctx, conns, ticket, Part::Failed(refusal)),
         ApiMsg::Disconnected { ticket, count } => part(env, ctx, conns, ticket, Part::Count(count)),
         ApiMsg::ChannelList { ticket, list } => part(env, ctx, conns, ticket, Part::Channels(list)),
     }

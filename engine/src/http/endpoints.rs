@@ -60,7 +60,17 @@ pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>, keep_alive: bool
                     phase,
                 ),
             ];
-            ("text/plain; version=0.0.4", metrics::prometheus(&env.shared.metrics, &extra))
+            let mut text = metrics::prometheus(&env.shared.metrics, &extra);
+            if let Some(r) = &env.shared.relay {
+                let _ = writeln!(text, "# HELP throng_relay_up 1 while the Redis relay is connected.\n# TYPE throng_relay_up gauge\nthrong_relay_up {}", u8::from(r.is_up()));
+                r.metrics.each(|name, kind, help, v| {
+                    let _ = writeln!(
+                        text,
+                        "# HELP throng_relay_{name} {help}\n# TYPE throng_relay_{name} {kind}\nthrong_relay_{name} {v}"
+                    );
+                });
+            }
+            ("text/plain; version=0.0.4", text)
         }
         "/stats" => ("application/json", stats(env)),
         _ => {
@@ -94,7 +104,17 @@ fn health(env: &Env) -> (bool, String) {
             fd_pause: Observed::recent(&m.obs.fd_pause_at, s.started),
         })
         .collect();
-    let (status, reasons) = verdict(s.draining.load(Relaxed), up, all, open, max, &shards);
+    let (mut status, mut reasons) = verdict(s.draining.load(Relaxed), up, all, open, max, &shards);
+    if let Some(r) = s.relay.as_ref().filter(|r| !r.is_up()) {
+        // Relayed channels cannot publish or subscribe; connections and node-local channels still work.
+        if status == "ok" {
+            status = "degraded";
+        }
+        reasons.push(format!(
+            "Redis unreachable ({}): cluster-wide publishes and subscribes answer unavailable",
+            r.error()
+        ));
+    }
     let mut o = String::with_capacity(256);
     let _ = write!(
         o,
@@ -196,7 +216,21 @@ fn stats(env: &Env) -> String {
         });
         o.push('}');
     }
-    o.push_str("]}");
+    o.push(']');
+    if let Some(r) = &s.relay {
+        let _ = write!(
+            o,
+            ",\"relay\":{{\"node\":\"{}\",\"up\":{},\"cluster\":{}",
+            r.node,
+            r.is_up(),
+            r.cluster.load(Relaxed)
+        );
+        r.metrics.each(|name, _, _, v| {
+            let _ = write!(o, ",\"{name}\":{v}");
+        });
+        o.push('}');
+    }
+    o.push('}');
     o
 }
 

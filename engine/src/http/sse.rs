@@ -31,7 +31,7 @@ use throng_protocol::message::{self, parse_channel};
 use crate::auth::{net, Action};
 use crate::channel::bus::{ReplyTo, Sent, ShardMsg};
 use crate::channel::home::EpochStr;
-use crate::channel::{frame_bytes, home_of, Refusal};
+use crate::channel::{frame_bytes, Refusal};
 use crate::conn::{flag, timers, write, Conn, ConnKey, ConnSub, Phase};
 use crate::metrics::ShardMetrics;
 use crate::shard::{Ctx, Env};
@@ -549,7 +549,7 @@ fn subscribe(
         Err(Refusal { code, reason }) => return Subscribed::Refused(code, reason),
     };
     let user = ns.presence.then(|| Box::<str>::from(conn.user()));
-    let home = home_of(channel, env.shards());
+    let home = env.home(channel);
     let reply = ReplyTo { shard: env.id as u16, conn: key, id: None };
     let epoch = since.map(|(e, _)| EpochStr::new(e));
     let since_ref = since.zip(epoch.as_ref()).map(|((_, o), e)| (o, e.as_str()));
@@ -904,7 +904,7 @@ fn publish(
         return super::refuse(env, ctx, key, conn, client_addr, Status::Forbidden, &reason, &headers);
     }
     ShardMetrics::inc(&env.metrics.commands_total);
-    let home = home_of(channel, env.shards());
+    let home = env.home(channel);
     let born = crate::metrics::stamp(env.shared.started);
     let data = p.data.get().as_bytes();
     if home == env.id {

@@ -71,6 +71,8 @@ pub struct Shared {
     pub auth: Option<crate::auth::Auth>,
     /// Connections per user and address, upgrades per second per address.
     pub limits: crate::auth::limits::Limiter,
+    /// The Redis relay, when configured (its inbox is the last of `inboxes`).
+    pub relay: Option<Arc<crate::relay::RelayShared>>,
 }
 
 /// Which driver to build, after resolving `auto`.
@@ -128,6 +130,16 @@ impl Env {
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.shared.metrics.len()
+    }
+
+    /// Where a channel's requests go: its home shard ([`crate::channel::home_of`]), or the Redis relay (its
+    /// index on the bus is the shard count) for a channel of a relayed namespace when Redis is configured.
+    pub fn home(&self, channel: &str) -> usize {
+        let shards = self.shards();
+        if self.shared.relay.is_some() && self.cfg().namespaces.of_channel(channel).is_some_and(|ns| ns.relay) {
+            return shards;
+        }
+        crate::channel::home_of(channel, shards)
     }
 
     /// Converts a duration to whole ticks (at least one).

@@ -67,6 +67,11 @@ pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
         }
         ShardMsg::Reply { conn, frame } => reply_to_conn(env, ctx, conns, conn, &frame),
         ShardMsg::Api(m) => crate::http::api::on_shard_msg(env, ctx, conns, m),
+        ShardMsg::Reset { channel, offset } => ctx.chans.reset(env, &channel, offset),
+        ShardMsg::Kick { user, code, reason } => {
+            let n = crate::http::api::close_matching(env, ctx, conns, Some(&user), None, code, &reason);
+            ShardMetrics::add(&env.metrics.api_disconnected_total, n);
+        }
         ShardMsg::Refused { channel, reply, subscribe, code, reason } => {
             on_refused(env, ctx, conns, &channel, reply, subscribe, code, reason)
         }
@@ -127,13 +132,13 @@ fn on_refused(
                                 text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
                                 write::send_out(env, ctx, reply.conn, conn);
                             }
-                            ctx.chans.drop_local_if_unused(idx);
+                            drop_refused_local(env, ctx, idx, channel);
                             return;
                         }
                     }
                 }
             }
-            ctx.chans.drop_local_if_unused(idx);
+            drop_refused_local(env, ctx, idx, channel);
         }
     }
     if let Some(conn) = conns.get_mut(reply.conn).filter(|c| crate::http::sse::awaits_publish(ctx, reply.conn, c)) {
@@ -146,6 +151,25 @@ fn on_refused(
     }
     refuse(env, ctx, reply.conn, conn, reply.id, code, reason);
     write::send_out(env, ctx, reply.conn, conn);
+}
+
+/// Drops a local channel a refused subscription leaves empty, and then tells the home this shard has no
+/// subscriber left: a home that counted the shard before refusing (the relay, whose subscribers waiting
+/// when Redis went away are refused) stops sending it the channel.
+fn drop_refused_local(env: &Env, ctx: &mut Ctx, idx: usize, channel: &Arc<str>) {
+    ctx.chans.drop_local_if_unused(idx);
+    if !ctx.chans.local_index.contains_key(channel) {
+        let home = env.home(channel);
+        if home != env.id {
+            let msg = ShardMsg::Unsubscribe {
+                channel: channel.as_ref().into(),
+                shard: env.id as u16,
+                user: None,
+                last: true,
+            };
+            let _ = ctx.chans.outbox.send(home, msg);
+        }
+    }
 }
 
 /// A subscription confirmed by the home: position the subscriber, send `subscribed` and the missed

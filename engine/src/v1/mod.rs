@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::auth::{Action, Denied};
 use crate::channel::bus::{ReplyTo, Sent, ShardMsg};
-use crate::channel::{home_of, text_frame, Refusal};
+use crate::channel::{text_frame, Refusal};
 use crate::config::Namespace;
 use crate::conn::close;
 use crate::conn::{timers, Conn, ConnKey, ConnSub};
@@ -129,7 +129,7 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
                 return;
             }
             close::forgive(conn);
-            let home = home_of(&channel, env.shards());
+            let home = env.home(&channel);
             if home == env.id {
                 let f = ctx.chans.presence_reply(env, &channel, id);
                 ctx.out.extend_from_slice(&f);
@@ -143,7 +143,7 @@ pub fn on_command(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, paylo
                 return;
             }
             close::forgive(conn);
-            let home = home_of(&channel, env.shards());
+            let home = env.home(&channel);
             if home == env.id {
                 let since = since.as_ref().map(|(o, e)| (*o, &**e));
                 let f = ctx.chans.history_reply(env, &channel, id, since, limit);
@@ -243,7 +243,7 @@ fn subscribe(
         }
     };
     let user = ns.presence.then(|| Box::<str>::from(conn.user()));
-    let home = home_of(channel, env.shards());
+    let home = env.home(channel);
     let reply = ReplyTo { shard: env.id as u16, conn: key, id };
     if home == env.id {
         let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
@@ -300,7 +300,7 @@ fn publish(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u
     if check_channel(env, ctx, key, conn, id, &channel, Action::Publish).is_none() {
         return;
     }
-    let home = home_of(&channel, env.shards());
+    let home = env.home(&channel);
     let born = crate::metrics::stamp(env.shared.started);
     if home == env.id {
         match ctx.chans.publish_at(env, &channel, data, born) {
