@@ -92,9 +92,11 @@ pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// Server URL, `ws://host:port[/path]` or `wss://host:port[/path]` (TLS 1.3/1.2); a path overrides the
-    /// scenario's default path.
-    #[arg(long)]
-    pub url: String,
+    /// scenario's default path. Several nodes of one cluster: repeat the flag (or `a,b,c`); connection i then
+    /// goes to URL i mod N (over all processes and threads) and the publishers (broadcast, churn, rooms, the
+    /// api-publish HTTP connections) to the first. Every URL must have the same scheme and path.
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
     /// Protocol: `throng` (v1 on /ws) or `raw` (the peers' /echo and /broadcast).
     #[arg(long, value_enum, default_value_t = Target::Throng)]
     pub target: Target,
@@ -161,14 +163,21 @@ pub struct Args {
     /// publishers reach personal channels over WebSocket.
     #[arg(long, default_value = "user:")]
     pub personal_prefix: String,
-    /// PID of the server: sample its CPU time and RSS (`/proc`) before and after.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// PID of the server: sample its CPU time and RSS (`/proc`) before and after. Several nodes: repeat the
+    /// flag (or `a,b,c`); their CPU and RSS are summed into the server figures (CPU per message, memory per
+    /// connection) and each is also reported apart, with the CPU of its `throng-relay` thread(s).
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// PIDs of a proxy in front of the server (repeat the flag, or `a,b,c`; nginx: its master and every
     /// worker): their CPU time (all threads) and RSS, summed over the processes, are sampled at the same
     /// points as `--server-pid` and reported as `proxy`.
     #[arg(long, value_name = "PID", value_delimiter = ',')]
     pub proxy_pid: Vec<u32>,
+    /// PID of the Redis server the nodes relay through (repeat, or `a,b,c`, for a Redis Cluster's masters):
+    /// sampled at the same points as `--server-pid`, summed, and reported as `redis`: its CPU in total and
+    /// per message published.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub redis_pid: Vec<u32>,
     /// Source addresses to spread connections over (`127.0.0.1-127.0.0.50`, `127.0.0.0/24`, `a,b,c`).
     #[arg(long)]
     pub source_ips: Option<String>,
@@ -303,8 +312,10 @@ pub struct Plan {
     pub scenario: Scenario,
     /// Protocol spoken.
     pub target: Target,
-    /// The server.
+    /// The server: the first `--url` (publishers, `/stats`, the TLS server name).
     pub url: WsUrl,
+    /// Every `--url`, the first included: connection i goes to `urls[url_index(i, role)]`.
+    pub urls: Vec<WsUrl>,
     /// The request path (with query, without the token).
     pub path: String,
     /// How throng broadcast subscribers receive.
@@ -354,10 +365,12 @@ pub struct Plan {
     pub procs: u32,
     /// Threads per process.
     pub threads: u32,
-    /// Server PID to sample.
-    pub server_pid: Option<u32>,
+    /// Server PIDs to sample, summed (each also apart); empty: none.
+    pub server_pids: Vec<u32>,
     /// Proxy PIDs to sample, summed (empty: no proxy figures).
     pub proxy_pids: Vec<u32>,
+    /// Redis PIDs to sample, summed (empty: no Redis figures).
+    pub redis_pids: Vec<u32>,
     /// CPUs to pin to.
     pub cpus: Option<Vec<usize>>,
     /// Machine-readable output.
@@ -559,9 +572,29 @@ fn secs(name: &str, v: f64, min: f64) -> Result<u64, Error> {
 impl Plan {
     /// Validates `args` and derives the plan.
     pub fn from_args(args: &Args) -> Result<Plan, Error> {
-        let url = parse_ws_url(&args.url)?;
+        let urls = args.url.iter().flat_map(|u| split_urls(u)).map(parse_ws_url).collect::<Result<Vec<_>, _>>()?;
+        let Some(url) = urls.first().cloned() else {
+            return Err(Error::Config("--url is required".into()));
+        };
         let s = args.scenario;
         let t = args.target;
+        if urls.len() > 1 {
+            if urls.iter().any(|u| u.tls != url.tls || u.path != url.path) {
+                return Err(Error::Config("every --url must have the same scheme (ws or wss) and path".into()));
+            }
+            if url.tls && args.sni.is_none() && urls.iter().any(|u| u.hostname != url.hostname) {
+                return Err(Error::Config(
+                    "wss:// URLs with different host names: give the name every node's certificate has with --sni"
+                        .into(),
+                ));
+            }
+            if t == Target::Raw && matches!(s, Scenario::Broadcast | Scenario::Churn) {
+                return Err(Error::Config(
+                    "several --url with --target raw broadcast or churn: a raw /broadcast relays within one server"
+                        .into(),
+                ));
+            }
+        }
         let is_api = s == Scenario::ApiPublish;
         let connections = args.connections.unwrap_or(if is_api { 10 } else { 100 });
         let channel = args.channel.clone().unwrap_or_else(|| (if is_api { "bench:api" } else { "bench:0" }).into());
@@ -673,19 +706,28 @@ impl Plan {
                 sse_target(&channel)
             }
         };
-        let mut seen = std::collections::HashSet::new();
-        for &pid in &args.proxy_pid {
-            if pid == 0 || !seen.insert(pid) {
-                return Err(Error::Config(format!("--proxy-pid {pid}: zero, or given twice (it would count twice)")));
-            }
-            if args.server_pid == Some(pid) {
-                return Err(Error::Config(format!("--proxy-pid {pid} is also the --server-pid")));
+        let mut seen = std::collections::HashMap::new();
+        for (flag, pids) in
+            [("--server-pid", &args.server_pid), ("--proxy-pid", &args.proxy_pid), ("--redis-pid", &args.redis_pid)]
+        {
+            for &pid in pids {
+                if pid == 0 {
+                    return Err(Error::Config(format!("{flag} 0: not a process")));
+                }
+                match seen.insert(pid, flag) {
+                    Some(f) if f == flag => {
+                        return Err(Error::Config(format!("{flag} {pid}: given twice (it would count twice)")))
+                    }
+                    Some(f) => return Err(Error::Config(format!("{flag} {pid} is also the {f}"))),
+                    None => {}
+                }
             }
         }
         Ok(Plan {
             scenario: s,
             target: t,
             url,
+            urls,
             path,
             transport: args.transport,
             sse_path,
@@ -713,8 +755,9 @@ impl Plan {
             seed: args.seed,
             procs: args.procs,
             threads: args.threads,
-            server_pid: args.server_pid,
+            server_pids: args.server_pid.clone(),
             proxy_pids: args.proxy_pid.clone(),
+            redis_pids: args.redis_pid.clone(),
             cpus: args.cpu.as_deref().map(parse_cpu_list).transpose()?,
             json: args.json,
             worker,
@@ -775,11 +818,52 @@ impl Plan {
         (i.is_multiple_of(stride) && i / stride < self.publishers).then_some(i / stride)
     }
 
+    /// The index in `urls` of the connection with global index `gidx` playing `role`: publishers (and
+    /// api-publish's HTTP connections) on the first URL, every other connection on URL `gidx mod N`.
+    pub fn url_index(&self, gidx: u64, role: Role) -> usize {
+        let n = self.urls.len() as u64;
+        if n <= 1 || matches!(role, Role::Pub | Role::PubSub | Role::Api) {
+            0
+        } else {
+            (gidx % n) as usize
+        }
+    }
+
+    /// How many of the connections held for the whole run (`0..total`) go to each URL.
+    pub fn connections_per_url(&self) -> Vec<u64> {
+        let mut per = vec![0; self.urls.len()];
+        for i in 0..self.total {
+            per[self.url_index(i, self.role(i))] += 1;
+        }
+        per
+    }
+
+    /// The first `--server-pid` (the only one, for a single node).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server_pids.first().copied()
+    }
+
     /// True when throng subscribers must subscribe (and be acknowledged) before they count as ready.
     pub fn subscribes(&self) -> bool {
         self.target == Target::Throng
             && matches!(self.scenario, Scenario::Broadcast | Scenario::Churn | Scenario::ApiPublish | Scenario::Rooms)
     }
+}
+
+/// The URLs of one `--url` value: `a,b,c` split at the commas followed by a scheme (`ws://`, `wss://`,
+/// `http://`, `https://`), so a comma inside a URL's query stays in it.
+pub fn split_urls(v: &str) -> Vec<&str> {
+    let schemes = ["ws://", "wss://", "http://", "https://"];
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in v.match_indices(',') {
+        if schemes.iter().any(|sch| v[i + 1..].trim_start().starts_with(sch)) {
+            out.push(v[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(v[start..].trim());
+    out
 }
 
 /// `/sse?channel=<channel>`, the channel percent-encoded where a query needs it.
@@ -903,6 +987,85 @@ mod tests {
         };
         assert!(err(&["--proxy-pid", "10,10"]).contains("twice"));
         assert!(err(&["--proxy-pid", "7", "--server-pid", "7"]).contains("--server-pid"));
+    }
+
+    #[test]
+    fn several_urls() {
+        let one = "ws://127.0.0.1:1";
+        let p = plan(&["broadcast", "--url", one, "--connections", "9", "--publishers", "2"]);
+        assert_eq!((p.urls.len(), p.connections_per_url()), (1, vec![11]));
+        assert!((0..p.total).all(|i| p.url_index(i, p.role(i)) == 0));
+        // Repeated, or comma-separated: the same three nodes.
+        let urls = "ws://127.0.0.1:1,ws://127.0.0.1:2,ws://127.0.0.1:3";
+        let rep = ["--url", one, "--url", "ws://127.0.0.1:2", "--url", "ws://127.0.0.1:3"];
+        let a = plan(&[&["broadcast", "--connections", "9", "--publishers", "2"][..], &rep[..]].concat());
+        let b = plan(&["broadcast", "--url", urls, "--connections", "9", "--publishers", "2"]);
+        assert_eq!(a.urls, b.urls);
+        assert_eq!(b.urls.iter().map(|u| u.addr.port()).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(b.url, b.urls[0]);
+        // Connection i on URL i mod 3, the publishers (connections 0 and 5 of 11) on the first.
+        let on: Vec<usize> = (0..b.total).map(|i| b.url_index(i, b.role(i))).collect();
+        assert_eq!(on, vec![0, 1, 2, 0, 1, 0, 0, 1, 2, 0, 1]);
+        assert_eq!((b.role(0), b.role(5)), (Role::Pub, Role::Pub));
+        assert_eq!(b.connections_per_url(), vec![5, 4, 2]);
+        // Echo and connect: every connection by its index, across processes and threads.
+        let e = plan(&["echo", "--url", urls, "--connections", "7", "--procs", "2", "--threads", "2"]);
+        assert_eq!(e.connections_per_url(), vec![3, 2, 2]);
+        let c = plan(&["connect", "--url", urls, "--connections", "6"]);
+        assert_eq!(c.connections_per_url(), vec![2, 2, 2]);
+        // api-publish: the HTTP connections on the first, the subscribers spread.
+        let two = "http://127.0.0.1:1,http://127.0.0.1:2";
+        let api = plan(&["api-publish", "--url", two, "--api-key", "k", "--subscribers", "4"]);
+        assert_eq!((api.total, api.connections_per_url()), (14, vec![12, 2]));
+        assert!((0..10).all(|i| api.url_index(i, Role::Api) == 0));
+        assert_eq!(api.url_index(11, Role::Sub), 1);
+        // Rooms: subscriber i on URL i mod N, the publishers after them on the first.
+        let r = plan(&["rooms", "--url", "ws://127.0.0.1:1,ws://127.0.0.1:2", "--connections", "4"]);
+        assert_eq!(r.connections_per_url(), vec![3, 2]);
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench"];
+            v.extend_from_slice(args);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&["echo", "--url", "ws://127.0.0.1:1,wss://127.0.0.1:2"]).contains("scheme"));
+        assert!(err(&["echo", "--url", "ws://127.0.0.1:1/a,ws://127.0.0.1:2/b"]).contains("path"));
+        assert!(err(&["broadcast", "--url", "ws://127.0.0.1:1,ws://127.0.0.1:2", "--target", "raw"]).contains("raw"));
+        let wss = ["echo", "--url", "wss://localhost:1,wss://127.0.0.1:2", "--insecure-skip-verify"];
+        assert!(err(&wss).contains("--sni"));
+        let p = plan(&[&wss[..], &["--sni", "localhost"][..]].concat());
+        assert_eq!(p.urls.len(), 2);
+    }
+
+    #[test]
+    fn url_lists_split_before_a_scheme() {
+        assert_eq!(split_urls("ws://a:1"), vec!["ws://a:1"]);
+        assert_eq!(
+            split_urls("ws://a:1, wss://b:2,http://c,https://d"),
+            vec!["ws://a:1", "wss://b:2", "http://c", "https://d"]
+        );
+        // A comma inside a URL's query stays in it.
+        assert_eq!(split_urls("ws://a:1/ws?x=1,2,ws://b:2"), vec!["ws://a:1/ws?x=1,2", "ws://b:2"]);
+    }
+
+    #[test]
+    fn server_and_redis_pids() {
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1", "--server-pid", "10,11", "--server-pid", "12"]);
+        assert_eq!((p.server_pids.clone(), p.server_pid()), (vec![10, 11, 12], Some(10)));
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1", "--server-pid", "10"]);
+        assert_eq!((p.server_pids.clone(), p.server_pid(), p.redis_pids.clone()), (vec![10], Some(10), vec![]));
+        assert_eq!(plan(&["echo", "--url", "ws://127.0.0.1:1"]).server_pid(), None);
+        let p = plan(&["broadcast", "--url", "ws://127.0.0.1:1", "--redis-pid", "20", "--redis-pid", "21,22"]);
+        assert_eq!(p.redis_pids, vec![20, 21, 22]);
+        let err = |args: &[&str]| {
+            let mut v = vec!["throng-bench", "broadcast", "--url", "ws://127.0.0.1:1"];
+            v.extend_from_slice(args);
+            Plan::from_args(&Args::parse_from(v)).unwrap_err().to_string()
+        };
+        assert!(err(&["--server-pid", "10,10"]).contains("twice"));
+        assert!(err(&["--server-pid", "0"]).contains("--server-pid 0"));
+        assert!(err(&["--redis-pid", "7,7"]).contains("twice"));
+        assert!(err(&["--redis-pid", "7", "--server-pid", "8,7"]).contains("--redis-pid 7 is also the --server-pid"));
+        assert!(err(&["--redis-pid", "7", "--proxy-pid", "7"]).contains("--redis-pid 7 is also the --proxy-pid"));
     }
 
     #[test]

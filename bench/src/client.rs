@@ -399,7 +399,8 @@ struct Loop<'a> {
     last_wake: u64,
     last_flush: u64,
     flushed: [u64; 4],
-    host_line: Vec<u8>,
+    /// `\r\nHost: <host>` of each `--url` (a connection's is its URL's: [`Plan::url_index`]).
+    host_lines: Vec<Vec<u8>>,
     /// Tokens for churn connections, by churn sequence number (taken as they are used).
     churn_tokens: Vec<String>,
     /// The thread's CPU time when the ramp started.
@@ -467,13 +468,21 @@ impl<'a> Loop<'a> {
             }
             _ => (Vec::new(), Vec::new()),
         };
-        let mut host_line = b"\r\nHost: ".to_vec();
-        host_line.extend_from_slice(plan.url.host.as_bytes());
+        let host_lines: Vec<Vec<u8>> = plan
+            .urls
+            .iter()
+            .map(|u| {
+                let mut line = b"\r\nHost: ".to_vec();
+                line.extend_from_slice(u.host.as_bytes());
+                line
+            })
+            .collect();
+        let host_line = &host_lines[0];
         let mut api_head = Vec::new();
         let mut scratch_room = plan.size + 256;
         if let Some(api) = &plan.api {
             api_head.extend_from_slice(b"POST /api/publish HTTP/1.1");
-            api_head.extend_from_slice(&host_line);
+            api_head.extend_from_slice(host_line);
             api_head.extend_from_slice(b"\r\nAuthorization: apikey ");
             api_head.extend_from_slice(api.key.as_bytes());
             api_head.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
@@ -516,7 +525,7 @@ impl<'a> Loop<'a> {
             last_wake: 0,
             last_flush: 0,
             flushed: [0; 4],
-            host_line,
+            host_lines,
             churn_tokens: Vec::new(),
             ramp_cpu0: 0,
             n_senders,
@@ -791,7 +800,8 @@ impl<'a> Loop<'a> {
         c.inflight = 0;
         self.handshaking += 1;
         self.pending_q.push_back((slot, c.gidx, now + self.plan.connect_timeout_ns));
-        let fd = match poll::connect(self.plan.url.addr, src) {
+        let addr = self.plan.urls[self.plan.url_index(c.gidx, c.role)].addr;
+        let fd = match poll::connect(addr, src) {
             Ok(poll::Connecting::Done(fd) | poll::Connecting::InProgress(fd)) => fd,
             Err(e) => return self.fail(slot, &poll::error_kind(&e)),
         };
@@ -817,6 +827,14 @@ impl<'a> Loop<'a> {
         let c = &mut self.conns[slot];
         c.st = St::Open;
         self.tally.ready += 1;
+        if self.plan.urls.len() > 1 && c.initial {
+            let u = self.plan.url_index(c.gidx, c.role);
+            let per = &mut self.tally.ready_per_url;
+            if per.len() <= u {
+                per.resize(u + 1, 0);
+            }
+            per[u] += 1;
+        }
         if c.role.receives() {
             self.tally.ready_receivers += 1;
         }
@@ -1052,6 +1070,7 @@ impl<'a> Loop<'a> {
         let key = ws_key(self.plan.seed, self.conns[slot].gidx);
         let token_in = self.plan.auth.as_ref().map(|a| a.token_in);
         let c = &mut self.conns[slot];
+        let host_line = &self.host_lines[self.plan.url_index(c.gidx, c.role)];
         // Minted before the ramp; written once, then dropped.
         let token = std::mem::take(&mut c.token);
         let out = &mut c.out;
@@ -1069,7 +1088,7 @@ impl<'a> Loop<'a> {
             out.extend_from_slice(jwt::subject(c.gidx).as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1");
-        out.extend_from_slice(&self.host_line);
+        out.extend_from_slice(host_line);
         out.extend_from_slice(b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ");
         out.extend_from_slice(&key);
         out.extend_from_slice(b"\r\nSec-WebSocket-Version: 13");
@@ -1437,6 +1456,7 @@ impl<'a> Loop<'a> {
     fn send_sse_request(&mut self, slot: usize) {
         let token_in = self.plan.auth.as_ref().map(|a| a.token_in);
         let c = &mut self.conns[slot];
+        let host_line = &self.host_lines[self.plan.url_index(c.gidx, c.role)];
         // Minted before the ramp; written once, then dropped.
         let token = std::mem::take(&mut c.token);
         let out = &mut c.out;
@@ -1447,7 +1467,7 @@ impl<'a> Loop<'a> {
             out.extend_from_slice(token.as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1");
-        out.extend_from_slice(&self.host_line);
+        out.extend_from_slice(host_line);
         out.extend_from_slice(b"\r\nAccept: text/event-stream\r\nCache-Control: no-cache");
         if token_in == Some(TokenIn::Header) {
             out.extend_from_slice(b"\r\nAuthorization: Bearer ");

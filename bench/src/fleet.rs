@@ -27,7 +27,7 @@ use crate::cli::{split, Plan, Scenario, Target};
 use crate::client::{run_thread, Control, ThreadSpec};
 use crate::error::Error;
 use crate::load::Sampler;
-use crate::report::{Report, Samples};
+use crate::report::{Points, Report, Samples};
 use crate::sys::{self, now_ns, ServerSample};
 use crate::tally::Tally;
 
@@ -387,18 +387,72 @@ fn sleep_until(t: u64) {
     }
 }
 
-/// Samples the server: `/proc` when its PID is known, else its `/stats` (RSS only) when it has one.
+/// Samples the server: `/proc` when its PID is known (several: summed), else its `/stats` (RSS only) when it
+/// has one (several `--url`: every node's, summed, or none).
 fn sample_server(plan: &Plan, use_stats: &mut bool) -> ServerSample {
-    if let Some(pid) = plan.server_pid {
-        return sys::proc_sample(pid);
+    if !plan.server_pids.is_empty() {
+        return sys::procs_sample(&plan.server_pids);
     }
     if !*use_stats || plan.url.tls {
         // (Not over TLS: `/stats` is fetched in plain HTTP.)
         return ServerSample::default();
     }
-    let rss = sys::stats_rss_bytes(plan.url.addr, &plan.url.host);
+    let rss = plan.urls.iter().map(|u| sys::stats_rss_bytes(u.addr, &u.host)).sum::<Option<u64>>();
     *use_stats = rss.is_some();
     ServerSample { cpu_ns: None, rss_bytes: rss }
+}
+
+/// One of the coordinator's sample points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    Before,
+    Go,
+    WindowEnd,
+    End,
+}
+
+/// Reads, right after the server's sum and the proxy, each server PID apart (several: the server's sum at
+/// this point is then replaced by the sum of these readings), their relay threads (at the start of the
+/// window and at the end of the grace period) and Redis.
+fn sample_more(plan: &Plan, samples: &mut Samples, point: Point) {
+    fn at(p: &mut Points, point: Point) -> &mut ServerSample {
+        match point {
+            Point::Before => &mut p.before,
+            Point::Go => &mut p.at_go,
+            Point::WindowEnd => &mut p.at_window_end,
+            Point::End => &mut p.at_end,
+        }
+    }
+    samples.nodes.resize(plan.server_pids.len(), Points::default());
+    let sum = match point {
+        Point::Before => &mut samples.before,
+        Point::Go => &mut samples.at_go,
+        Point::WindowEnd => &mut samples.at_window_end,
+        Point::End => &mut samples.at_end,
+    };
+    if let [_] = plan.server_pids[..] {
+        // One node: its reading is the sum's.
+        *at(&mut samples.nodes[0], point) = *sum;
+    } else if !plan.server_pids.is_empty() {
+        let mut total = ServerSample { cpu_ns: Some(0), rss_bytes: Some(0) };
+        for (p, &pid) in samples.nodes.iter_mut().zip(&plan.server_pids) {
+            let one = sys::proc_sample(pid);
+            *at(p, point) = one;
+            total.cpu_ns = total.cpu_ns.zip(one.cpu_ns).map(|(a, b)| a + b);
+            total.rss_bytes = total.rss_bytes.zip(one.rss_bytes).map(|(a, b)| a + b);
+        }
+        // The sum of these readings, so the nodes add up to the server figures exactly.
+        *sum = total;
+    }
+    let relays = || plan.server_pids.iter().map(|&pid| sys::named_threads_sample(pid, sys::RELAY_THREAD)).collect();
+    match point {
+        Point::Go => samples.relay_at_go = relays(),
+        Point::End => samples.relay_at_end = relays(),
+        Point::Before | Point::WindowEnd => {}
+    }
+    if !plan.redis_pids.is_empty() {
+        *at(&mut samples.redis, point) = sys::procs_sample(&plan.redis_pids);
+    }
 }
 
 /// Writes the live progress line (a terminal only).
@@ -425,14 +479,20 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     let cores = sys::affinity_count();
     let tty = !plan.json && std::io::stdout().is_terminal();
     let mut use_stats = true;
-    for &pid in &plan.proxy_pids {
-        if sys::proc_sample(pid).cpu_ns.is_none() {
-            return Err(Error::Config(format!("--proxy-pid {pid}: no such process (nothing in /proc/{pid})")));
+    for (flag, pids) in
+        [("--server-pid", &plan.server_pids), ("--proxy-pid", &plan.proxy_pids), ("--redis-pid", &plan.redis_pids)]
+    {
+        for &pid in pids {
+            if sys::proc_sample(pid).cpu_ns.is_none() {
+                return Err(Error::Config(format!("{flag} {pid}: no such process (nothing in /proc/{pid})")));
+            }
         }
     }
-    // The proxy is sampled right after the server at every point, so both cover the same span.
+    // The proxy (and each node, and Redis) is sampled right after the server at every point, so all cover
+    // the same span.
     let mut samples = Samples { before: sample_server(plan, &mut use_stats), ..Samples::default() };
     samples.proxy_before = sys::procs_sample(&plan.proxy_pids);
+    sample_more(plan, &mut samples, Point::Before);
     let spawned = now_ns();
     let mut fleet = if plan.procs > 1 {
         Fleet::Procs(Procs::start(plan, worker)?)
@@ -514,9 +574,10 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     }
     sleep_until(go);
     // CPU readings come from /proc only; /stats (RSS) is read before and at the end of the window.
-    let cpu_sample = |plan: &Plan| plan.server_pid.map(sys::proc_sample).unwrap_or_default();
+    let cpu_sample = |plan: &Plan| sys::procs_sample(&plan.server_pids);
     samples.at_go = cpu_sample(plan);
     samples.proxy_at_go = sys::procs_sample(&plan.proxy_pids);
+    sample_more(plan, &mut samples, Point::Go);
     samples.windowed = true;
     let cpu_go = sys::self_cpu_ns();
     let window_end = go + plan.duration_ns;
@@ -547,11 +608,13 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     }
     samples.at_window_end = sample_server(plan, &mut use_stats);
     samples.proxy_at_window_end = sys::procs_sample(&plan.proxy_pids);
+    sample_more(plan, &mut samples, Point::WindowEnd);
     let cpu_window = sys::self_cpu_ns() - cpu_go;
     // Sample just before the threads close their sockets.
     sleep_until(end.saturating_sub(5_000_000));
     samples.at_end = cpu_sample(plan);
     samples.proxy_at_end = sys::procs_sample(&plan.proxy_pids);
+    sample_more(plan, &mut samples, Point::End);
     let cpu_total = sys::self_cpu_ns() - cpu_go;
     if tty {
         print!("\r\x1b[2K");
@@ -567,7 +630,7 @@ pub fn run(plan: &Plan, worker: &WorkerCommand) -> Result<Report, Error> {
     // In-process: this process's CPU is the client's; with workers: theirs plus this coordinator's.
     tally.cpu_window_ns += cpu_window;
     tally.cpu_total_ns += cpu_total;
-    samples.server_source = if plan.server_pid.is_some() {
+    samples.server_source = if !plan.server_pids.is_empty() {
         "proc"
     } else if samples.before.rss_bytes.is_some() {
         "stats"

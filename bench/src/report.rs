@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::addr::WsUrl;
 use crate::cli::{Plan, Scenario};
 use crate::hist::Summary;
 use crate::load::{SAMPLE_NS, SATURATED, SIGNIFICANT};
-use crate::sys::ServerSample;
+use crate::sys::{ServerSample, ThreadsSample};
 use crate::tally::Tally;
 
 /// Server readings taken by the coordinator.
@@ -37,6 +38,41 @@ pub struct Samples {
     pub proxy_at_window_end: ServerSample,
     /// At the end of the grace period.
     pub proxy_at_end: ServerSample,
+    /// Each `--server-pid` apart (in their order), read with the server's sum at its points.
+    pub nodes: Vec<Points>,
+    /// Each `--server-pid`'s `throng-relay` thread(s), at the start of the window.
+    pub relay_at_go: Vec<ThreadsSample>,
+    /// The same at the end of the grace period.
+    pub relay_at_end: Vec<ThreadsSample>,
+    /// The Redis processes (`--redis-pid`), summed, read with the proxy at its points.
+    pub redis: Points,
+}
+
+/// Readings of one process (or a summed set) at the coordinator's four points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Points {
+    /// Before the first connection.
+    pub before: ServerSample,
+    /// At the start of the window.
+    pub at_go: ServerSample,
+    /// At the end of the window.
+    pub at_window_end: ServerSample,
+    /// At the end of the grace period.
+    pub at_end: ServerSample,
+}
+
+impl Points {
+    /// CPU from the start of the window to the end of the grace period, ns.
+    pub fn cpu_ns(&self) -> Option<u64> {
+        self.at_go.cpu_ns.zip(self.at_end.cpu_ns).map(|(a, b)| b.saturating_sub(a))
+    }
+
+    /// Whether a reading that was taken is missing (the process exited, or was never there).
+    pub fn any_missing(&self, windowed: bool) -> bool {
+        let taken: &[ServerSample] =
+            if windowed { &[self.before, self.at_go, self.at_window_end, self.at_end] } else { &[self.before] };
+        taken.iter().any(|x| x.cpu_ns.is_none())
+    }
 }
 
 /// Connection figures.
@@ -236,8 +272,10 @@ pub struct ChurnReport {
 /// Server resource figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerReport {
-    /// Server PID when given.
+    /// Server PID when given (the first of several `--server-pid`).
     pub pid: Option<u32>,
+    /// Every `--server-pid`: the figures below are their sums (CPU, RSS), and `nodes` has each apart.
+    pub pids: Vec<u32>,
     /// `proc` (`--server-pid`) or `stats` (its `/stats` endpoint, RSS only).
     pub source: &'static str,
     /// Server CPU seconds from the start of the window to the end of the grace period.
@@ -252,6 +290,66 @@ pub struct ServerReport {
     pub rss_held_bytes: Option<u64>,
     /// Growth of RSS per connection held: (held − before) / connections held.
     pub rss_per_conn_bytes: Option<f64>,
+    /// CPU seconds of the `throng-relay` threads of every node over the window and grace (none found on
+    /// any node: `None`).
+    pub relay_cpu_s: Option<f64>,
+    /// That per message published (a publish is relayed once through Redis), µs.
+    pub relay_cpu_us_per_publish: Option<f64>,
+    /// Each `--server-pid` apart (empty without one).
+    pub nodes: Vec<NodeReport>,
+}
+
+/// One node of several (`--server-pid` given more than once, or once): its own share of the server figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeReport {
+    /// Its PID.
+    pub pid: u32,
+    /// CPU seconds from the start of the window to the end of the grace period (all its threads).
+    pub cpu_s: Option<f64>,
+    /// That in cores over the window and grace.
+    pub cpu_cores: Option<f64>,
+    /// Its CPU per message received by the bench (all nodes' messages), µs.
+    pub cpu_us_per_msg: Option<f64>,
+    /// RSS before the first connection.
+    pub rss_before_bytes: Option<u64>,
+    /// RSS with the connections held (as the server's `rss_held_bytes`).
+    pub rss_held_bytes: Option<u64>,
+    /// Threads named `throng-relay` at the end of the grace period (0: no relay on this node).
+    pub relay_threads: usize,
+    /// Their CPU seconds over the window and grace (`None` without such a thread).
+    pub relay_cpu_s: Option<f64>,
+    /// That per message published (all publishers), µs.
+    pub relay_cpu_us_per_publish: Option<f64>,
+    /// Its relay's share of its CPU.
+    pub relay_share: Option<f64>,
+}
+
+/// One `--url` and the connections it got.
+#[derive(Clone, Debug, Serialize)]
+pub struct UrlReport {
+    /// `ws://host:port` (or `wss://`, `http://`...), as the summary names the first.
+    pub url: String,
+    /// Connections planned on it (publishers on the first).
+    pub connections: u64,
+    /// Those that became ready (with one URL: every ready connection).
+    pub ready: u64,
+}
+
+/// The Redis the nodes relay through (`--redis-pid`): its processes summed, sampled at the server's points.
+#[derive(Clone, Debug, Serialize)]
+pub struct RedisReport {
+    /// The PIDs sampled.
+    pub pids: Vec<u32>,
+    /// CPU seconds from the start of the window to the end of the grace period.
+    pub cpu_s: Option<f64>,
+    /// That in cores over the window and grace.
+    pub cpu_cores: Option<f64>,
+    /// That per message published, µs.
+    pub cpu_us_per_publish: Option<f64>,
+    /// RSS (summed) before the first connection.
+    pub rss_before_bytes: Option<u64>,
+    /// RSS at the end of the window.
+    pub rss_held_bytes: Option<u64>,
 }
 
 /// Resource figures of a proxy in front of the server (`--proxy-pid`): its processes summed, sampled at the
@@ -328,8 +426,10 @@ pub struct Report {
     pub scenario: &'static str,
     /// Target protocol.
     pub target: &'static str,
-    /// Server URL as given.
+    /// Server URL as given (the first of several `--url`).
     pub url: String,
+    /// Every `--url` with the connections each got.
+    pub urls: Vec<UrlReport>,
     /// Request path used (with `--transport sse`, the publishers').
     pub path: String,
     /// How the subscribers received: `ws` (v1 WebSocket), or `sse` (`GET /sse` streams).
@@ -368,6 +468,8 @@ pub struct Report {
     pub server: Option<ServerReport>,
     /// Proxy figures, with `--proxy-pid`.
     pub proxy: Option<ProxyReport>,
+    /// Redis figures, with `--redis-pid`.
+    pub redis: Option<RedisReport>,
     /// The bench's own CPU.
     pub client: ClientReport,
     /// Things to look at before trusting the figures.
@@ -517,13 +619,65 @@ impl Report {
             (Some(a), Some(b)) if t.held > 0 => Some(round((b as f64 - a as f64) / t.held as f64, 1)),
             _ => None,
         };
+        // Messages published: what the relay and Redis carry, once each (not per delivery).
+        let publishes = match scenario {
+            Scenario::Broadcast | Scenario::Rooms | Scenario::Churn => t.sent,
+            Scenario::ApiPublish => t.api_published + t.api_published_late,
+            Scenario::Echo | Scenario::Connect => 0,
+        };
+        let per_publish = |c: u64| (publishes > 0).then(|| round(c as f64 / 1e3 / publishes as f64, 3));
+        // Rooms: when every subscription was confirmed, before any publish (as idle as connect's).
+        let held_at =
+            |p: &Points| if scenario == Scenario::Rooms { p.at_go.rss_bytes } else { p.at_window_end.rss_bytes };
+        let nodes: Vec<NodeReport> = plan
+            .server_pids
+            .iter()
+            .enumerate()
+            .map(|(i, &pid)| {
+                let p = s.nodes.get(i).copied().unwrap_or_default();
+                let cpu = p.cpu_ns();
+                let (go, end) = (s.relay_at_go.get(i), s.relay_at_end.get(i));
+                let found = go.is_some_and(|g| !g.threads.is_empty()) || end.is_some_and(|e| !e.threads.is_empty());
+                let relay = match (found, end) {
+                    (true, Some(end)) => Some(end.cpu_since(go.unwrap_or(&ThreadsSample::default()))),
+                    _ => None,
+                };
+                NodeReport {
+                    pid,
+                    cpu_s: cpu.map(|c| round(c as f64 / 1e9, 3)),
+                    cpu_cores: cpu.map(|c| round(c as f64 / 1e9 / (dur + grace), 3)),
+                    cpu_us_per_msg: cpu.filter(|_| msgs > 0).map(|c| round(c as f64 / 1e3 / msgs as f64, 3)),
+                    rss_before_bytes: p.before.rss_bytes,
+                    rss_held_bytes: held_at(&p),
+                    relay_threads: end.map_or(0, |e| e.threads.len()),
+                    relay_cpu_s: relay.map(|c| round(c as f64 / 1e9, 3)),
+                    relay_cpu_us_per_publish: relay.and_then(per_publish),
+                    relay_share: relay.zip(cpu).filter(|(_, c)| *c > 0).map(|(r, c)| round(r as f64 / c as f64, 3)),
+                }
+            })
+            .collect();
+        for (i, &pid) in plan.server_pids.iter().enumerate() {
+            if plan.server_pids.len() > 1 && s.nodes.get(i).is_none_or(|p| p.any_missing(s.windowed)) {
+                warnings.push(format!(
+                    "--server-pid {pid} could not be read at every sample point (it exited?): the server figures, \
+                     summed over the nodes, are missing"
+                ));
+            }
+        }
+        let relay_total = nodes
+            .iter()
+            .zip(s.relay_at_go.iter().zip(&s.relay_at_end))
+            .filter(|(n, _)| n.relay_cpu_s.is_some())
+            .map(|(_, (go, end))| end.cpu_since(go))
+            .reduce(|a, b| a + b);
         let server = (s.server_source != "none").then(|| {
             let cpu = server_cpu;
-            // Rooms: when every subscription was confirmed, before any publish (as idle as connect's).
-            let rss_held = if scenario == Scenario::Rooms { s.at_go.rss_bytes } else { s.at_window_end.rss_bytes };
+            let rss_held =
+                held_at(&Points { before: s.before, at_go: s.at_go, at_window_end: s.at_window_end, at_end: s.at_end });
             let per_conn = per_conn(s.before.rss_bytes, rss_held);
             ServerReport {
-                pid: plan.server_pid,
+                pid: plan.server_pid(),
+                pids: plan.server_pids.clone(),
                 source: s.server_source,
                 cpu_s: cpu.map(|c| round(c as f64 / 1e9, 3)),
                 cpu_cores: cpu.map(|c| round(c as f64 / 1e9 / (dur + grace), 3)),
@@ -531,6 +685,9 @@ impl Report {
                 rss_before_bytes: s.before.rss_bytes,
                 rss_held_bytes: rss_held,
                 rss_per_conn_bytes: per_conn,
+                relay_cpu_s: relay_total.map(|c| round(c as f64 / 1e9, 3)),
+                relay_cpu_us_per_publish: relay_total.and_then(per_publish),
+                nodes,
             }
         });
         let span = |a: ServerSample, b: ServerSample| a.cpu_ns.zip(b.cpu_ns).map(|(a, b)| b.saturating_sub(a));
@@ -554,6 +711,35 @@ impl Report {
                 rss_per_conn_bytes: per_conn(s.proxy_before.rss_bytes, s.proxy_at_window_end.rss_bytes),
             }
         });
+        let redis = (!plan.redis_pids.is_empty()).then(|| {
+            let cpu = s.redis.cpu_ns();
+            if s.redis.any_missing(s.windowed) {
+                warnings.push(format!(
+                    "a --redis-pid process ({}) could not be read at every sample point (it exited, or was \
+                     restarted): the Redis figures it affects are missing",
+                    plan.redis_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                ));
+            }
+            RedisReport {
+                pids: plan.redis_pids.clone(),
+                cpu_s: cpu.map(|c| round(c as f64 / 1e9, 3)),
+                cpu_cores: cpu.map(|c| round(c as f64 / 1e9 / (dur + grace), 3)),
+                cpu_us_per_publish: cpu.and_then(per_publish),
+                rss_before_bytes: s.redis.before.rss_bytes,
+                rss_held_bytes: s.redis.at_window_end.rss_bytes,
+            }
+        });
+        let per_url = plan.connections_per_url();
+        let urls = plan
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| UrlReport {
+                url: url_name(plan, u),
+                connections: per_url[i],
+                ready: if plan.urls.len() == 1 { t.ready } else { t.ready_per_url.get(i).copied().unwrap_or(0) },
+            })
+            .collect();
         let cores = affinity_cores.min((plan.procs * plan.threads) as usize).max(1);
         let utilization = t.cpu_window_ns as f64 / 1e9 / (dur * cores as f64);
         // The busiest thread: the one saturated most often (then the one busiest on average).
@@ -748,16 +934,8 @@ impl Report {
         Report {
             scenario: scenario.name(),
             target: plan.target.name(),
-            url: format!(
-                "{}://{}",
-                match (plan.api.is_some(), plan.url.tls) {
-                    (false, false) => "ws",
-                    (false, true) => "wss",
-                    (true, false) => "http",
-                    (true, true) => "https",
-                },
-                plan.url.host
-            ),
+            url: url_name(plan, &plan.url),
+            urls,
             path: plan.path.clone(),
             transport: plan.transport.name(),
             connections: plan.receivers,
@@ -801,6 +979,7 @@ impl Report {
             api,
             server,
             proxy,
+            redis,
             client,
             warnings,
             tally: t,
@@ -848,6 +1027,15 @@ impl Report {
                 self.procs,
                 self.threads
             );
+        }
+        if self.urls.len() > 1 {
+            let list = self
+                .urls
+                .iter()
+                .map(|u| format!("{} {} ({} ready)", u.url, u.connections, u.ready))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(o, "nodes     {} URLs, connections: {list}", self.urls.len());
         }
         let c = &self.connect;
         let errors = if c.errors.is_empty() {
@@ -971,8 +1159,15 @@ impl Report {
             }
         }
         if let Some(s) = &self.server {
-            let mut line =
-                format!("server    {}", s.pid.map_or_else(|| "(/stats)".to_string(), |p| format!("pid {p}")));
+            let who = match (s.pid, s.pids.len()) {
+                (None, _) => "(/stats)".to_string(),
+                (Some(p), 1) => format!("pid {p}"),
+                (_, n) => format!(
+                    "pids {} ({n} nodes, summed)",
+                    s.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                ),
+            };
+            let mut line = format!("server    {who}");
             if let (Some(cpu), Some(cores)) = (s.cpu_s, s.cpu_cores) {
                 let _ = write!(line, ": {cpu:.2} s CPU ({:.0}% of a core)", cores * 100.0);
             }
@@ -985,7 +1180,39 @@ impl Report {
             if let Some(p) = s.rss_per_conn_bytes {
                 let _ = write!(line, " ({} per connection)", bytes(p));
             }
+            if let Some(r) = s.relay_cpu_s {
+                let _ = write!(line, "; relay {r:.2} s CPU");
+                if let Some(us) = s.relay_cpu_us_per_publish {
+                    let _ = write!(line, ", {us:.2} us per publish");
+                }
+            }
             let _ = writeln!(o, "{line}");
+            let with_relay = s.nodes.iter().any(|n| n.relay_cpu_s.is_some());
+            for n in s.nodes.iter().filter(|_| s.nodes.len() > 1 || with_relay) {
+                let mut line = format!("  node    pid {}", n.pid);
+                if let (Some(cpu), Some(cores)) = (n.cpu_s, n.cpu_cores) {
+                    let _ = write!(line, ": {cpu:.2} s CPU ({:.0}% of a core)", cores * 100.0);
+                }
+                if let Some(us) = n.cpu_us_per_msg {
+                    let _ = write!(line, ", {us:.2} us per message");
+                }
+                if let (Some(a), Some(b)) = (n.rss_before_bytes, n.rss_held_bytes) {
+                    let _ = write!(line, "; RSS {} -> {}", bytes(a as f64), bytes(b as f64));
+                }
+                match n.relay_cpu_s {
+                    Some(r) => {
+                        let _ = write!(line, "; relay CPU {r:.2} s");
+                        if let Some(us) = n.relay_cpu_us_per_publish {
+                            let _ = write!(line, ", {us:.2} us per publish");
+                        }
+                        if let Some(share) = n.relay_share {
+                            let _ = write!(line, " ({:.0}% of the node's)", share * 100.0);
+                        }
+                    }
+                    None => line.push_str("; no relay thread"),
+                }
+                let _ = writeln!(o, "{line}");
+            }
         }
         if let Some(p) = &self.proxy {
             let pids = p.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -1001,6 +1228,20 @@ impl Report {
             }
             if let Some(b) = p.rss_per_conn_bytes {
                 let _ = write!(line, " ({} per connection)", bytes(b));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        if let Some(r) = &self.redis {
+            let pids = r.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            let mut line = format!("redis     pid {pids}");
+            if let (Some(cpu), Some(cores)) = (r.cpu_s, r.cpu_cores) {
+                let _ = write!(line, ": {cpu:.2} s CPU ({:.0}% of a core)", cores * 100.0);
+            }
+            if let Some(us) = r.cpu_us_per_publish {
+                let _ = write!(line, ", {us:.2} us per publish");
+            }
+            if let (Some(a), Some(b)) = (r.rss_before_bytes, r.rss_held_bytes) {
+                let _ = write!(line, "; RSS {} -> {}", bytes(a as f64), bytes(b as f64));
             }
             let _ = writeln!(o, "{line}");
         }
@@ -1031,6 +1272,17 @@ impl Report {
     }
 }
 
+/// `ws://host:port` (`wss`, or `http`/`https` for api-publish) of one `--url`.
+fn url_name(plan: &Plan, u: &WsUrl) -> String {
+    let scheme = match (plan.api.is_some(), u.tls) {
+        (false, false) => "ws",
+        (false, true) => "wss",
+        (true, false) => "http",
+        (true, true) => "https",
+    };
+    format!("{scheme}://{}", u.host)
+}
+
 fn ms(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2} ms", us / 1000.0)
@@ -1054,5 +1306,170 @@ fn bytes(b: f64) -> String {
         format!("{:.2} KiB", b / 1024.0)
     } else {
         format!("{b:.0} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Args;
+
+    fn plan(args: &[&str]) -> Plan {
+        let mut v = vec!["throng-bench"];
+        v.extend_from_slice(args);
+        Plan::from_args(&Args::parse_from(v)).unwrap()
+    }
+
+    fn at(cpu_ms: u64, rss: u64) -> ServerSample {
+        ServerSample { cpu_ns: Some(cpu_ms * 1_000_000), rss_bytes: Some(rss) }
+    }
+
+    fn points(go_ms: u64, end_ms: u64, rss_before: u64, rss_held: u64) -> Points {
+        Points {
+            before: at(0, rss_before),
+            at_go: at(go_ms, rss_held),
+            at_window_end: at(end_ms, rss_held),
+            at_end: at(end_ms, rss_held),
+        }
+    }
+
+    fn relay(threads: &[(u32, u64)]) -> ThreadsSample {
+        ThreadsSample { threads: threads.iter().map(|&(t, ms)| (t, ms * 1_000_000)).collect() }
+    }
+
+    /// Two nodes and a Redis: the server figures are the nodes' sums, each node is reported apart with its
+    /// relay thread, Redis per publish, and every URL with its connections.
+    #[test]
+    fn nodes_relay_and_redis() {
+        let p = plan(&[
+            "broadcast",
+            "--url",
+            "ws://127.0.0.1:1,ws://127.0.0.1:2",
+            "--connections",
+            "4",
+            "--duration",
+            "1",
+            "--grace",
+            "1",
+            "--server-pid",
+            "100,200",
+            "--redis-pid",
+            "300",
+        ]);
+        // 100 publishes in the window, delivered to the 4 subscribers.
+        let t = Tally { ready: 5, held: 5, sent: 100, received: 400, ready_per_url: vec![3, 2], ..Tally::default() };
+        let (a, b) = (points(100, 500, 1000, 3000), points(200, 400, 2000, 3000));
+        let sum = |f: fn(&Points) -> ServerSample| {
+            let (x, y) = (f(&a), f(&b));
+            ServerSample {
+                cpu_ns: Some(x.cpu_ns.unwrap() + y.cpu_ns.unwrap()),
+                rss_bytes: Some(x.rss_bytes.unwrap() + y.rss_bytes.unwrap()),
+            }
+        };
+        let s = Samples {
+            before: sum(|p| p.before),
+            at_go: sum(|p| p.at_go),
+            at_window_end: sum(|p| p.at_window_end),
+            at_end: sum(|p| p.at_end),
+            server_source: "proc",
+            windowed: true,
+            nodes: vec![a, b],
+            // Node 1: one relay thread using 40 ms; node 2: none.
+            relay_at_go: vec![relay(&[(7, 10)]), relay(&[])],
+            relay_at_end: vec![relay(&[(7, 50)]), relay(&[])],
+            redis: points(1000, 1020, 5000, 6000),
+            ..Samples::default()
+        };
+        let r = Report::build(&p, t, &s, 1);
+        let srv = r.server.as_ref().unwrap();
+        assert_eq!((srv.pid, srv.pids.clone()), (Some(100), vec![100, 200]));
+        // 400 + 200 ms over 400 deliveries; RSS: (6000 - 3000) / 5 held.
+        assert_eq!((srv.cpu_s, srv.cpu_us_per_msg, srv.rss_per_conn_bytes), (Some(0.6), Some(1500.0), Some(600.0)));
+        assert_eq!((srv.relay_cpu_s, srv.relay_cpu_us_per_publish), (Some(0.04), Some(400.0)));
+        let (n1, n2) = (&srv.nodes[0], &srv.nodes[1]);
+        assert_eq!((n1.pid, n1.cpu_s, n1.cpu_us_per_msg, n1.relay_threads), (100, Some(0.4), Some(1000.0), 1));
+        assert_eq!((n1.relay_cpu_s, n1.relay_cpu_us_per_publish, n1.relay_share), (Some(0.04), Some(400.0), Some(0.1)));
+        assert_eq!(
+            (n2.pid, n2.cpu_s, n2.relay_threads, n2.relay_cpu_s, n2.relay_cpu_us_per_publish),
+            (200, Some(0.2), 0, None, None)
+        );
+        let redis = r.redis.as_ref().unwrap();
+        assert_eq!((redis.pids.clone(), redis.cpu_s, redis.cpu_us_per_publish), (vec![300], Some(0.02), Some(200.0)));
+        let urls: Vec<_> = r.urls.iter().map(|u| (u.url.as_str(), u.connections, u.ready)).collect();
+        assert_eq!(urls, vec![("ws://127.0.0.1:1", 3, 3), ("ws://127.0.0.1:2", 2, 2)]);
+        assert!(r.warnings.iter().all(|w| !w.contains("could not be read")), "{:?}", r.warnings);
+        let human = r.human();
+        for want in [
+            "nodes     2 URLs, connections: ws://127.0.0.1:1 3 (3 ready), ws://127.0.0.1:2 2 (2 ready)",
+            "server    pids 100,200 (2 nodes, summed): 0.60 s CPU",
+            "; relay 0.04 s CPU, 400.00 us per publish",
+            "  node    pid 100: 0.40 s CPU (20% of a core), 1000.00 us per message",
+            "; relay CPU 0.04 s, 400.00 us per publish (10% of the node's)",
+            "  node    pid 200: 0.20 s CPU",
+            "; no relay thread",
+            "redis     pid 300: 0.02 s CPU (1% of a core), 200.00 us per publish",
+        ] {
+            assert!(human.contains(want), "no {want:?} in:\n{human}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["server"]["nodes"][0]["relay_cpu_us_per_publish"], 400.0);
+        assert_eq!(json["redis"]["cpu_us_per_publish"], 200.0);
+        assert_eq!(json["urls"][1]["connections"], 2);
+
+        // A node gone at the end: its figures and the sum are missing, with a warning.
+        let mut gone = s.clone();
+        gone.nodes[1].at_end = ServerSample::default();
+        gone.at_end = ServerSample::default();
+        gone.redis.at_end = ServerSample::default();
+        let r = Report::build(&p, Tally { sent: 100, received: 400, ..Tally::default() }, &gone, 1);
+        assert_eq!((r.server.as_ref().unwrap().cpu_s, r.server.as_ref().unwrap().nodes[1].cpu_s), (None, None));
+        assert!(r.warnings.iter().any(|w| w.contains("--server-pid 200 could not be read")), "{:?}", r.warnings);
+        assert!(r.warnings.iter().any(|w| w.contains("--redis-pid process (300)")), "{:?}", r.warnings);
+    }
+
+    /// One node, one URL, no relay: the figures and the summary as before (no node or nodes lines).
+    #[test]
+    fn one_node_as_before() {
+        let p = plan(&[
+            "echo",
+            "--url",
+            "ws://127.0.0.1:1",
+            "--connections",
+            "2",
+            "--duration",
+            "1",
+            "--grace",
+            "1",
+            "--server-pid",
+            "100",
+        ]);
+        let t = Tally { ready: 2, held: 2, sent: 10, received: 10, ..Tally::default() };
+        let a = points(0, 100, 1000, 1000);
+        let s = Samples {
+            before: a.before,
+            at_go: a.at_go,
+            at_window_end: a.at_window_end,
+            at_end: a.at_end,
+            server_source: "proc",
+            windowed: true,
+            nodes: vec![a],
+            relay_at_go: vec![relay(&[])],
+            relay_at_end: vec![relay(&[])],
+            ..Samples::default()
+        };
+        let r = Report::build(&p, t, &s, 1);
+        let srv = r.server.as_ref().unwrap();
+        assert_eq!(
+            (srv.pid, srv.cpu_s, srv.cpu_us_per_msg, srv.relay_cpu_s),
+            (Some(100), Some(0.1), Some(10000.0), None)
+        );
+        assert_eq!((srv.nodes.len(), srv.nodes[0].cpu_s), (1, Some(0.1)));
+        assert!(r.redis.is_none());
+        assert_eq!(r.urls.iter().map(|u| (u.connections, u.ready)).collect::<Vec<_>>(), vec![(2, 2)]);
+        let human = r.human();
+        assert!(human.contains("server    pid 100: 0.10 s CPU"), "{human}");
+        assert!(!human.contains("node") && !human.contains("relay") && !human.contains("redis"), "{human}");
     }
 }

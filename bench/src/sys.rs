@@ -163,6 +163,56 @@ pub fn procs_sample(pids: &[u32]) -> ServerSample {
     sum
 }
 
+/// The name of Throng's Redis relay thread(s) (`--redis`): their CPU is reported apart, per node.
+pub const RELAY_THREAD: &str = "throng-relay";
+
+/// CPU time of the threads of one process that bear one name, each apart: `(thread id, CPU ns)`, by thread
+/// id. Empty when the process has no such thread (or is gone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadsSample {
+    /// `(tid, CPU ns)` of each thread found, in thread-id order.
+    pub threads: Vec<(u32, u64)>,
+}
+
+impl ThreadsSample {
+    /// CPU used since `earlier` by the threads of this reading: a thread that was already there counts its
+    /// growth, a thread started since counts all its time (it was all spent since); a thread gone since
+    /// takes its time with it.
+    pub fn cpu_since(&self, earlier: &ThreadsSample) -> u64 {
+        self.threads
+            .iter()
+            .map(|&(tid, ns)| match earlier.threads.iter().find(|(t, _)| *t == tid) {
+                Some(&(_, before)) => ns.saturating_sub(before),
+                None => ns,
+            })
+            .sum()
+    }
+}
+
+/// The CPU time of every thread of `pid` named `name` (its `/proc/PID/task/TID/comm`): from the thread's
+/// `schedstat` (nanoseconds), or its `stat` utime + stime (clock ticks) where the kernel keeps no schedstats.
+pub fn named_threads_sample(pid: u32, name: &str) -> ThreadsSample {
+    let mut threads = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return ThreadsSample::default() };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else { continue };
+        if comm.trim_end_matches('\n') != name {
+            continue;
+        }
+        let path = task.path();
+        let cpu = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .or_else(|| stat_file_cpu_ns(&path.join("stat")));
+        if let Some(ns) = cpu {
+            threads.push((tid, ns));
+        }
+    }
+    threads.sort_unstable();
+    ThreadsSample { threads }
+}
+
 fn proc_cpu_ns(pid: u32) -> Option<u64> {
     schedstat_cpu_ns(pid).or_else(|| stat_cpu_ns(pid))
 }
@@ -181,7 +231,12 @@ fn schedstat_cpu_ns(pid: u32) -> Option<u64> {
 }
 
 fn stat_cpu_ns(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_file_cpu_ns(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// utime + stime of a `/proc/PID/stat` or `/proc/PID/task/TID/stat` file, in nanoseconds.
+fn stat_file_cpu_ns(path: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may contain spaces; fields after the closing parenthesis are plain.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -239,6 +294,50 @@ mod tests {
         assert!(s.rss_bytes.unwrap() > 0);
         assert!(s.cpu_ns.is_some());
         assert!(now_ns() > 0);
+    }
+
+    #[test]
+    fn named_threads() {
+        // A thread named like the relay, and one named otherwise; both wait (no CPU taken from the tests
+        // running beside this one) until told to end.
+        let start = |name: &str| {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let h = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    // SAFETY: gettid has no arguments and cannot fail.
+                    tid_tx.send(unsafe { libc::syscall(libc::SYS_gettid) } as u32).unwrap();
+                    let _ = stop_rx.recv();
+                })
+                .unwrap();
+            (h, tid_rx.recv().unwrap(), stop_tx)
+        };
+        let me = std::process::id();
+        let before = named_threads_sample(me, RELAY_THREAD);
+        let (relay, relay_tid, stop_relay) = start(RELAY_THREAD);
+        let (other, _, stop_other) = start("throng-other");
+        let during = named_threads_sample(me, RELAY_THREAD);
+        drop((stop_relay, stop_other));
+        relay.join().unwrap();
+        other.join().unwrap();
+        assert!(before.threads.iter().all(|(t, _)| *t != relay_tid), "{before:?}");
+        assert_eq!(during.threads.iter().map(|t| t.0).collect::<Vec<_>>(), vec![relay_tid], "{during:?}");
+        // Started after `before`: all its time counts.
+        assert_eq!(during.cpu_since(&before), during.threads[0].1);
+        // No such thread, no such process: empty.
+        assert!(named_threads_sample(me, "no-such-thread").threads.is_empty());
+        assert!(named_threads_sample(0, RELAY_THREAD).threads.is_empty());
+    }
+
+    #[test]
+    fn threads_cpu_since() {
+        let a = ThreadsSample { threads: vec![(1, 100), (2, 50)] };
+        let b = ThreadsSample { threads: vec![(1, 130), (3, 20)] };
+        // Thread 1 grew by 30; thread 3 is new (20); thread 2 is gone (its time with it).
+        assert_eq!(b.cpu_since(&a), 50);
+        assert_eq!(b.cpu_since(&ThreadsSample::default()), 150);
+        assert_eq!(ThreadsSample::default().cpu_since(&a), 0);
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub struct Tally {
     /// short of offsets; `closed`: in flight when the server closed the connection; `unanswered`: still
     /// waiting at the end of the grace period; `bad_response`, `unexpected_response`).
     pub api_errors: BTreeMap<String, u64>,
+    /// Several `--url`: the initial connections that became ready, per URL (index as in `Plan::urls`; empty
+    /// with one URL).
+    pub ready_per_url: Vec<u64>,
     /// api-publish: request sent to `200` parsed, for the responses in the window.
     pub api_latency: Hist,
     /// The same for the responses in the grace period.
@@ -212,5 +215,11 @@ impl Tally {
         add_map(&mut self.api_errors, &o.api_errors);
         self.api_latency.merge(&o.api_latency);
         self.api_late_latency.merge(&o.api_late_latency);
+        if self.ready_per_url.len() < o.ready_per_url.len() {
+            self.ready_per_url.resize(o.ready_per_url.len(), 0);
+        }
+        for (a, b) in self.ready_per_url.iter_mut().zip(&o.ready_per_url) {
+            *a += b;
+        }
     }
 }

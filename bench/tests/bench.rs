@@ -525,3 +525,96 @@ fn proxy_processes_are_sampled_beside_the_server() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such process"), "{out:?}");
 }
+
+#[test]
+fn several_nodes_each_get_their_share_and_are_sampled_apart() {
+    // Two servers stand for two nodes that do not relay to each other, so a subscriber sees only the
+    // publishes of its own node: the publishers are all on the first, and so are the deliveries.
+    let (one, two) = (TestServer::start(Options::default()), TestServer::start(Options::default()));
+    let urls = format!("{},{}", one.url(), two.url());
+    // Node 1 is this process, with a thread named like Throng's relay that keeps a little busy (1 ms of
+    // every 5); node 2 and Redis are helper processes (no such thread).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("throng-relay".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t0 = std::time::Instant::now();
+                    while t0.elapsed() < std::time::Duration::from_millis(1) {
+                        std::hint::spin_loop();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(4));
+                }
+            })
+            .unwrap()
+    };
+    let node2 = Helper::start("while :; do sleep 0.01; done");
+    let redis = Helper::start("while :; do sleep 0.01; done");
+    let pids = format!("{},{}", std::process::id(), node2.pid());
+    let redis_pid = redis.pid().to_string();
+    // 10 subscribers + 2 publishers (connections 0 and 6) over 2 processes x 2 threads: connection i on URL
+    // i mod 2, the publishers on the first.
+    let args = [
+        "broadcast",
+        "--url",
+        &urls,
+        "--connections",
+        "10",
+        "--publishers",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--grace",
+        "1",
+        "--procs",
+        "2",
+        "--threads",
+        "2",
+        "--server-pid",
+        &pids,
+        "--redis-pid",
+        &redis_pid,
+    ];
+    let worker =
+        WorkerCommand { exe: env!("CARGO_BIN_EXE_throng-bench").into(), args: args.iter().map(Into::into).collect() };
+    let r = bench_with(&args, &worker);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    relay.join().unwrap();
+    let urls: Vec<_> = r.urls.iter().map(|u| (u.url.clone(), u.connections, u.ready)).collect();
+    assert_eq!(urls, vec![(one.url(), 6, 6), (two.url(), 6, 6)], "{r:#?}");
+    assert_eq!((one.heads().len(), two.heads().len()), (6, 6));
+    // The first node's 4 subscribers get everything; the second's 6 nothing.
+    let m = r.messages.as_ref().unwrap();
+    assert!(m.sent >= 50, "{r:#?}");
+    assert_eq!((m.delivered, m.lost), (m.sent * 4, m.sent * 6), "{r:#?}");
+
+    let s = r.server.as_ref().expect("server figures");
+    assert_eq!((s.pid, s.pids.clone()), (Some(std::process::id()), vec![std::process::id(), node2.pid()]));
+    let (n1, n2) = (&s.nodes[0], &s.nodes[1]);
+    assert_eq!((n1.pid, n2.pid), (std::process::id(), node2.pid()));
+    // The server figures are the nodes' sums (each rounded to the ms).
+    let (sum, parts) = (s.cpu_s.unwrap(), n1.cpu_s.unwrap() + n2.cpu_s.unwrap());
+    assert!((sum - parts).abs() <= 0.0011, "sum {sum} vs {parts}: {s:#?}");
+    let rss = n1.rss_held_bytes.unwrap() + n2.rss_held_bytes.unwrap();
+    assert_eq!((s.rss_held_bytes, s.rss_before_bytes.is_some()), (Some(rss), true), "{s:#?}");
+    // The relay thread: found on node 1 only, busy about a fifth of the 2 s of window and grace.
+    assert_eq!((n1.relay_threads, n2.relay_threads, n2.relay_cpu_s), (1, 0, None), "{s:#?}");
+    let relay_s = n1.relay_cpu_s.expect("relay CPU on node 1");
+    assert!(relay_s > 0.05 && relay_s < 2.0, "{s:#?}");
+    let per_publish = n1.relay_cpu_us_per_publish.expect("per publish");
+    assert!((per_publish * m.sent as f64 / 1e6 - relay_s).abs() <= 0.001, "{s:#?}");
+    assert_eq!(s.relay_cpu_s, Some(relay_s));
+    let redis_r = r.redis.as_ref().expect("redis figures");
+    assert_eq!(redis_r.pids, vec![redis.pid()]);
+    assert!(redis_r.cpu_s.is_some() && redis_r.cpu_us_per_publish.is_some(), "{redis_r:#?}");
+    assert!(redis_r.rss_before_bytes.is_some_and(|b| b > 0), "{redis_r:#?}");
+    let human = r.human();
+    assert!(
+        human.contains("nodes     2 URLs") && human.contains("relay CPU") && human.contains("redis     pid"),
+        "{human}"
+    );
+}

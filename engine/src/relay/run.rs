@@ -932,8 +932,8 @@ impl Relay {
 
     fn connect(&mut self) {
         self.connecting = true;
-        let (gen, cfg) = (self.gen, self.cfg.clone());
-        self.ops.spawn(async move { Done::Connected(gen, open(&cfg).await) });
+        let (gen, cfg, node) = (self.gen, self.cfg.clone(), self.rs.node.clone());
+        self.ops.spawn(async move { Done::Connected(gen, open(&cfg, &node).await) });
     }
 
     fn connected(&mut self, conn: Conn, pushes: UnboundedReceiver<PushInfo>, cluster: bool) {
@@ -1020,7 +1020,7 @@ impl Relay {
 }
 
 /// Connects: detects a Cluster, opens the connection with pushes (RESP3) and the timeouts, loads the scripts.
-async fn open(cfg: &RedisConfig) -> Result<(Conn, UnboundedReceiver<PushInfo>, bool), String> {
+async fn open(cfg: &RedisConfig, node: &str) -> Result<(Conn, UnboundedReceiver<PushInfo>, bool), String> {
     let t = cfg.timeout;
     let e = |e: redis::RedisError| e.to_string();
     let resp3 = |url: &str| -> Result<redis::ConnectionInfo, String> {
@@ -1053,6 +1053,10 @@ async fn open(cfg: &RedisConfig) -> Result<(Conn, UnboundedReceiver<PushInfo>, b
         Conn::Single(single)
     };
     load_scripts(&mut conn).await.map_err(e)?;
+    // Named, so an operator's CLIENT LIST tells which node a connection is.
+    let mut name = redis::cmd("CLIENT");
+    name.arg("SETNAME").arg(format!("throng-{node}"));
+    conn.cmd(&name).await.map_err(e)?;
     Ok((conn, rx, cluster))
 }
 

@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod load;
+pub mod redis;
 pub mod v1;
 
 /// Defines `<uring>` and `<epoll>` tests that run `body(Driver)` on the named driver (the test file imports
