@@ -467,7 +467,7 @@ fn redis_killed_and_restarted() {
     assert_eq!(health(&servers[0])["status"], "degraded");
     redis.restart();
     // A restarted Redis without persistence lost the channel: a new epoch. Subscribers get a gap, then
-    // every new message.
+    // every message of the new epoch (those published before node 0 was back come from history).
     let refused = publish_through(&mut publisher, "fault:kill", 100, 5);
     let mut gap = None;
     let mut got = Vec::new();
@@ -537,4 +537,42 @@ fn redis_cluster_delivers_every_message_in_one_order() {
         let r = cluster.nodes()[owner].cmd(&["PUBSUB", "SHARDNUMSUB", &ch]);
         assert_eq!(r.as_array().unwrap()[1].as_int(), Some(3), "{n}: one subscription per node on its master");
     }
+}
+
+/// The HTTP fallback rides the relay too: a `GET /sse` stream on one node receives what a WebSocket client
+/// publishes on another, and a `POST /publish` on a third reaches both.
+#[test]
+fn sse_streams_on_another_node() {
+    let redis = Redis::start();
+    let servers = nodes(&redis.url(), 3);
+    let mut sse = TcpStream::connect(servers[1].addr).expect("connect");
+    sse.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    sse.write_all(b"GET /sse?channel=sse:x&user=reader HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .expect("write");
+    let mut seen = String::new();
+    let mut read_until = |what: &dyn Fn(&str) -> bool, seen: &mut String| {
+        let mut chunk = [0u8; 8192];
+        while !what(seen) {
+            let n = sse.read(&mut chunk).expect("reading the stream");
+            assert!(n > 0, "EOF: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    };
+    read_until(&|s| s.contains("\"type\":\"subscribed\""), &mut seen);
+    let mut ws = Ws::connect(&servers[0], "writer");
+    for k in 1..=3 {
+        ws.publish("sse:x", json!({"k": k}));
+    }
+    let body = r#"{"channel":"sse:x","data":{"k":4}}"#;
+    let (status, r) = http(&servers[2], "POST", "/api/publish", Some(body));
+    assert_eq!(status, 200, "{r}");
+    read_until(&|s| s.contains("\"offset\":4"), &mut seen);
+    let offsets: Vec<u64> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3, 4], "{seen}");
 }

@@ -8,7 +8,8 @@
 //! duplicate and dropped; a newer one means messages were missed (a reconnect, a subscription that started
 //! late): the channel reads the stream from `last` and holds what arrives meanwhile. The read fills the gap
 //! in order; what the stream no longer has (trimmed, expired) becomes a `Lost` range, which the shards turn
-//! into `gap` markers so subscribers recover. A new epoch (Redis lost the channel) resets the shards.
+//! into `gap` markers so subscribers recover. A new epoch (Redis lost the channel) resets the shards to offset
+//! 0 (a `gap` for every subscriber) and reads the new incarnation's history from its start.
 //!
 //! # Positioning subscribers
 //! While the channel is live, a subscriber without a position (or already up to date) is answered at once
@@ -228,8 +229,15 @@ impl Chan {
         if !self.known {
             (self.last, self.epoch, self.known) = (read.offset, epoch, true);
         } else if epoch != self.epoch {
-            (self.last, self.epoch) = (read.offset, epoch);
-            out.push(Action::Reset { offset: read.offset });
+            // A new incarnation: the shards start it over at 0, and what its history holds follows, read
+            // from its start (subscribers and pushes keep waiting for that read).
+            (self.last, self.epoch) = (0, epoch);
+            out.push(Action::Reset { offset: 0 });
+            if read.offset > 0 {
+                self.reading_from = Some(0);
+                out.push(Action::Read { from: Some(0) });
+                return;
+            }
         } else if read.offset > self.last {
             let mut next = self.last + 1;
             let last = self.last;
@@ -405,10 +413,14 @@ mod tests {
         c.push(Pushed { offset: 1, epoch: 0xf, data: Bytes::new() }, 0, &mut out);
         let r = Read { offset: 1, epoch: Some(0xf), now_ms: 0, entries: Vec::new() };
         c.read_done(r, B, &mut out);
-        assert_eq!(show(&mut out), ["readSome(7)", "reset1"]);
-        assert_eq!((c.last, c.epoch), (1, 0xf));
+        // Started over at 0, and the new incarnation's history is read from its start.
+        assert_eq!(show(&mut out), ["readSome(7)", "reset0", "readSome(0)"]);
+        assert_eq!((c.last, c.epoch, c.phase), (0, 0xf, Phase::Reading));
         c.push(Pushed { offset: 2, epoch: 0xf, data: Bytes::new() }, 0, &mut out);
-        assert_eq!(show(&mut out), ["d2"]);
+        let entry = Entry { offset: 1, at_ms: 0, data: Bytes::new() };
+        c.read_done(Read { offset: 1, epoch: Some(0xf), now_ms: 0, entries: vec![entry] }, B, &mut out);
+        assert_eq!(show(&mut out), ["d1", "d2"]);
+        assert_eq!(c.last, 2);
     }
 
     #[test]
