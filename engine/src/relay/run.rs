@@ -1,6 +1,6 @@
 //! The relay thread: its loop over the inbox from the shards, the pushes from Redis, the answers of the
-//! commands in flight, and a 10 ms housekeeping tick (the bus's overflow queues, presence writes and
-//! refreshes, liveness pings, reconnects).
+//! commands in flight, and a housekeeping tick (every 50 ms; every 1 ms while messages wait in the bus's
+//! overflow queues): retrying those, presence writes and refreshes, liveness pings, reconnects.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
@@ -37,6 +37,10 @@ const MAX_BATCH: usize = 1000;
 /// Most publishes waiting for the batch in flight; past it the relay leaves its inbox alone, so the shards'
 /// rings fill and their publishes are refused `overloaded`.
 const MAX_QUEUED: usize = 20_000;
+/// The housekeeping tick when nothing waits for room on the bus.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+/// The housekeeping tick while messages wait for room in a shard's ring.
+const BUSY_TICK: Duration = Duration::from_millis(1);
 /// How often presence changes are written.
 const PRESENCE_EVERY: Duration = Duration::from_millis(50);
 /// Longest wait between reconnection attempts.
@@ -245,11 +249,13 @@ impl Relay {
                 return;
             }
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut next_tick = tokio::time::Instant::now();
         loop {
             self.drain_inbox();
             self.start_work();
+            if !self.outbox.is_idle() {
+                next_tick = next_tick.min(tokio::time::Instant::now() + BUSY_TICK);
+            }
             let shared = self.shared.clone();
             let inbox = &shared.inboxes[self.me];
             inbox.parked.store(true, Ordering::SeqCst);
@@ -273,7 +279,13 @@ impl Relay {
                         guard.clear_ready();
                     }
                 }
-                _ = tick.tick() => self.housekeeping(),
+                _ = tokio::time::sleep_until(next_tick) => {
+                    self.housekeeping();
+                    // 50 ms when idle (presence writes, pings, reconnects); 1 ms while messages wait for room
+                    // in a shard's ring.
+                    let period = if self.outbox.is_idle() { IDLE_TICK } else { BUSY_TICK };
+                    next_tick = tokio::time::Instant::now() + period;
+                }
             }
             inbox.parked.store(false, Ordering::Relaxed);
         }
