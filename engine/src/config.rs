@@ -230,6 +230,11 @@ pub struct Cli {
     /// how long the users of a node that died stay listed. [default: 15]
     #[arg(long, env = "THRONG_REDIS_PRESENCE_TTL")]
     pub redis_presence_ttl: Option<f64>,
+    /// Serve the demo page at `/` (a room chat with presence and the node's figures, using the JavaScript
+    /// client served at `/throng.js`). `--demo` alone means true. [default: true in the open development mode
+    /// (no JWT key), false otherwise; when off, `/` answers 404]
+    #[arg(long, env = "THRONG_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
     /// Validate the configuration (flags, variables and file), print it, and exit: 0 when it is valid,
     /// 1 with the reason otherwise. Nothing is bound or started.
     #[arg(long)]
@@ -285,6 +290,7 @@ struct FileConfig {
     redis_prefix: Option<String>,
     redis_timeout: Option<f64>,
     redis_presence_ttl: Option<f64>,
+    demo: Option<bool>,
     /// `[namespace.NAME]` tables; `[namespace.default]` is for channel names without a namespace.
     #[serde(default)]
     namespace: std::collections::BTreeMap<String, NamespaceFile>,
@@ -485,6 +491,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The Redis relay; `None`: a single node.
     pub redis: Option<RedisConfig>,
+    /// Whether the demo page is served at `/`.
+    pub demo: bool,
 }
 
 /// The Redis relay's settings.
@@ -593,6 +601,9 @@ impl Config {
             None => FileConfig::default(),
         };
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let auth = auth_config(&cli, &file)?;
+        // The demo page is on by default only where anyone may connect anyway: the open development mode.
+        let demo = cli.demo.or(file.demo).unwrap_or(auth.key.is_none());
         let cfg = Self {
             listen: cli.listen.or(file.listen).unwrap_or_else(|| default_listen(&cli, &file)),
             shards: cli.shards.or(file.shards).unwrap_or(cores.min(64)),
@@ -622,7 +633,7 @@ impl Config {
             max_unfinished_bytes: cli.max_unfinished_bytes.or(file.max_unfinished_bytes).unwrap_or(64 << 20),
             message_timeout: secs("message_timeout", cli.message_timeout.or(file.message_timeout).unwrap_or(15.0))?,
             max_queue_bytes: cli.max_queue_bytes.or(file.max_queue_bytes).unwrap_or(64 << 20),
-            auth: auth_config(&cli, &file)?,
+            auth,
             insecure: cli.insecure || file.insecure.unwrap_or(false),
             allowed_origins: cli.allowed_origins.clone().or(file.allowed_origins.clone()).unwrap_or_default(),
             trusted_proxies: cli
@@ -656,6 +667,7 @@ impl Config {
                     )?,
                 }),
             },
+            demo,
         };
         cfg.check()?;
         Ok(cfg)
@@ -909,6 +921,28 @@ mod tests {
         assert_eq!(c.poll_timeout, Duration::from_millis(1500));
         assert!(load_err(&["--poll-timeout", "0"]).contains("poll_timeout"));
         assert!(load_err(&["--poll-timeout", "301"]).contains("poll_timeout must be at most"));
+    }
+
+    #[test]
+    fn demo_is_on_by_default_only_in_the_open_development_mode() {
+        let load = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("throng").chain(args.iter().copied())).unwrap();
+            Config::load(cli).unwrap().demo
+        };
+        let secret = "a secret of at least thirty-two bytes";
+        assert!(load(&[]), "open mode: demo on");
+        assert!(!load(&["--demo", "false"]));
+        assert!(!load(&["--jwt-secret", secret]), "with a key: demo off");
+        assert!(load(&["--jwt-secret", secret, "--demo"]), "--demo alone turns it on");
+        assert!(load(&["--jwt-secret", secret, "--demo", "true"]));
+        let dir = std::env::temp_dir().join(format!("throng-cfg-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        std::fs::write(&path, format!("demo = true\njwt_secret = \"{secret}\"\n")).unwrap();
+        assert!(load(&["--config", path.to_str().unwrap()]), "demo = true in the file");
+        assert!(!load(&["--config", path.to_str().unwrap(), "--demo", "false"]), "the flag beats the file");
+        std::fs::write(&path, "demo = false\n").unwrap();
+        assert!(!load(&["--config", path.to_str().unwrap()]), "demo = false in the file, open mode");
     }
 
     #[test]

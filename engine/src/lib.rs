@@ -121,6 +121,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(admin) = config.admin_listen {
         tracing::info!(%admin, "admin listener on {admin} (shard 0): /metrics, /stats and /api/* served only there");
     }
+    if config.demo {
+        tracing::info!(
+            "demo page on http://{}/ (a room chat on the JavaScript client served at /throng.js); --demo false turns it off",
+            config.listen
+        );
+    }
     if config.api_key.is_none() {
         tracing::info!("backend API off (every /api/* path answers 404): set api_key to enable it");
     }

@@ -1,11 +1,13 @@
-//! The plain endpoints: `/health`, `/metrics` (Prometheus text) and `/stats` (JSON). A connection is kept
-//! open after a success when the client keeps it alive (HTTP/1.1 without `Connection: close`).
+//! The plain endpoints: `/health`, `/metrics` (Prometheus text), `/stats` (JSON), and the embedded files
+//! (`/throng.js`, the demo page at `/`: [`static_files`]). A connection is kept open after a success when the
+//! client keeps it alive (HTTP/1.1 without `Connection: close`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use throng_protocol::handshake::{self, Request, Status};
 
+use super::static_files;
 use crate::metrics::{self, Observed, ShardMetrics};
 use crate::shard::Env;
 use crate::sys;
@@ -20,6 +22,12 @@ pub fn respond(env: &Env, req: &Request<'_>, out: &mut Vec<u8>, keep_alive: bool
         return;
     }
     let head = req.method == "HEAD";
+    if let Some(file) = static_files::lookup(req.path, env.cfg().demo) {
+        let body = if head { &[][..] } else { file.body.as_bytes() };
+        let headers = [("Cache-Control", file.cache_control), ("X-Content-Type-Options", "nosniff")];
+        handshake::write_response(out, Status::Ok, file.content_type, &headers, body, keep_alive);
+        return;
+    }
     let (ctype, body) = match req.path {
         "/health" => {
             // 503 takes the node out of a load balancer's rotation: while starting (connections accepted now
@@ -188,7 +196,7 @@ fn stats(env: &Env) -> String {
     let mut o = String::with_capacity(1024);
     let _ = write!(
         o,
-        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"closing\":{},\"auth\":\"{}\",\"users\":{},\"client_addresses\":{},\"per_shard\":[",
+        "{{\"version\":\"{}\",\"driver\":\"{}\",\"shards\":{},\"uptime_seconds\":{},\"connections\":{},\"rss_bytes\":{},\"draining\":{},\"closing\":{},\"auth\":\"{}\",\"users\":{},\"client_addresses\":{},",
         env!("CARGO_PKG_VERSION"),
         s.driver_name,
         s.metrics.len(),
@@ -201,6 +209,13 @@ fn stats(env: &Env) -> String {
         users,
         addresses,
     );
+    // Publish-to-write latency over every delivery since start (the histogram `/metrics` exports), summed
+    // over the shards: a reader takes two samples for deliveries per second and their mean latency.
+    let (count, sum_us) = s.metrics.iter().fold((0u64, 0u64), |(c, t), m| {
+        let (_, count, sum_us) = m.obs.hists[0].read();
+        (c + count, t.wrapping_add(sum_us))
+    });
+    let _ = write!(o, "\"delivery_latency\":{{\"count\":{count},\"sum_us\":{sum_us}}},\"per_shard\":[");
     for (i, m) in s.metrics.iter().enumerate() {
         if i > 0 {
             o.push(',');

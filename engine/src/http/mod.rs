@@ -1,9 +1,10 @@
 //! HTTP on the WebSocket port: the upgrade decision for `/ws` and `/echo` (origin, client address, upgrade
 //! rate, identity, connection limits), the plain endpoints ([`endpoints`]: `/health`, `/metrics`,
-//! `/stats`) and the backend API ([`api`]: `/api/*`). A refused upgrade is followed by closing the
-//! connection; a plain request's connection is kept for the next request unless the client or an error
-//! response closes it (`Connection: close`), or its body was refused on its head ([`takes_body`]: then it
-//! is answered at once and closed, the body unread), and is closed when idle for `handshake_timeout`.
+//! `/stats`, and the embedded files of [`static_files`]: `/throng.js`, the demo page at `/`) and the
+//! backend API ([`api`]: `/api/*`). A refused upgrade is followed by closing the connection; a plain
+//! request's connection is kept for the next request unless the client or an error response closes it
+//! (`Connection: close`), or its body was refused on its head ([`takes_body`]: then it is answered at once
+//! and closed, the body unread), and is closed when idle for `handshake_timeout`.
 //!
 //! The checks run cheapest first and before anything is kept for the connection: a refused upgrade costs
 //! the parse of its request head and, for a token, its verification, and holds nothing after the response.
@@ -11,6 +12,7 @@
 pub mod api;
 pub mod endpoints;
 pub mod sse;
+pub mod static_files;
 
 use std::net::IpAddr;
 use std::sync::Arc;
