@@ -387,7 +387,7 @@ impl Server {
     /// The value of a Prometheus metric from `/metrics`, summed over its series (shards).
     pub fn metric(&self, name: &str) -> u64 {
         let resp = self.get("/metrics");
-        assert_eq!(resp.status, 200);
+        assert_eq!(resp.status, 200, "GET /metrics: {}", resp.text());
         sum_metric(&resp.text(), name).unwrap_or_else(|| panic!("metric {name} not in /metrics:\n{}", resp.text()))
     }
 
