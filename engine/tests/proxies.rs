@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
-use support::{Driver, Server};
+use support::{find_binary, Driver, Server, TempDir};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
@@ -88,7 +88,7 @@ enum Via {
 
 fn scenario(kind: Kind, via: Via, driver: Driver) {
     let t_start = Instant::now();
-    let dir = TempDir::new(&format!("{kind:?}-{via:?}-{driver:?}").to_lowercase());
+    let dir = TempDir::new("proxies", &format!("{kind:?}-{via:?}-{driver:?}").to_lowercase());
     let tls = Tls::make(&dir.0);
     let delay = DRAIN_DELAY.as_secs().to_string();
     let mut args = vec!["--drain-delay", delay.as_str(), "--drain-timeout", "10"];
@@ -202,8 +202,8 @@ impl Proxy {
     /// by someone else between the probe and the proxy's bind is retried with another.
     fn start(kind: Kind, via: Via, dir: &Path, throng: SocketAddr) -> Proxy {
         let binary = match kind {
-            Kind::Nginx => find_binary("nginx"),
-            Kind::Haproxy => find_binary("haproxy"),
+            Kind::Nginx => find_binary("nginx", "nginx libnginx-mod-stream"),
+            Kind::Haproxy => find_binary("haproxy", "haproxy"),
         };
         for attempt in 1.. {
             let port = free_port();
@@ -410,19 +410,6 @@ fn render(kind: Kind, via: Via, dir: &Path, port: u16, throng: SocketAddr) -> St
     text
 }
 
-/// `name` on PATH or in the sbin directories (where Debian puts nginx and haproxy); a failure that says
-/// what to run when it is not installed.
-fn find_binary(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let sbin = ["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from);
-    std::env::split_paths(&path).chain(sbin).map(|dir| dir.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
-            "{name} is not installed (not on PATH nor in /usr/sbin): run tools/test, which installs it \
-                 (apt-get install nginx libnginx-mod-stream haproxy)"
-        )
-    })
-}
-
 /// Listening sockets on 127.0.0.1:`port` (or the wildcard address): how many belong to a process of the
 /// process group `group`, and how many do not.
 fn listeners(port: u16, group: u32) -> (usize, usize) {
@@ -469,26 +456,6 @@ fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T
             Err(e) if Instant::now() > deadline => panic!("not reached within {timeout:?}: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
-    }
-}
-
-/// A directory of this test's own (configuration, certificate, sockets, logs), removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("throng-proxies-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -526,15 +526,8 @@ class ThrongClient extends Emitter {
       }
     }, this.options.connectTimeout);
     ws.onmessage = (ev) => {
-      if (this._ws !== ws) return;
-      this._lastRecv = now();
-      this._pingAt = 0;
-      let msg;
-      try {
-        msg = JSON.parse(textOf(ev.data));
-      } catch {
-        return;
-      }
+      const msg = this._received(ws, ev);
+      if (!msg) return;
       if (msg.type === "welcome") {
         welcomed = true;
         clearTimeout(timer);
@@ -1395,19 +1388,24 @@ class ThrongClient extends Emitter {
     };
   }
 
+  /** A frame on `ws`, if `ws` is the main socket: notes that the server spoke, and parses it (undefined when
+   * the socket is not the main one or the frame is not JSON). */
+  _received(ws, ev) {
+    if (this._ws !== ws) return undefined;
+    this._lastRecv = now();
+    this._pingAt = 0;
+    try {
+      return JSON.parse(textOf(ev.data));
+    } catch {
+      return undefined;
+    }
+  }
+
   /** Gives an open socket (a successful probe) the handlers of the main connection. */
   _adoptWs(ws) {
     ws.onmessage = (ev) => {
-      if (this._ws !== ws) return;
-      this._lastRecv = now();
-      this._pingAt = 0;
-      let msg;
-      try {
-        msg = JSON.parse(textOf(ev.data));
-      } catch {
-        return;
-      }
-      this._onFrame(msg);
+      const msg = this._received(ws, ev);
+      if (msg) this._onFrame(msg);
     };
     ws.onclose = (ev) => {
       if (this._ws !== ws) return;

@@ -752,13 +752,9 @@ fn respond(env: &Env, acc: Acc) -> (Status, Vec<u8>) {
             ShardMetrics::add(&env.metrics.api_published_total, ok as u64);
             if !batch {
                 if let Some((_, Some(Err(r)))) = items.first() {
-                    let mut body = Vec::new();
-                    body.extend_from_slice(b"{\"error\":");
-                    handshake::write_json_str(&mut body, r.code);
-                    body.extend_from_slice(b",\"reason\":");
-                    handshake::write_json_str(&mut body, r.reason);
-                    body.push(b'}');
-                    return (Status::ServiceUnavailable, body);
+                    o.push(b'{');
+                    write_refusal(&mut o, r);
+                    return (Status::ServiceUnavailable, o);
                 }
             }
             o.extend_from_slice(b"{\"offsets\":[");
@@ -775,11 +771,8 @@ fn respond(env: &Env, acc: Acc) -> (Status, Vec<u8>) {
                         o.extend_from_slice(b"\"}");
                     }
                     Some(Err(r)) => {
-                        o.extend_from_slice(b",\"error\":");
-                        handshake::write_json_str(&mut o, r.code);
-                        o.extend_from_slice(b",\"reason\":");
-                        handshake::write_json_str(&mut o, r.reason);
-                        o.push(b'}');
+                        o.push(b',');
+                        write_refusal(&mut o, r);
                     }
                     None => o.extend_from_slice(b",\"error\":\"internal\",\"reason\":\"no answer\"}"),
                 }
@@ -788,11 +781,8 @@ fn respond(env: &Env, acc: Acc) -> (Status, Vec<u8>) {
         }
         Acc::Json(Some(b)) => o.extend_from_slice(&b),
         Acc::Failed(r) => {
-            o.extend_from_slice(b"{\"error\":");
-            handshake::write_json_str(&mut o, r.code);
-            o.extend_from_slice(b",\"reason\":");
-            handshake::write_json_str(&mut o, r.reason);
-            o.push(b'}');
+            o.push(b'{');
+            write_refusal(&mut o, &r);
             return (Status::ServiceUnavailable, o);
         }
         Acc::Json(None) => {
@@ -806,6 +796,15 @@ fn respond(env: &Env, acc: Acc) -> (Status, Vec<u8>) {
         Acc::Channels { limit, list } => write_channels(&mut o, limit, &list),
     }
     (Status::Ok, o)
+}
+
+/// `"error":<code>,"reason":<reason>}`: the end of a JSON object saying why something was refused.
+fn write_refusal(o: &mut Vec<u8>, r: &Refusal) {
+    o.extend_from_slice(b"\"error\":");
+    handshake::write_json_str(o, r.code);
+    o.extend_from_slice(b",\"reason\":");
+    handshake::write_json_str(o, r.reason);
+    o.push(b'}');
 }
 
 /// A page of `GET /api/channels`: the first `limit` of `list`, and the cursor of the next page when `list`

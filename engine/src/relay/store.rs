@@ -177,7 +177,8 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) % 16384
 }
 
-fn crc16(data: &[u8]) -> u16 {
+/// CRC16-CCITT in its XMODEM form (polynomial 0x1021, initial value 0), as Redis Cluster uses.
+pub fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &b in data {
         crc ^= u16::from(b) << 8;

@@ -736,3 +736,42 @@ impl Drop for CpuCap {
         }
     }
 }
+
+/// `name` on PATH or in the sbin directories (where Debian puts nginx, haproxy and redis-server); a failure
+/// that says what to run when it is not installed (`packages`: the Debian packages tools/test installs).
+pub fn find_binary(name: &str, packages: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let sbin = ["/usr/sbin", "/usr/local/sbin", "/sbin"].map(std::path::PathBuf::from);
+    std::env::split_paths(&path).chain(sbin).map(|dir| dir.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "{name} is not installed (not on PATH nor in /usr/sbin): run tools/test, which installs it \
+             (apt-get install {packages})"
+        )
+    })
+}
+
+/// A directory of a test's own (configurations, certificates, sockets, logs), removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh `throng-<prefix>-<pid>-<n>-<tag>` under the temporary directory.
+    pub fn new(prefix: &str, tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("throng-{prefix}-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -10,7 +10,9 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use super::{find_binary, TempDir};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -287,7 +289,7 @@ impl Redis {
                 child: None,
                 port,
                 pid: 0,
-                dir: TempDir::new(&format!("{tag}-{port}")),
+                dir: TempDir::new("redis", &format!("{tag}-{port}")),
                 extra: extra.clone(),
                 log: Arc::new(Mutex::new(String::new())),
             };
@@ -303,7 +305,7 @@ impl Redis {
     /// Spawns the process on `self.port` and waits until it answers PING; Err(log) if it exits first or
     /// does not answer in time.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let binary = find_binary("redis-server");
+        let binary = find_binary("redis-server", "redis-server redis-tools");
         let mut cmd = Command::new(&binary);
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--logfile", "", "--loglevel", "notice", "--dir"])
@@ -571,7 +573,7 @@ impl RedisCluster {
     /// Starts `masters` (at least 3, as `redis-cli --cluster create` requires) nodes and joins them.
     pub fn start(masters: usize) -> RedisCluster {
         assert!(masters >= 3, "redis-cli --cluster create needs at least 3 masters, not {masters}");
-        let cli = find_binary("redis-cli");
+        let cli = find_binary("redis-cli", "redis-tools");
         let opts =
             ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"];
         let nodes: Vec<Redis> = (0..masters).map(|_| Redis::launch(cluster_port, "cluster", &opts)).collect();
@@ -696,63 +698,10 @@ fn cluster_port() -> u16 {
     }
 }
 
-/// The Redis Cluster hash slot of `key`: CRC16-XMODEM of the key, or of its hash tag (the bytes between the
-/// first `{` and the first `}` after it, when there is at least one), mod 16384.
-pub fn key_slot(key: &[u8]) -> u16 {
-    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let len = key[open + 1..].iter().position(|&b| b == b'}')?;
-        (len > 0).then(|| &key[open + 1..open + 1 + len])
-    });
-    crc16_xmodem(tagged.unwrap_or(key)) % SLOTS
-}
-
-/// CRC16-CCITT in its XMODEM form (polynomial 0x1021, initial value 0), as Redis Cluster uses.
-pub fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
-        }
-    }
-    crc
-}
+/// The engine's own slot and CRC16 functions: the harness's tests check them against a real Cluster
+/// (`CLUSTER KEYSLOT`).
+#[allow(unused_imports)]
+pub use throng::relay::store::{crc16 as crc16_xmodem, slot as key_slot};
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
-
-/// `name` on PATH or in the sbin directories; a failure that says what to run when it is not installed.
-fn find_binary(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let sbin = ["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from);
-    std::env::split_paths(&path).chain(sbin).map(|dir| dir.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
-            "{name} is not installed (not on PATH nor in /usr/sbin): run tools/test, which installs it \
-             (apt-get install redis-server redis-tools)"
-        )
-    })
-}
-
-/// A directory of one server's own, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("throng-redis-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
