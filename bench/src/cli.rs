@@ -158,6 +158,11 @@ pub struct Args {
     /// [default: 0.5; 0 with --personal-prefix user:]
     #[arg(long)]
     pub personal_share: Option<f64>,
+    /// Rooms: connections closed (the socket dropped, no close handshake) and opened again per second in
+    /// total; each reconnects as the same user and subscribes to its personal channel and its group again.
+    /// Needs --personal-share 0 (a personal channel's deliveries are counted per publish).
+    #[arg(long, default_value_t = 0.0)]
+    pub reconnect_rate: f64,
     /// Rooms: the personal channel of connection i is `<prefix>bench-<i>` (`bench-<i>` is its user: the
     /// token's `sub`, or `?user=` without a JWT key). A namespace clients may publish to (`inbox:`) lets
     /// publishers reach personal channels over WebSocket.
@@ -206,9 +211,11 @@ pub struct Args {
     /// the limit.
     #[arg(long, default_value_t = 0.0)]
     pub pace_ms: f64,
-    /// Churn: connections opened (and closed again) per second.
-    #[arg(long, default_value_t = 100.0)]
-    pub churn_rate: f64,
+    /// Churn: connections opened (and closed again) per second [default: 100]. Rooms: group moves per second
+    /// in total, over every subscriber: a member unsubscribes from its group and, once `unsubscribed`,
+    /// subscribes to another random group [default: 0].
+    #[arg(long)]
+    pub churn_rate: Option<f64>,
     /// Mint an HS256 JWT per connection with this secret (or THRONG_BENCH_JWT_SECRET, which other users of
     /// the host cannot see in the process list).
     #[arg(long, env = "THRONG_BENCH_JWT_SECRET", hide_env_values = true)]
@@ -394,6 +401,18 @@ pub struct RoomsPlan {
     pub personal_share: f64,
     /// Personal channel prefix (`user:`).
     pub personal_prefix: String,
+    /// Group moves per second over all subscribers (`--churn-rate`; 0: members stay in their groups).
+    pub moves_per_s: f64,
+    /// Reconnects per second over all subscribers (`--reconnect-rate`).
+    pub reconnects_per_s: f64,
+}
+
+impl RoomsPlan {
+    /// True when members move between groups: group deliveries are then accounted by the channel offsets
+    /// of each membership (see `docs/benchmarks.md`, rooms).
+    pub fn moving(&self) -> bool {
+        self.moves_per_s > 0.0 || self.reconnects_per_s > 0.0
+    }
 }
 
 /// The group channel prefix of the rooms scenario.
@@ -466,11 +485,32 @@ fn rooms(args: &Args, receivers: u64) -> Result<RoomsPlan, Error> {
                 .into(),
         ));
     }
+    let groups = receivers.div_ceil(args.group_size);
+    let moves_per_s = args.churn_rate.unwrap_or(0.0);
+    if !moves_per_s.is_finite() || moves_per_s < 0.0 {
+        return Err(Error::Config(format!("--churn-rate must be 0 or positive (got {moves_per_s})")));
+    }
+    if moves_per_s > 0.0 && groups < 2 {
+        return Err(Error::Config("--churn-rate moves members between groups: it needs at least 2 groups".into()));
+    }
+    let reconnects_per_s = args.reconnect_rate;
+    if !reconnects_per_s.is_finite() || reconnects_per_s < 0.0 {
+        return Err(Error::Config(format!("--reconnect-rate must be 0 or positive (got {reconnects_per_s})")));
+    }
+    if reconnects_per_s > 0.0 && share > 0.0 {
+        return Err(Error::Config(
+            "--reconnect-rate needs --personal-share 0: personal deliveries are counted per publish, and a member \
+             that is reconnecting misses them by design"
+                .into(),
+        ));
+    }
     Ok(RoomsPlan {
         group_size: args.group_size,
-        groups: receivers.div_ceil(args.group_size),
+        groups,
         personal_share: share,
         personal_prefix: prefix,
+        moves_per_s,
+        reconnects_per_s,
     })
 }
 
@@ -659,7 +699,8 @@ impl Plan {
         if !args.ramp_rate.is_finite() || args.ramp_rate <= 0.0 || args.max_pending == 0 {
             return Err(Error::Config("--ramp-rate and --max-pending must be positive".into()));
         }
-        if s == Scenario::Churn && (!args.churn_rate.is_finite() || args.churn_rate <= 0.0) {
+        let churn_rate = args.churn_rate.unwrap_or(if s == Scenario::Churn { 100.0 } else { 0.0 });
+        if s == Scenario::Churn && (!churn_rate.is_finite() || churn_rate <= 0.0) {
             return Err(Error::Config("--churn-rate must be positive".into()));
         }
         if channel.is_empty() || channel.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
@@ -744,7 +785,7 @@ impl Plan {
             ramp_rate: args.ramp_rate,
             max_pending: args.max_pending,
             connect_timeout_ns: secs("connect-timeout", args.connect_timeout, 0.1)?,
-            churn_rate: if s == Scenario::Churn { args.churn_rate } else { 0.0 },
+            churn_rate: if s == Scenario::Churn { churn_rate } else { 0.0 },
             channel,
             source_ips: match &args.source_ips {
                 Some(v) => parse_source_ips(v)?,

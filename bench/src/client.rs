@@ -62,7 +62,10 @@ use crate::cli::{Auth, Plan, Role, Scenario, Target, Transport, ROOM_PREFIX};
 use crate::error::Error;
 use crate::jwt::{self, TokenIn};
 use crate::load::ThreadHandle;
-use crate::payload::{push_u64, write_payload, write_publish, write_subscribe, Incoming, Scanner, Stamp};
+use crate::payload::{
+    number_after, push_u64, write_payload, write_publish, write_publish_id, write_subscribe, write_unsubscribe,
+    Incoming, Scanner, Stamp,
+};
 use crate::poll::{self, Epoll, ERR, IN, OUT};
 use crate::seq::{Arrival, SeqTrack};
 use crate::sys::{now_ns, thread_cpu_ns};
@@ -146,6 +149,64 @@ pub struct ThreadSpec {
     pub churn_base: u64,
     /// Stride between this thread's churn connection indices (the number of threads in the run).
     pub churn_step: u64,
+    /// Rooms: this thread's share of the group moves per second (`--churn-rate`), in proportion to its members.
+    pub moves_rate: f64,
+    /// Rooms: this thread's share of the reconnects per second (`--reconnect-rate`), the same way.
+    pub reconnect_rate: f64,
+}
+
+/// Rooms with moves: where a member is in its group's life cycle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Membership {
+    /// In no group (not a member, or a leave or join was refused).
+    #[default]
+    None,
+    /// `subscribe` sent, `subscribed` awaited.
+    Joining,
+    /// Confirmed: expects every offset of the group after `from`.
+    In,
+    /// `unsubscribe` sent, `unsubscribed` awaited: still receiving.
+    Leaving,
+}
+
+/// Rooms with moves: one member's group membership. Group deliveries are accounted by the group's offsets:
+/// a membership confirmed at offset `from` expects every later offset until it is left, and the offsets
+/// arrive in order, so `last` (the newest received) tells copies from new ones and counts what was skipped.
+#[derive(Clone, Copy, Debug, Default)]
+struct Member {
+    group: u64,
+    state: Membership,
+    /// The `subscribed` offset.
+    from: u64,
+    /// The newest offset received (`from` until one arrives).
+    last: u64,
+    /// When the pending `subscribe` or `unsubscribe` was sent.
+    t0: u64,
+}
+
+/// The `id` of a group subscribe (the first subscribe's, and every join's; the personal channel's is 1).
+const GROUP_SUB_ID: u64 = 2;
+/// The `id` of a leave's `unsubscribe`.
+const GROUP_UNSUB_ID: u64 = 4;
+
+/// Searchers for the reply fields rooms with moves reads.
+#[derive(Debug)]
+struct RoomFinders {
+    offset: memchr::memmem::Finder<'static>,
+    id: memchr::memmem::Finder<'static>,
+    unsubscribed: memchr::memmem::Finder<'static>,
+    published: memchr::memmem::Finder<'static>,
+}
+
+impl RoomFinders {
+    fn new() -> Self {
+        Self {
+            offset: memchr::memmem::Finder::new(b"\"offset\":"),
+            id: memchr::memmem::Finder::new(b"\"id\":"),
+            unsubscribed: memchr::memmem::Finder::new(b"\"type\":\"unsubscribed\""),
+            published: memchr::memmem::Finder::new(b"\"type\":\"published\""),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,6 +285,8 @@ struct Conn {
     no_more: bool,
     /// `--transport sse`: a subscriber reading a Server-Sent Events stream instead of WebSocket frames.
     sse: bool,
+    /// Rooms `--reconnect-rate`: a member connecting again (its readiness is a reconnect, not a ramp's).
+    reconnecting: bool,
 }
 
 impl Conn {
@@ -253,6 +316,7 @@ impl Conn {
             next_ch: 0,
             no_more: false,
             sse: false,
+            reconnecting: false,
         }
     }
 
@@ -418,8 +482,20 @@ struct Loop<'a> {
     room_seq_group: Vec<u64>,
     /// Rooms: the channel name of the publish being written (reused).
     room_ch: String,
-    /// Rooms publishers: the random target generator (xorshift64*).
+    /// Rooms publishers (and movers): the random target generator (xorshift64*).
     rng: u64,
+    /// Rooms with moves (`--churn-rate`): true.
+    moving: bool,
+    /// Rooms with moves: each slot's group membership (receivers'; empty without moves).
+    members: Vec<Member>,
+    /// Rooms with moves: the slots of this thread's members, movers are picked from.
+    member_slots: Vec<usize>,
+    /// Rooms with moves: moves due so far in the window (started or skipped).
+    moves_sched: u64,
+    /// Rooms `--reconnect-rate`: reconnects due so far in the window (started or skipped).
+    reconnects_sched: u64,
+    /// Rooms with moves: reply field searchers.
+    rf: RoomFinders,
 }
 
 impl<'a> Loop<'a> {
@@ -468,6 +544,22 @@ impl<'a> Loop<'a> {
             }
             _ => (Vec::new(), Vec::new()),
         };
+        // Rooms with moves: every member starts joining its first group; publishers note each group's newest
+        // published offset.
+        let moving = plan.rooms.as_ref().is_some_and(|r| r.moving());
+        let (mut members, mut member_slots) = (Vec::new(), Vec::new());
+        let mut tally = Tally::default();
+        if let (true, Some(r)) = (moving, &plan.rooms) {
+            members = vec![Member::default(); conns.len()];
+            for (slot, c) in conns.iter().enumerate() {
+                if c.role == Role::Sub {
+                    members[slot] =
+                        Member { group: c.gidx / r.group_size, state: Membership::Joining, ..Member::default() };
+                    member_slots.push(slot);
+                }
+            }
+            tally.room_final = vec![0; r.groups as usize];
+        }
         let host_lines: Vec<Vec<u8>> = plan
             .urls
             .iter()
@@ -502,7 +594,7 @@ impl<'a> Loop<'a> {
             sc: Scanner::new(),
             hint: 1,
             sse_data: Vec::new(),
-            tally: Tally::default(),
+            tally,
             seqs: vec![SeqTrack::default(); n_tracks],
             senders,
             rr: 0,
@@ -536,6 +628,12 @@ impl<'a> Loop<'a> {
             room_seq_group,
             room_ch: String::new(),
             rng: (plan.seed ^ spec.lo.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+            moving,
+            members,
+            member_slots,
+            moves_sched: 0,
+            reconnects_sched: 0,
+            rf: RoomFinders::new(),
         })
     }
 
@@ -647,6 +745,8 @@ impl<'a> Loop<'a> {
                         let now = self.test_busy(now);
                         self.send_due(now, now, 100_000);
                         self.churn_due(now);
+                        self.moves_due(now);
+                        self.reconnects_due(now);
                     }
                 }
                 Phase::Grace => {
@@ -711,7 +811,22 @@ impl<'a> Loop<'a> {
         if unanswered > 0 {
             self.tally.api_error("unanswered", unanswered as u64);
         }
-        self.tally.gaps = self.seqs.iter().map(SeqTrack::missing).sum();
+        self.tally.gaps += self.seqs.iter().map(SeqTrack::missing).sum::<u64>();
+        if let (true, Some(r)) = (self.moving, &self.plan.rooms) {
+            // Memberships still open expect every offset of their group up to its last one (known from the
+            // publishers' replies, merged over the run; at least what they received).
+            let n = r.groups as usize;
+            let t = &mut self.tally;
+            t.room_final.resize(n, 0);
+            t.room_open = vec![0; n];
+            t.room_open_from = vec![0; n];
+            for m in self.members.iter().filter(|m| matches!(m.state, Membership::In | Membership::Leaving)) {
+                let g = m.group as usize;
+                t.room_open[g] += 1;
+                t.room_open_from[g] += m.from;
+                t.room_final[g] = t.room_final[g].max(m.last);
+            }
+        }
         for c in &mut self.conns {
             c.fd = None;
         }
@@ -741,6 +856,12 @@ impl<'a> Loop<'a> {
                 }
                 if self.spec.churn_rate > 0.0 {
                     next = next.min(rate_next(self.go, self.churn_started, self.spec.churn_rate));
+                }
+                if self.spec.moves_rate > 0.0 && !self.member_slots.is_empty() {
+                    next = next.min(rate_next(self.go, self.moves_sched, self.spec.moves_rate));
+                }
+                if self.spec.reconnect_rate > 0.0 && !self.member_slots.is_empty() {
+                    next = next.min(rate_next(self.go, self.reconnects_sched, self.spec.reconnect_rate));
                 }
             }
             Phase::Grace => next = next.min(self.window_end + self.plan.grace_ns),
@@ -825,6 +946,15 @@ impl<'a> Loop<'a> {
     fn mark_ready(&mut self, slot: usize) {
         self.resolved(slot);
         let c = &mut self.conns[slot];
+        if c.reconnecting {
+            // Rooms: a member back with both subscriptions; not a ramp's connection.
+            c.reconnecting = false;
+            c.st = St::Open;
+            self.tally.room_reconnects += 1;
+            self.tally.room_reconnect_lat.record(now_ns().saturating_sub(c.t0));
+            self.ctl.progress.open.fetch_add(1, Relaxed);
+            return;
+        }
         c.st = St::Open;
         self.tally.ready += 1;
         if self.plan.urls.len() > 1 && c.initial {
@@ -875,7 +1005,14 @@ impl<'a> Loop<'a> {
             St::Free => return,
             s if s.pending() => {
                 self.resolved(slot);
-                if role == Role::Churn {
+                if self.conns[slot].reconnecting {
+                    self.conns[slot].reconnecting = false;
+                    self.tally.room_reconnects_failed += 1;
+                    self.tally.error(&format!("reconnect_{kind}"));
+                    if let Some(m) = self.members.get_mut(slot) {
+                        m.state = Membership::None;
+                    }
+                } else if role == Role::Churn {
                     self.tally.churn_failed += 1;
                     self.tally.error(&format!("churn_{kind}"));
                 } else {
@@ -1186,7 +1323,7 @@ impl<'a> Loop<'a> {
         self.tally.established += u64::from(c.initial);
         let lat = now.saturating_sub(c.t0);
         let subscribes = self.plan.subscribes() && matches!(c.role, Role::Sub | Role::Churn);
-        if c.role != Role::Churn {
+        if c.role != Role::Churn && !c.reconnecting {
             self.tally.connect_lat.record(lat);
         }
         if subscribes {
@@ -1203,7 +1340,9 @@ impl<'a> Loop<'a> {
                 (None, Some(r)) => {
                     // Rooms: its personal channel and its group; ready when both are acknowledged.
                     let personal = format!("{}{}", r.personal_prefix, jwt::subject(c.gidx));
-                    let group = format!("{ROOM_PREFIX}{}", c.gidx / r.group_size);
+                    // With moves, its current group (a reconnect after a move goes back to the new one).
+                    let k = self.members.get(slot).filter(|_| self.moving).map_or(c.gidx / r.group_size, |m| m.group);
+                    let group = format!("{ROOM_PREFIX}{k}");
                     for (i, ch) in [personal, group].iter().enumerate() {
                         self.scratch.clear();
                         write_subscribe(&mut self.scratch, i as u64 + 1, ch);
@@ -1394,17 +1533,31 @@ impl<'a> Loop<'a> {
                 _ => self.tally.unparsed += 1,
             },
             Role::Sub | Role::PubSub | Role::Pub | Role::Churn => match self.sc.classify(msg, &mut self.hint) {
+                // Rooms with moves: group deliveries (stamp id `2 * publisher + 1`) by their offsets.
+                Incoming::Stamp(s) if self.moving && s.id % 2 == 1 && role.receives() => {
+                    self.group_delivery(slot, s, msg, now)
+                }
                 Incoming::Stamp(s) if role.receives() => self.deliver(slot, s, now),
                 Incoming::Stamp(_) => {}
-                Incoming::Subscribed => self.on_subscribed(slot, now),
+                Incoming::Subscribed => {
+                    if self.moving {
+                        self.room_subscribed(slot, msg, now);
+                    }
+                    self.on_subscribed(slot, now)
+                }
                 Incoming::Error => {
                     self.tally.v1_errors += 1;
                     if self.conns[slot].st == St::Subscribing {
                         return Err(Stop::Fail("subscribe_rejected".into()));
                     }
+                    if self.moving {
+                        self.room_refused(slot);
+                    }
                 }
                 Incoming::Other => {
-                    if self.plan.target == Target::Raw && role.receives() {
+                    if self.moving {
+                        self.room_reply(slot, msg, now);
+                    } else if self.plan.target == Target::Raw && role.receives() {
                         self.tally.unparsed += 1;
                     }
                 }
@@ -1439,6 +1592,13 @@ impl<'a> Loop<'a> {
                 return false;
             }
         }
+        self.count_new(s, now);
+        true
+    }
+
+    /// Counts a distinct message: received in the window, or late; its latency from the stamp.
+    #[inline]
+    fn count_new(&mut self, s: Stamp, now: u64) {
         let lat = now.saturating_sub(s.t_ns);
         if now < self.window_end {
             self.tally.received += 1;
@@ -1447,7 +1607,196 @@ impl<'a> Loop<'a> {
             self.tally.late += 1;
             self.tally.late_latency.record(lat);
         }
-        true
+    }
+
+    // ---- rooms with moves (`--churn-rate`) ----
+
+    /// A group message to a member: new when its offset is past the newest received (offsets skipped on
+    /// the way count in `gaps`; they stay missing, as a channel's offsets arrive in order), a copy when not.
+    /// Outside a confirmed membership it is a stray.
+    fn group_delivery(&mut self, slot: usize, s: Stamp, msg: &[u8], now: u64) {
+        let off = number_after(&self.rf.offset, msg);
+        let Some(m) = self.members.get_mut(slot) else { return };
+        let (Some(off), Membership::In | Membership::Leaving) = (off, m.state) else {
+            self.tally.room_strays += 1;
+            return;
+        };
+        if off <= m.from {
+            self.tally.room_strays += 1;
+            return;
+        }
+        if off <= m.last {
+            self.tally.duplicates += 1;
+            return;
+        }
+        self.tally.gaps += off - m.last - 1;
+        m.last = off;
+        self.count_new(s, now);
+    }
+
+    /// A `subscribed` reply: the group's (id [`GROUP_SUB_ID`]) confirms a membership at its offset; a move's
+    /// join is counted and timed.
+    fn room_subscribed(&mut self, slot: usize, msg: &[u8], now: u64) {
+        if number_after(&self.rf.id, msg) != Some(GROUP_SUB_ID) {
+            return;
+        }
+        let off = number_after(&self.rf.offset, msg).unwrap_or(0);
+        let open = self.conns[slot].st == St::Open;
+        let Some(m) = self.members.get_mut(slot).filter(|m| m.state == Membership::Joining) else { return };
+        *m = Member { state: Membership::In, from: off, last: off, ..*m };
+        if open {
+            self.tally.room_joins += 1;
+            self.tally.room_join_lat.record(now.saturating_sub(m.t0));
+        }
+    }
+
+    /// A refused command of a member (a leave or a join): it ends up in no group.
+    fn room_refused(&mut self, slot: usize) {
+        if let Some(m) =
+            self.members.get_mut(slot).filter(|m| matches!(m.state, Membership::Joining | Membership::Leaving))
+        {
+            m.state = Membership::None;
+            self.tally.room_moves_refused += 1;
+        }
+    }
+
+    /// Other replies: a publisher's `published` notes its group's newest offset (the `id` is the group + 1);
+    /// a member's `unsubscribed` closes its membership — it expected every offset after its position up to
+    /// the reply's `offset` when the server gives one, else up to the newest it received before the reply
+    /// (what the server had sent it when it ended the subscription) — and starts the join of another group.
+    fn room_reply(&mut self, slot: usize, msg: &[u8], now: u64) {
+        if self.conns[slot].role == Role::Pub {
+            if self.rf.published.find(msg).is_some() {
+                let (id, off) = (number_after(&self.rf.id, msg), number_after(&self.rf.offset, msg));
+                if let (Some(id @ 1..), Some(off)) = (id, off) {
+                    if let Some(f) = self.tally.room_final.get_mut(id as usize - 1) {
+                        // The newest reply: a group recreated under a new epoch starts its offsets again.
+                        *f = off;
+                    }
+                }
+            }
+            return;
+        }
+        if self.rf.unsubscribed.find(msg).is_none() {
+            return;
+        }
+        let said = number_after(&self.rf.offset, msg);
+        let Some(m) = self.members.get_mut(slot).filter(|m| m.state == Membership::Leaving) else { return };
+        let end = said.map_or(m.last, |o| o.max(m.last));
+        self.tally.expected_deliveries += end - m.from;
+        self.tally.room_leaves += 1;
+        self.tally.room_leave_lat.record(now.saturating_sub(m.t0));
+        let old = m.group;
+        self.start_join(slot, old, now);
+    }
+
+    /// Group moves that are due: each takes a random member of this thread that is in a group (a few tries;
+    /// none free: skipped) and starts its leave.
+    fn moves_due(&mut self, now: u64) {
+        let rate = self.spec.moves_rate;
+        if rate <= 0.0 || self.member_slots.is_empty() {
+            return;
+        }
+        let due = (now.saturating_sub(self.go) as f64 * rate / 1e9) as u64 + 1;
+        while self.moves_sched < due {
+            self.moves_sched += 1;
+            let mut picked = None;
+            for _ in 0..8 {
+                let i = (self.next_rand() % self.member_slots.len() as u64) as usize;
+                let slot = self.member_slots[i];
+                if self.members[slot].state == Membership::In && self.conns[slot].st == St::Open {
+                    picked = Some(slot);
+                    break;
+                }
+            }
+            let Some(slot) = picked else {
+                self.tally.room_moves_skipped += 1;
+                continue;
+            };
+            let group = self.members[slot].group;
+            self.room_command(slot, false, group);
+            let m = &mut self.members[slot];
+            m.state = Membership::Leaving;
+            m.t0 = now;
+            self.tally.room_leaves_started += 1;
+        }
+    }
+
+    /// Reconnects that are due: each takes a random member of this thread that is in a group and not moving
+    /// (a few tries; none free: skipped), closes its group membership at the newest offset it received (what
+    /// the server had sent it), drops its socket and connects again as the same user; the upgrade subscribes
+    /// to its personal channel and its group again, and the group's `subscribed` opens a new membership.
+    fn reconnects_due(&mut self, now: u64) {
+        let rate = self.spec.reconnect_rate;
+        if rate <= 0.0 || self.member_slots.is_empty() {
+            return;
+        }
+        let due = (now.saturating_sub(self.go) as f64 * rate / 1e9) as u64 + 1;
+        while self.reconnects_sched < due {
+            self.reconnects_sched += 1;
+            let mut picked = None;
+            for _ in 0..8 {
+                let i = (self.next_rand() % self.member_slots.len() as u64) as usize;
+                let slot = self.member_slots[i];
+                if self.members[slot].state == Membership::In && self.conns[slot].st == St::Open {
+                    picked = Some(slot);
+                    break;
+                }
+            }
+            let Some(slot) = picked else {
+                self.tally.room_moves_skipped += 1;
+                continue;
+            };
+            let m = &mut self.members[slot];
+            self.tally.expected_deliveries += m.last - m.from;
+            *m = Member { state: Membership::Joining, from: 0, last: 0, t0: now, ..*m };
+            self.tally.room_reconnects_started += 1;
+            self.ctl.progress.open.fetch_sub(1, Relaxed);
+            let token = match &self.plan.auth {
+                Some(auth) => mint(auth, self.conns[slot].gidx, jwt::unix_now()).unwrap_or_else(|_| {
+                    self.tally.error("reconnect_token_mint");
+                    String::new()
+                }),
+                None => String::new(),
+            };
+            let c = &mut self.conns[slot];
+            // Dropping the socket closes it (and takes it out of the epoll set): no close handshake.
+            c.fd = None;
+            c.tls = None;
+            c.out.clear();
+            c.out_pos = 0;
+            c.pending.clear();
+            c.dirty = false;
+            c.initial = false;
+            c.reconnecting = true;
+            c.token = token;
+            self.open(slot, now);
+        }
+    }
+
+    /// Subscribes `slot` to a random group other than `old`.
+    fn start_join(&mut self, slot: usize, old: u64, now: u64) {
+        let Some(r) = &self.plan.rooms else { return };
+        let groups = r.groups;
+        let group = (old + 1 + self.next_rand() % (groups - 1)) % groups;
+        self.room_command(slot, true, group);
+        self.members[slot] = Member { group, state: Membership::Joining, from: 0, last: 0, t0: now };
+    }
+
+    /// Queues a `subscribe` (id [`GROUP_SUB_ID`]) or `unsubscribe` (id [`GROUP_UNSUB_ID`]) of `room:<group>`.
+    fn room_command(&mut self, slot: usize, subscribe: bool, group: u64) {
+        self.room_ch.clear();
+        self.room_ch.push_str(ROOM_PREFIX);
+        let _ = write!(self.room_ch, "{group}");
+        self.scratch.clear();
+        if subscribe {
+            write_subscribe(&mut self.scratch, GROUP_SUB_ID, &self.room_ch);
+        } else {
+            write_unsubscribe(&mut self.scratch, GROUP_UNSUB_ID, &self.room_ch);
+        }
+        let c = &mut self.conns[slot];
+        c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
+        self.mark_dirty(slot);
     }
 
     // ---- Server-Sent Events (`--transport sse`) ----
@@ -1756,7 +2105,11 @@ impl<'a> Loop<'a> {
             let _ = write!(self.room_ch, "{k}");
             (1, (pub_id * r.groups + k) as usize, self.plan.group_members(k))
         };
-        self.tally.expected_deliveries += members;
+        // With moves, a group's expected deliveries come from its memberships' offsets instead.
+        let moving = r.moving() && kind == 1;
+        if !moving {
+            self.tally.expected_deliveries += members;
+        }
         if !self.sendable(slot) {
             return false;
         }
@@ -1767,7 +2120,12 @@ impl<'a> Loop<'a> {
         let stamp = Stamp { t_ns, id: pub_id * 2 + kind, seq };
         c.seq += 1;
         self.scratch.clear();
-        write_publish(&mut self.scratch, &self.room_ch, stamp, self.plan.size);
+        if moving {
+            // The `published` reply names the group (id = group + 1) with its offset.
+            write_publish_id(&mut self.scratch, &self.room_ch, (seq_idx as u64 % r.groups) + 1, stamp, self.plan.size);
+        } else {
+            write_publish(&mut self.scratch, &self.room_ch, stamp, self.plan.size);
+        }
         c.ws.encode_frame(&mut c.out, true, OpCode::Text, &self.scratch);
         self.tally.sent += 1;
         self.mark_dirty(slot);
@@ -1814,6 +2172,8 @@ impl<'a> Loop<'a> {
         }
         self.send_due(now, now, 100_000);
         self.churn_due(now);
+        self.moves_due(now);
+        self.reconnects_due(now);
     }
 
     // ---- api-publish ----

@@ -68,6 +68,8 @@ pub fn thread_specs(plan: &Plan, k: u32, procs: u32, fd_budget: u64) -> Vec<Thre
     let total = plan.total.max(1) as f64;
     // Churn connections this process may hold open at once, shared by its threads.
     let churn_fds = fd_budget.saturating_sub(phi - plo + 64).max(u64::from(threads));
+    // Rooms: a thread's share of its run's members (its moves and reconnects are in proportion).
+    let members = |lo: u64, hi: u64| (lo..hi.min(plan.receivers)).count() as f64 / plan.receivers.max(1) as f64;
     (0..threads)
         .map(|t| {
             let (a, b) = split(phi - plo, u64::from(threads), u64::from(t));
@@ -90,6 +92,9 @@ pub fn thread_specs(plan: &Plan, k: u32, procs: u32, fd_budget: u64) -> Vec<Thre
                 churn_cap: (churn_fds / u64::from(threads)).max(1) as usize,
                 churn_base: plan.total + u64::from(k) * u64::from(threads) + u64::from(t),
                 churn_step: all_threads,
+                // Rooms: a thread moves its own members, in proportion to them.
+                moves_rate: plan.rooms.as_ref().map_or(0.0, |r| r.moves_per_s * members(lo, hi)),
+                reconnect_rate: plan.rooms.as_ref().map_or(0.0, |r| r.reconnects_per_s * members(lo, hi)),
             }
         })
         .collect()

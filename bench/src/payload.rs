@@ -69,6 +69,37 @@ pub fn write_publish(out: &mut Vec<u8>, channel: &str, stamp: Stamp, size: usize
     out.push(b'}');
 }
 
+/// Appends a v1 `publish` command with an `id` (echoed in its `published` reply) carrying a stamped payload.
+pub fn write_publish_id(out: &mut Vec<u8>, channel: &str, id: u64, stamp: Stamp, size: usize) {
+    out.extend_from_slice(b"{\"type\":\"publish\",\"id\":");
+    push_u64(out, id);
+    out.extend_from_slice(b",\"channel\":\"");
+    out.extend_from_slice(channel.as_bytes());
+    out.extend_from_slice(b"\",\"data\":");
+    write_payload(out, stamp, size);
+    out.push(b'}');
+}
+
+/// Appends a v1 `unsubscribe` command.
+pub fn write_unsubscribe(out: &mut Vec<u8>, id: u64, channel: &str) {
+    out.extend_from_slice(b"{\"type\":\"unsubscribe\",\"id\":");
+    push_u64(out, id);
+    out.extend_from_slice(b",\"channel\":\"");
+    out.extend_from_slice(channel.as_bytes());
+    out.extend_from_slice(b"\"}");
+}
+
+/// The decimal number right after the first occurrence of `finder`'s needle (`"offset":`, `"id":`) in `msg`.
+#[inline]
+pub fn number_after(finder: &Finder<'_>, msg: &[u8]) -> Option<u64> {
+    let at = finder.find(msg)? + finder.needle().len();
+    let digits = msg[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 19 {
+        return None;
+    }
+    Some(msg[at..at + digits].iter().fold(0u64, |v, &b| v * 10 + u64::from(b - b'0')))
+}
+
 /// Appends a v1 `subscribe` command.
 pub fn write_subscribe(out: &mut Vec<u8>, id: u64, channel: &str) {
     out.extend_from_slice(b"{\"type\":\"subscribe\",\"id\":");
@@ -204,5 +235,22 @@ mod tests {
         assert_eq!(sc.classify(br#"{"type":"error","id":1,"code":"forbidden"}"#, &mut 1), Incoming::Error);
         assert_eq!(sc.classify(br#"{"type":"welcome","client":"x"}"#, &mut 1), Incoming::Other);
         assert_eq!(sc.stamp(br#"{"bt":[1,2"#, &mut 1), None);
+        let mut out = Vec::new();
+        write_publish_id(&mut out, "room:3", 4, stamp, 80);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["id"].as_u64(), v["channel"].as_str()),
+            (Some("publish"), Some(4), Some("room:3"))
+        );
+        out.clear();
+        write_unsubscribe(&mut out, 4, "room:3");
+        assert_eq!(out, br#"{"type":"unsubscribe","id":4,"channel":"room:3"}"#);
+        let offset = Finder::new(b"\"offset\":");
+        assert_eq!(
+            number_after(&offset, br#"{"type":"message","channel":"room:3","offset":28,"data":{"offset":1}}"#),
+            Some(28)
+        );
+        assert_eq!(number_after(&offset, br#"{"type":"unsubscribed","id":4,"channel":"room:3"}"#), None);
+        assert_eq!(number_after(&offset, br#"{"offset":x}"#), None);
     }
 }

@@ -269,6 +269,47 @@ pub struct ChurnReport {
     pub server_cpu_us_per_cycle: Option<f64>,
 }
 
+/// Rooms group moves (`--churn-rate`): members leaving their group and joining another.
+#[derive(Clone, Debug, Serialize)]
+pub struct MovesReport {
+    /// Moves per second asked for (`--churn-rate`).
+    pub rate: f64,
+    /// Leaves started (`unsubscribe` sent).
+    pub leaves_started: u64,
+    /// Leaves confirmed (`unsubscribed`).
+    pub leaves: u64,
+    /// Joins confirmed (`subscribed` to the next group).
+    pub joins: u64,
+    /// Confirmed leaves per second of window.
+    pub leaves_per_s: f64,
+    /// Confirmed joins per second of window.
+    pub joins_per_s: f64,
+    /// Moves due while no member of a thread was free to move.
+    pub skipped: u64,
+    /// Leaves or joins the server refused (`error`).
+    pub refused: u64,
+    /// Group messages received outside a confirmed membership (should be 0).
+    pub strays: u64,
+    /// `unsubscribe` to `unsubscribed`, µs.
+    pub leave_latency_us: Summary,
+    /// `subscribe` to `subscribed`, µs.
+    pub join_latency_us: Summary,
+    /// Memberships still open at the end (they expect their groups' offsets up to the last published).
+    pub open_at_end: u64,
+    /// Reconnects per second asked for (`--reconnect-rate`).
+    pub reconnect_rate: f64,
+    /// Connections dropped to reconnect.
+    pub reconnects_started: u64,
+    /// Reconnected with both subscriptions confirmed.
+    pub reconnects: u64,
+    /// Reconnected per second of window.
+    pub reconnects_per_s: f64,
+    /// Reconnects that failed.
+    pub reconnects_failed: u64,
+    /// Connect to both `subscribed`, µs.
+    pub reconnect_latency_us: Summary,
+}
+
 /// Server resource figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerReport {
@@ -462,6 +503,8 @@ pub struct Report {
     pub messages: Option<MessageReport>,
     /// Churn figures (churn only).
     pub churn: Option<ChurnReport>,
+    /// Rooms group moves (rooms with `--churn-rate`).
+    pub moves: Option<MovesReport>,
     /// api-publish figures (api-publish only).
     pub api: Option<ApiReport>,
     /// Server figures, when it could be observed.
@@ -501,7 +544,9 @@ impl Report {
                 // Every message the server published (an offset returned), to every subscriber.
                 Scenario::ApiPublish => (t.api_published + t.api_published_late) * plan.receivers,
                 // Each message to every member of its channel.
-                Scenario::Rooms => t.expected_deliveries,
+                // With moves: group deliveries expected by each membership's offsets (the closed ones are in
+                // `expected_deliveries` already).
+                Scenario::Rooms => t.expected_deliveries + t.room_open_expected(),
                 _ => scheduled * plan.receivers,
             };
             MessageReport {
@@ -543,6 +588,46 @@ impl Report {
                 .filter(|_| t.churn_completed > 0)
                 .map(|c| round(c as f64 / 1e3 / t.churn_completed as f64, 2)),
         });
+        let moves = plan.rooms.as_ref().filter(|r| r.moving()).map(|r| MovesReport {
+            rate: r.moves_per_s,
+            leaves_started: t.room_leaves_started,
+            leaves: t.room_leaves,
+            joins: t.room_joins,
+            leaves_per_s: round(t.room_leaves as f64 / dur, 1),
+            joins_per_s: round(t.room_joins as f64 / dur, 1),
+            skipped: t.room_moves_skipped,
+            refused: t.room_moves_refused,
+            strays: t.room_strays,
+            leave_latency_us: t.room_leave_lat.summary(),
+            join_latency_us: t.room_join_lat.summary(),
+            open_at_end: t.room_open.iter().sum(),
+            reconnect_rate: r.reconnects_per_s,
+            reconnects_started: t.room_reconnects_started,
+            reconnects: t.room_reconnects,
+            reconnects_per_s: round(t.room_reconnects as f64 / dur, 1),
+            reconnects_failed: t.room_reconnects_failed,
+            reconnect_latency_us: t.room_reconnect_lat.summary(),
+        });
+        if let Some(m) = &moves {
+            if m.strays > 0 {
+                warnings.push(format!("{} group messages arrived outside a confirmed membership", m.strays));
+            }
+            if m.leaves < m.leaves_started || m.joins < m.leaves {
+                warnings.push(format!(
+                    "moves unfinished at the end: {} leaves started, {} confirmed, {} joins confirmed",
+                    m.leaves_started, m.leaves, m.joins
+                ));
+            }
+            if m.refused > 0 {
+                warnings.push(format!("{} leaves or joins were refused", m.refused));
+            }
+            if m.reconnects < m.reconnects_started {
+                warnings.push(format!(
+                    "reconnects: {} started, {} done, {} failed",
+                    m.reconnects_started, m.reconnects, m.reconnects_failed
+                ));
+            }
+        }
         // Per-message figures make sense where messages are the work: not for connect or churn.
         let msgs = match scenario {
             Scenario::Echo | Scenario::Broadcast | Scenario::Rooms => t.received,
@@ -976,6 +1061,7 @@ impl Report {
             },
             messages,
             churn,
+            moves,
             api,
             server,
             proxy,
@@ -1156,6 +1242,27 @@ impl Report {
             let _ = writeln!(o, "          handshake {}", lat(&ch.handshake_us));
             if let Some(us) = ch.server_cpu_us_per_cycle {
                 let _ = writeln!(o, "          server CPU {us:.1} us per cycle (steady traffic included)");
+            }
+        }
+        if let Some(m) = &self.moves {
+            let _ = writeln!(
+                o,
+                "moves     {:.0}/s asked: {} leaves ({:.0}/s), {} joins ({:.0}/s), {} skipped, {} refused, {} strays; \
+                 {} memberships open at the end",
+                m.rate, m.leaves, m.leaves_per_s, m.joins, m.joins_per_s, m.skipped, m.refused, m.strays, m.open_at_end
+            );
+            let _ = writeln!(o, "          leave   {}", lat(&m.leave_latency_us));
+            let _ = writeln!(o, "          join    {}", lat(&m.join_latency_us));
+            if m.reconnect_rate > 0.0 {
+                let _ = writeln!(
+                    o,
+                    "reconnect {:.0}/s asked: {} done ({:.0}/s), {} failed; connect to both subscribed {}",
+                    m.reconnect_rate,
+                    m.reconnects,
+                    m.reconnects_per_s,
+                    m.reconnects_failed,
+                    lat(&m.reconnect_latency_us)
+                );
             }
         }
         if let Some(s) = &self.server {

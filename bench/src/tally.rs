@@ -69,6 +69,38 @@ pub struct Tally {
     /// Rooms: deliveries the messages scheduled in the window should make (the members of each one's
     /// channel: the group size, or 1 for a personal channel), sent or skipped.
     pub expected_deliveries: u64,
+    /// Rooms with moves (`--churn-rate`): leaves started (`unsubscribe` sent).
+    pub room_leaves_started: u64,
+    /// Leaves confirmed (`unsubscribed`).
+    pub room_leaves: u64,
+    /// Joins confirmed (`subscribed` to the next group).
+    pub room_joins: u64,
+    /// Moves due while none of the thread's members was free to move (each still joining or leaving).
+    pub room_moves_skipped: u64,
+    /// Leaves or joins refused (`error`): the member is then in no group.
+    pub room_moves_refused: u64,
+    /// Group messages that arrived while the member was in no group (or for offsets at or below its
+    /// position): the server delivered outside the membership it confirmed.
+    pub room_strays: u64,
+    /// Rooms with `--reconnect-rate`: connections dropped to reconnect.
+    pub room_reconnects_started: u64,
+    /// Reconnected: upgraded again and both subscriptions confirmed.
+    pub room_reconnects: u64,
+    /// Reconnects that failed (connect, upgrade or a subscription refused).
+    pub room_reconnects_failed: u64,
+    /// Connect to both `subscribed` of a reconnect.
+    pub room_reconnect_lat: Hist,
+    /// `unsubscribe` to `unsubscribed`, the leave latency.
+    pub room_leave_lat: Hist,
+    /// `subscribe` to `subscribed` of a move's join.
+    pub room_join_lat: Hist,
+    /// Per group: the offset in the newest `published` reply to a publish to it (merged by the maximum);
+    /// a membership still open at the end expects every offset after its position up to this one.
+    pub room_final: Vec<u64>,
+    /// Per group: memberships still open at the end (confirmed, not left).
+    pub room_open: Vec<u64>,
+    /// Per group: the sum of their positions (the `subscribed` offsets).
+    pub room_open_from: Vec<u64>,
     /// Churn connections started.
     pub churn_opened: u64,
     /// Churn connections that completed connect, upgrade (subscribe) and close.
@@ -140,7 +172,28 @@ fn add_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
     }
 }
 
+/// Merges `b` into `a` element by element with `f`, `a` growing to `b`'s length.
+fn merge_vec(a: &mut Vec<u64>, b: &[u64], f: impl Fn(u64, u64) -> u64) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x = f(*x, y);
+    }
+}
+
 impl Tally {
+    /// Rooms with moves: the deliveries the memberships still open at the end expect, each every group
+    /// offset after its position up to the group's last published offset (or the newest it received).
+    pub fn room_open_expected(&self) -> u64 {
+        let mut e = 0;
+        for (k, (&n, &from)) in self.room_open.iter().zip(&self.room_open_from).enumerate() {
+            let last = self.room_final.get(k).copied().unwrap_or(0);
+            e += (n * last).saturating_sub(from);
+        }
+        e
+    }
+
     /// Counts one error of `kind`.
     pub fn error(&mut self, kind: &str) {
         *self.errors.entry(kind.to_string()).or_default() += 1;
@@ -183,6 +236,21 @@ impl Tally {
         self.late_latency.merge(&o.late_latency);
         self.send_lag.merge(&o.send_lag);
         self.expected_deliveries += o.expected_deliveries;
+        self.room_leaves_started += o.room_leaves_started;
+        self.room_leaves += o.room_leaves;
+        self.room_joins += o.room_joins;
+        self.room_moves_skipped += o.room_moves_skipped;
+        self.room_moves_refused += o.room_moves_refused;
+        self.room_strays += o.room_strays;
+        self.room_leave_lat.merge(&o.room_leave_lat);
+        self.room_reconnects_started += o.room_reconnects_started;
+        self.room_reconnects += o.room_reconnects;
+        self.room_reconnects_failed += o.room_reconnects_failed;
+        self.room_reconnect_lat.merge(&o.room_reconnect_lat);
+        self.room_join_lat.merge(&o.room_join_lat);
+        merge_vec(&mut self.room_final, &o.room_final, u64::max);
+        merge_vec(&mut self.room_open, &o.room_open, |a, b| a + b);
+        merge_vec(&mut self.room_open_from, &o.room_open_from, |a, b| a + b);
         self.churn_opened += o.churn_opened;
         self.churn_completed += o.churn_completed;
         self.churn_failed += o.churn_failed;

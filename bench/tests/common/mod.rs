@@ -44,6 +44,11 @@ pub struct Options {
     pub reject_every: u64,
     /// v1: answer every n-th subscribe (1-based count) with an error; 0 = never.
     pub reject_subscribe_every: u64,
+    /// v1 with many channels (the rooms scenario): per-channel offsets and subscribers, `unsubscribe`,
+    /// `published` with the command's `id` and offset, `unsubscribed` with the channel's offset. The
+    /// [`Fault`]s then apply to publishes by their global index: a dropped one takes its offset but reaches
+    /// no subscriber; a duplicated one reaches every subscriber twice.
+    pub rooms: bool,
     /// Never read from a connection after its upgrade (its sender's backlog grows).
     pub no_read: bool,
     /// Never select a subprotocol, even `throng.v1` when offered.
@@ -68,6 +73,8 @@ pub struct Head {
 }
 
 type Writer = Arc<Mutex<TcpStream>>;
+/// Rooms mode: channel -> (offset, subscribers).
+type RoomChannels = std::collections::HashMap<String, (u64, Vec<(u64, Writer)>)>;
 
 #[derive(Default)]
 struct Relay {
@@ -85,6 +92,8 @@ struct Shared {
     next_id: AtomicU64,
     relay: Mutex<Relay>,
     heads: Mutex<Vec<Head>>,
+    /// Rooms mode: channel -> (offset, subscribers), and the publishes so far.
+    rooms: Mutex<(RoomChannels, u64)>,
 }
 
 /// A running test server; stopped when dropped.
@@ -105,6 +114,7 @@ impl TestServer {
             stop: AtomicBool::new(false),
             upgrades: AtomicU64::new(0),
             subscribes: AtomicU64::new(0),
+            rooms: Mutex::new(Default::default()),
             next_id: AtomicU64::new(0),
             relay: Mutex::new(Relay::default()),
             heads: Mutex::new(Vec::new()),
@@ -304,6 +314,9 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         }
     }
     shared.relay.lock().unwrap().members.retain(|(m, _)| *m != id);
+    for (_, subs) in shared.rooms.lock().unwrap().0.values_mut() {
+        subs.retain(|(m, _)| *m != id);
+    }
     let _ = stream.shutdown(Shutdown::Both);
 }
 
@@ -319,6 +332,7 @@ fn on_message(shared: &Shared, path: &str, id: u64, writer: &Writer, msg: &[u8],
             }
         }
         "/broadcast" => relay(shared, msg),
+        "/ws" if shared.opts.rooms => rooms(shared, id, writer, msg),
         "/ws" => {
             let text = std::str::from_utf8(msg).unwrap();
             if text.contains("\"type\":\"subscribe\"") {
@@ -343,6 +357,61 @@ fn on_message(shared: &Shared, path: &str, id: u64, writer: &Writer, msg: &[u8],
                 let m = format!("{{\"type\":\"message\",\"channel\":\"bench:0\",\"offset\":{offset},\"data\":{data}}}");
                 relay(shared, m.as_bytes());
             }
+        }
+        _ => {}
+    }
+}
+
+fn text_frame(text: &str) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode_server_frame(&mut f, true, OpCode::Text, text.as_bytes());
+    f
+}
+
+/// Rooms mode: one v1 command of connection `id` (see [`Options::rooms`]).
+fn rooms(shared: &Shared, id: u64, writer: &Writer, msg: &[u8]) {
+    let text = std::str::from_utf8(msg).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let (ty, cid, ch) = (v["type"].as_str().unwrap_or(""), v["id"].as_u64(), v["channel"].as_str().unwrap_or(""));
+    let with_id = cid.map_or(String::new(), |i| format!(",\"id\":{i}"));
+    let mut g = shared.rooms.lock().unwrap();
+    let (map, publishes) = &mut *g;
+    let entry = map.entry(ch.to_string()).or_default();
+    match ty {
+        "subscribe" => {
+            entry.1.push((id, Arc::clone(writer)));
+            let r = format!(
+                "{{\"type\":\"subscribed\"{with_id},\"channel\":\"{ch}\",\"offset\":{},\"epoch\":\"e\",\"recovered\":false}}",
+                entry.0
+            );
+            send(writer, &text_frame(&r));
+        }
+        "unsubscribe" => {
+            entry.1.retain(|(m, _)| *m != id);
+            let r = format!("{{\"type\":\"unsubscribed\"{with_id},\"channel\":\"{ch}\",\"offset\":{}}}", entry.0);
+            send(writer, &text_frame(&r));
+        }
+        "publish" => {
+            entry.0 += 1;
+            let k = *publishes;
+            *publishes += 1;
+            let at = text.find("\"data\":").unwrap() + 7;
+            let data = &text[at..text.len() - 1];
+            let m = format!("{{\"type\":\"message\",\"channel\":\"{ch}\",\"offset\":{},\"data\":{data}}}", entry.0);
+            let copies = if shared.opts.faults.contains(&Fault::Drop(k)) {
+                0
+            } else if shared.opts.faults.contains(&Fault::Dup(k)) {
+                2
+            } else {
+                1
+            };
+            let f = text_frame(&m);
+            for _ in 0..copies {
+                for (_, w) in &entry.1 {
+                    send(w, &f);
+                }
+            }
+            send(writer, &text_frame(&format!("{{\"type\":\"published\"{with_id},\"offset\":{}}}", entry.0)));
         }
         _ => {}
     }

@@ -75,9 +75,143 @@ pub struct HomeChannel {
     pub interested: u64,
     /// user -> number of its subscribed connections, over all shards. Ordered, so that a presence reply
     /// lists the first users without sorting the whole table per request.
-    pub presence: BTreeMap<Box<str>, u32>,
+    pub presence: Presence,
     /// Subscribed connections over all shards.
     pub connections: u64,
+}
+
+/// Size budget of a [`HomeChannel`] (the slab entry of every channel homed on a shard), checked at compile
+/// time. Its heap: the name (shared with the local channel on the home shard), the presence table (one
+/// B-tree leaf, 184 B + allocator overhead, for up to 11 users, and each user's name), the history.
+pub const HOME_CHANNEL_BUDGET: usize = 136;
+/// Size budget of a [`HistoryEntry`].
+pub const HISTORY_ENTRY_BUDGET: usize = 56;
+const _: () = assert!(std::mem::size_of::<HomeChannel>() <= HOME_CHANNEL_BUDGET);
+const _: () = assert!(std::mem::size_of::<Presence>() == 24);
+const _: () = assert!(std::mem::size_of::<HistoryEntry>() <= HISTORY_ENTRY_BUDGET);
+
+/// A channel's presence table: user -> its subscribed connections, in name order. Small tables (a personal
+/// channel has one user, a chat group a handful) are a sorted vector sized exactly (24 B a user, one
+/// allocation: 32 B with the allocator's header for one user, against 240 B for a B-tree's first leaf);
+/// past [`Presence::SMALL`] users it becomes a B-tree, and stays one.
+#[derive(Debug)]
+pub enum Presence {
+    /// Sorted by user, no duplicates, capacity == length.
+    Small(Vec<(Box<str>, u32)>),
+    /// More than [`Presence::SMALL`] users at some point (boxed: the enum stays the size of the vector).
+    Large(Box<BTreeMap<Box<str>, u32>>),
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence::Small(Vec::new())
+    }
+}
+
+impl Presence {
+    /// Most users kept in the sorted vector (a join is a binary search and a shift of at most this many).
+    pub const SMALL: usize = 16;
+
+    /// Counts one more connection of `user`.
+    pub fn join(&mut self, user: &str) {
+        match self {
+            Presence::Small(v) => match v.binary_search_by(|(u, _)| (**u).cmp(user)) {
+                Ok(i) => v[i].1 += 1,
+                Err(_) if v.len() >= Self::SMALL => {
+                    let mut m: BTreeMap<Box<str>, u32> = std::mem::take(v).into_iter().collect();
+                    m.insert(user.into(), 1);
+                    *self = Presence::Large(Box::new(m));
+                }
+                Err(i) => {
+                    // Exactly one more: presence tables are many and mostly tiny.
+                    v.reserve_exact(1);
+                    v.insert(i, (user.into(), 1));
+                }
+            },
+            Presence::Large(m) => match m.get_mut(user) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(user.into(), 1);
+                }
+            },
+        }
+    }
+
+    /// Counts one connection of `user` less (a user with none left is removed).
+    pub fn leave(&mut self, user: &str) {
+        match self {
+            Presence::Small(v) => {
+                if let Ok(i) = v.binary_search_by(|(u, _)| (**u).cmp(user)) {
+                    v[i].1 -= 1;
+                    if v[i].1 == 0 {
+                        v.remove(i);
+                        if v.is_empty() {
+                            *v = Vec::new();
+                        } else {
+                            v.shrink_to_fit();
+                        }
+                    }
+                }
+            }
+            Presence::Large(m) => {
+                if let Some(n) = m.get_mut(user) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(user);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connections of `user` (0: none).
+    pub fn get(&self, user: &str) -> u32 {
+        match self {
+            Presence::Small(v) => v.binary_search_by(|(u, _)| (**u).cmp(user)).map_or(0, |i| v[i].1),
+            Presence::Large(m) => m.get(user).copied().unwrap_or(0),
+        }
+    }
+
+    /// Users with at least one connection.
+    pub fn len(&self) -> usize {
+        match self {
+            Presence::Small(v) => v.len(),
+            Presence::Large(m) => m.len(),
+        }
+    }
+
+    /// True when nobody is present.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Users and their connections, in name order.
+    pub fn iter(&self) -> PresenceIter<'_> {
+        match self {
+            Presence::Small(v) => PresenceIter::Small(v.iter()),
+            Presence::Large(m) => PresenceIter::Large(m.iter()),
+        }
+    }
+}
+
+/// [`Presence::iter`].
+#[derive(Clone, Debug)]
+pub enum PresenceIter<'a> {
+    /// Over the sorted vector.
+    Small(std::slice::Iter<'a, (Box<str>, u32)>),
+    /// Over the B-tree.
+    Large(std::collections::btree_map::Iter<'a, Box<str>, u32>),
+}
+
+impl<'a> Iterator for PresenceIter<'a> {
+    type Item = (&'a str, u32);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            PresenceIter::Small(i) => i.next().map(|(u, n)| (&**u, *n)),
+            PresenceIter::Large(i) => i.next().map(|(u, n)| (&**u, *n)),
+        }
+    }
 }
 
 /// What a history change did, for the shard-wide byte budget.
@@ -99,15 +233,21 @@ impl Freed {
 impl HomeChannel {
     /// A new, empty channel.
     pub fn new(name: &str, epoch: u64, limits: HistoryLimits) -> Self {
+        Self::named(Arc::from(name), epoch, limits)
+    }
+
+    /// A new, empty channel whose name shares an existing allocation (the local channel's, when this
+    /// shard also has subscribers of it).
+    pub fn named(name: Arc<str>, epoch: u64, limits: HistoryLimits) -> Self {
         Self {
-            name: Arc::from(name),
+            name,
             offset: 0,
             epoch,
             history: VecDeque::new(),
             history_bytes: 0,
             limits,
             interested: 0,
-            presence: BTreeMap::new(),
+            presence: Presence::default(),
             connections: 0,
         }
     }
@@ -199,23 +339,13 @@ impl HomeChannel {
     /// Counts a subscribed connection of `user` (presence).
     pub fn join(&mut self, user: &str) {
         self.connections += 1;
-        match self.presence.get_mut(user) {
-            Some(n) => *n += 1,
-            None => {
-                self.presence.insert(user.into(), 1);
-            }
-        }
+        self.presence.join(user);
     }
 
     /// Forgets a subscribed connection of `user`.
     pub fn leave(&mut self, user: &str) {
         self.connections = self.connections.saturating_sub(1);
-        if let Some(n) = self.presence.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                self.presence.remove(user);
-            }
-        }
+        self.presence.leave(user);
     }
 
     /// True when nothing keeps the channel alive: no subscribers anywhere and no history.
@@ -351,10 +481,44 @@ mod tests {
         h.join("b");
         h.join("a");
         h.join("a");
-        assert_eq!((h.connections, h.presence.len(), h.presence["a"]), (3, 2, 2));
-        assert_eq!(h.presence.keys().map(|k| &**k).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!((h.connections, h.presence.len(), h.presence.get("a")), (3, 2, 2));
+        assert_eq!(h.presence.iter().map(|(u, _)| u).collect::<Vec<_>>(), ["a", "b"]);
         h.leave("a");
         h.leave("b");
-        assert_eq!((h.connections, h.presence.len(), h.presence["a"]), (1, 1, 1));
+        assert_eq!((h.connections, h.presence.len(), h.presence.get("a")), (1, 1, 1));
+    }
+
+    /// The sorted vector and the B-tree it turns into past `SMALL` users give the same answers, in name
+    /// order; a vector holds exactly its users.
+    #[test]
+    fn presence_small_then_large() {
+        let mut p = Presence::default();
+        let users: Vec<String> = (0..40).rev().map(|i| format!("u{i:02}")).collect();
+        for (k, u) in users.iter().enumerate() {
+            p.join(u);
+            p.join(u);
+            assert_eq!(p.len(), k + 1);
+            assert_eq!(matches!(p, Presence::Small(_)), k < Presence::SMALL, "after {} users", k + 1);
+            if let Presence::Small(v) = &p {
+                assert_eq!(v.capacity(), v.len());
+            }
+            let names: Vec<&str> = p.iter().map(|(u, _)| u).collect();
+            assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        }
+        for u in &users[..30] {
+            p.leave(u);
+            assert_eq!(p.get(u), 1);
+            p.leave(u);
+            assert_eq!(p.get(u), 0);
+            p.leave(u);
+        }
+        assert_eq!(p.iter().map(|(u, n)| (u.to_string(), n)).collect::<Vec<_>>().len(), 10);
+        let mut q = Presence::default();
+        q.join("x");
+        q.join("y");
+        q.leave("x");
+        q.leave("y");
+        assert!(q.is_empty());
+        assert!(matches!(&q, Presence::Small(v) if v.capacity() == 0), "an empty table holds no allocation");
     }
 }

@@ -76,6 +76,18 @@ pub struct LocalChannel {
     pub dirty: bool,
 }
 
+/// Size budget of a [`LocalChannel`] (the slab entry of every channel with local subscribers), checked at
+/// compile time. Its heap: the name (shared with the home when it is on this shard), the subscriber slab
+/// (24 B a slot), the log (88 B a slot, kept once allocated unless it grew past 64 slots).
+pub const LOCAL_CHANNEL_BUDGET: usize = 120;
+/// Size budget of a [`Sub`] (a slot of a channel's subscriber slab holds one, 24 B with the slab's tag).
+pub const SUB_BUDGET: usize = 16;
+/// Size budget of a [`LogEntry`].
+pub const LOG_ENTRY_BUDGET: usize = 88;
+const _: () = assert!(std::mem::size_of::<LocalChannel>() <= LOCAL_CHANNEL_BUDGET);
+const _: () = assert!(std::mem::size_of::<Sub>() <= SUB_BUDGET);
+const _: () = assert!(std::mem::size_of::<LogEntry>() <= LOG_ENTRY_BUDGET);
+
 impl LocalChannel {
     /// A new channel with no subscribers.
     pub fn new(name: Arc<str>, policy: SlowConsumerPolicy) -> Self {
@@ -85,7 +97,9 @@ impl LocalChannel {
             log: VecDeque::new(),
             base: 0,
             end_bytes: 0,
-            subs: Slab::new(),
+            // Room for one subscriber (24 B) rather than the four a first insert would reserve: most channels
+            // of a chat-shaped load (a personal channel) have exactly one.
+            subs: Slab::with_capacity(1),
             accept_after: u64::MAX,
             pending: 0,
             dirty: false,

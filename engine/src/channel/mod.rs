@@ -196,7 +196,12 @@ impl Channels {
                 HistoryLimits { size: ns.history_size, ttl_ticks: Env::ticks(ns.history_ttl), bytes: ns.history_bytes }
             });
         let epoch = self.next_epoch();
-        let i = self.homes.insert(HomeChannel::new(name, epoch, limits));
+        // One allocation of the name for the home and the local channel on this shard.
+        let name = match self.local_index.get_key_value(name) {
+            Some((n, _)) => n.clone(),
+            None => Arc::from(name),
+        };
+        let i = self.homes.insert(HomeChannel::named(name, epoch, limits));
         self.home_index.insert(self.homes[i].name.clone(), i);
         Ok(i)
     }
@@ -210,7 +215,11 @@ impl Channels {
             ShardMetrics::inc(&env.metrics.channel_limit_total);
             return Err(CHANNEL_LIMIT);
         }
-        let name: Arc<str> = Arc::from(name);
+        // One allocation of the name for the local channel and its home, when the home is this shard.
+        let name: Arc<str> = match self.home_index.get_key_value(name) {
+            Some((n, _)) => n.clone(),
+            None => Arc::from(name),
+        };
         let i = self.locals.insert(LocalChannel::new(name.clone(), ns.slow_consumer));
         self.local_index.insert(name, i);
         Ok(i)
@@ -317,7 +326,7 @@ impl Channels {
         let Some(home) = self.home_index.get(name).map(|&i| &self.homes[i]) else {
             return presence_frame(env.cfg().max_reply_bytes(), name, id, 0, std::iter::empty(), 0);
         };
-        let users = home.presence.iter().map(|(u, n)| (&**u, *n));
+        let users = home.presence.iter();
         presence_frame(env.cfg().max_reply_bytes(), name, id, home.connections, users, home.presence.len())
     }
 

@@ -244,6 +244,7 @@ impl Conn {
 }
 
 const _: () = assert!(std::mem::size_of::<Conn>() <= Conn::SIZE_BUDGET);
+const _: () = assert!(std::mem::size_of::<ConnSub>() <= 8);
 
 /// The shard's connections: a slab addressed by [`ConnKey`], every lookup checking the generation.
 #[derive(Debug)]
