@@ -321,6 +321,20 @@ fn disconnect_reaches_every_node() {
     }
     assert_eq!(bystander.call(json!({"type": "ping"}))["type"], "pong");
     assert!(relay_stats(&servers[0])["control_total"].as_u64() >= Some(1));
+    // One connection by its client id, through another node: the id names its node, and only that node
+    // closes it (node 2's connections, whose shard-generation-slot may well be the same, stay open).
+    let mut victim = Ws::connect(&servers[0], "victim");
+    let node0 = relay_stats(&servers[0])["node"].as_str().unwrap().to_string();
+    assert!(victim.client.ends_with(&format!("-{node0}")), "{} names node {node0}", victim.client);
+    let mut others: Vec<Ws> = (0..4).map(|i| Ws::connect(&servers[2], &format!("other{i}"))).collect();
+    let body = json!({"client": victim.client, "code": 4408, "reason": "bye"}).to_string();
+    let (status, r) = http(&servers[2], "POST", "/api/disconnect", Some(&body));
+    assert_eq!(status, 200, "{r}");
+    let (_, close) = victim.read_until_close();
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(4408));
+    for o in others.iter_mut() {
+        assert_eq!(o.call(json!({"type": "ping"}))["type"], "pong", "{} stays", o.client);
+    }
 }
 
 /// Publishes `n` messages from `ws`, each retried until published; returns how many answers were

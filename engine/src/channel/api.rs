@@ -82,6 +82,8 @@ pub enum ApiMsg {
         user: Option<Box<str>>,
         /// ... or this one connection of the receiving shard.
         client: Option<ConnKey>,
+        /// (To the relay) `client` lives on another node: (that node, the shard there).
+        remote: Option<(Box<str>, u16)>,
         /// The close code.
         code: u16,
         /// The close reason.
@@ -158,7 +160,9 @@ impl ApiMsg {
             ApiMsg::Presence { channel, .. } => channel.len(),
             ApiMsg::History { channel, since, .. } => channel.len() + since.as_ref().map_or(0, |(_, e)| e.len()),
             ApiMsg::Json { body, .. } => body.len(),
-            ApiMsg::Disconnect { user, reason, .. } => user.as_ref().map_or(0, |u| u.len()) + reason.len(),
+            ApiMsg::Disconnect { user, reason, remote, .. } => {
+                user.as_ref().map_or(0, |u| u.len()) + reason.len() + remote.as_ref().map_or(0, |(n, _)| n.len())
+            }
             ApiMsg::Disconnected { .. } | ApiMsg::Failed { .. } => 0,
             ApiMsg::Channels { after, .. } => after.len(),
             ApiMsg::ChannelList { list, .. } => list.iter().map(|(c, _)| c.len() + 24).sum(),

@@ -165,10 +165,13 @@ pub enum ShardMsg {
         /// The new position.
         offset: u64,
     },
-    /// The relay -> every shard: another node's `/api/disconnect` of a user.
+    /// The relay -> shards: another node's `/api/disconnect` of a user (every shard) or of one connection
+    /// (its shard).
     Kick {
-        /// The user.
-        user: Box<str>,
+        /// Every connection of this user...
+        user: Option<Box<str>>,
+        /// ... or this one.
+        client: Option<ConnKey>,
         /// The close code.
         code: u16,
         /// The close reason.
@@ -199,7 +202,7 @@ impl ShardMsg {
             ShardMsg::Reply { frame, .. } => frame.len(),
             ShardMsg::Api(m) => m.carried(),
             ShardMsg::Reset { channel, .. } => channel.len(),
-            ShardMsg::Kick { user, reason, .. } => user.len() + reason.len(),
+            ShardMsg::Kick { user, reason, .. } => user.as_ref().map_or(0, |u| u.len()) + reason.len(),
         };
         std::mem::size_of::<Self>() + carried
     }

@@ -570,13 +570,19 @@ struct DisconnectBody<'a> {
     reason: Option<Cow<'a, str>>,
 }
 
-/// A client id as the welcome gives it (`<shard>-<generation>-<slot>`, hex): its shard and key.
-fn parse_client(id: &str) -> Option<(usize, ConnKey)> {
+/// A client id as the welcome gives it (`<shard>-<generation>-<slot>` in hex, and `-<node>` with Redis,
+/// [`crate::shard::Env::client_id`]): its shard, key and node.
+fn parse_client(id: &str) -> Option<(usize, ConnKey, Option<&str>)> {
     let mut it = id.split('-');
     let shard = usize::from_str_radix(it.next()?, 16).ok()?;
     let gen = u32::from_str_radix(it.next()?, 16).ok()?;
     let idx = u32::from_str_radix(it.next()?, 16).ok()?;
-    it.next().is_none().then_some((shard, ConnKey { idx, gen }))
+    let node = match it.next() {
+        None => None,
+        Some(n) if n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()) => Some(n),
+        Some(_) => return None,
+    };
+    it.next().is_none().then_some((shard, ConnKey { idx, gen }, node))
 }
 
 /// `POST /api/disconnect`.
@@ -597,14 +603,21 @@ fn disconnect(
     if reason.len() > 123 {
         return Err(bad("reason must be at most 123 bytes (it travels in the close frame)"));
     }
-    let (user, targets, client) = match (&b.user, &b.client) {
+    let me = env.shared.relay.as_ref().map(|r| r.node.as_str());
+    let (user, targets, client, remote) = match (&b.user, &b.client) {
         // Every shard of this node, and, with Redis, the relay: it tells every other node.
         (Some(u), None) if crate::auth::valid_user(u) => {
-            (Some(Box::<str>::from(&**u)), (0..env.shared.inboxes.len()).collect(), None)
+            (Some(Box::<str>::from(&**u)), (0..env.shared.inboxes.len()).collect(), None, None)
         }
         (Some(_), None) => return Err(bad("user must be 1-128 characters of [A-Za-z0-9_.@=/-]")),
         (None, Some(c)) => match parse_client(c) {
-            Some((shard, k)) if shard < env.shards() => (None, vec![shard], Some(k)),
+            Some((shard, k, node)) if shard < env.shards() && (node.is_none() || node == me) => {
+                (None, vec![shard], Some(k), None)
+            }
+            // Another node's connection: the relay passes the request on to it.
+            Some((shard, k, Some(node))) if me.is_some() => {
+                (None, vec![env.shards()], Some(k), Some((Box::<str>::from(node), shard as u16)))
+            }
             _ => {
                 // No such connection can exist.
                 write_json(&mut ctx.out, Status::Ok, b"{\"disconnected\":0}", keep_alive, &[]);
@@ -618,7 +631,8 @@ fn disconnect(
     // answers with the connections it closed.
     let mut parts = 0;
     for shard in targets {
-        let msg = ApiMsg::Disconnect { ticket, user: user.clone(), client, code, reason: reason.into() };
+        let remote = remote.clone();
+        let msg = ApiMsg::Disconnect { ticket, user: user.clone(), client, remote, code, reason: reason.into() };
         match ctx.chans.outbox.send(shard, ShardMsg::Api(msg)) {
             Sent::Queued => parts += 1,
             Sent::Refused(_) => ShardMetrics::inc(&env.metrics.overloaded_total),
@@ -886,7 +900,7 @@ pub fn on_shard_msg(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ApiMsg) {
             let body = frame_json(ctx.chans.history_reply(env, &channel, None, since_ref, limit));
             answer(env, ctx, conns, ApiMsg::Json { ticket, body });
         }
-        ApiMsg::Disconnect { ticket, user, client, code, reason } => {
+        ApiMsg::Disconnect { ticket, user, client, code, reason, .. } => {
             let count = close_matching(env, ctx, conns, user.as_deref(), client, code, &reason);
             answer(env, ctx, conns, ApiMsg::Disconnected { ticket, count });
         }
@@ -960,8 +974,10 @@ mod tests {
 
     #[test]
     fn client_ids() {
-        assert_eq!(parse_client("1-2a-7"), Some((1, ConnKey { idx: 7, gen: 0x2a })));
-        for bad in ["", "1", "1-2", "1-2-3-4", "x-1-1", "1--1", "1-1-fffffffff"] {
+        assert_eq!(parse_client("1-2a-7"), Some((1, ConnKey { idx: 7, gen: 0x2a }, None)));
+        let node = "0123456789abcdef";
+        assert_eq!(parse_client(&format!("1-2a-7-{node}")), Some((1, ConnKey { idx: 7, gen: 0x2a }, Some(node))));
+        for bad in ["", "1", "1-2", "1-2-3-4", "1-2-3-0123456789abcdeg", "x-1-1", "1--1", "1-1-fffffffff"] {
             assert_eq!(parse_client(bad), None, "{bad:?}");
         }
     }

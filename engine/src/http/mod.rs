@@ -139,7 +139,7 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     }
     let protocol = req.offers_subprotocol("throng.v1").then_some("throng.v1");
     handshake::write_switching_protocols(&mut ctx.out, req.ws_key.unwrap_or_default().as_bytes(), protocol);
-    let client = format!("{:x}-{:x}-{:x}", env.id, conn.gen, key.idx);
+    let client = env.client_id(conn.gen, key.idx);
     let ping = cfg.ping_interval.as_secs() as u32;
     text_frame(&mut ctx.out, |o| throng_protocol::message::encode_welcome(o, &client, &identity.user, ping));
     tracing::debug!(shard = env.id, %client_addr, %client, user = &*identity.user, "connected");

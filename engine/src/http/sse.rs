@@ -484,7 +484,7 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
             ctx.out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
         }
         ctx.out.extend_from_slice(b"\r\nretry: 1000\n\n");
-        let client = format!("{:x}-{:x}-{:x}", env.id, conn.gen, key.idx);
+        let client = env.client_id(conn.gen, key.idx);
         let ping = env.cfg().ping_interval.as_secs() as u32;
         let welcome = frame_bytes(|o| message::encode_welcome(o, &client, &user, ping));
         write_event(&mut ctx.out, &welcome);

@@ -358,8 +358,20 @@ impl Relay {
             ShardMsg::Api(ApiMsg::History { ticket, channel, since, limit }) => {
                 self.query(&channel, Answer::Api(ticket), Query::History { since, limit })
             }
-            ShardMsg::Api(ApiMsg::Disconnect { ticket, user: Some(user), client: None, code, reason }) => {
-                self.control_disconnect(ticket, &user, code, &reason)
+            ShardMsg::Api(ApiMsg::Disconnect { ticket, user: Some(user), client: None, code, reason, .. }) => {
+                let what = format!("d {} {code} {user} {reason}", self.rs.node);
+                self.control(ticket, what)
+            }
+            ShardMsg::Api(ApiMsg::Disconnect {
+                ticket,
+                client: Some(k),
+                remote: Some((node, shard)),
+                code,
+                reason,
+                ..
+            }) => {
+                let what = format!("c {} {code} {node} {shard} {} {} {reason}", self.rs.node, k.gen, k.idx);
+                self.control(ticket, what)
             }
             other => tracing::debug!(?other, "the relay ignores this message"),
         }
@@ -599,13 +611,14 @@ impl Relay {
         }
     }
 
-    fn control_disconnect(&mut self, ticket: Ticket, user: &str, code: u16, reason: &str) {
+    /// Publishes a request for the other nodes on the control channel (answered with a count of 0: the
+    /// other nodes close their connections on receipt).
+    fn control(&mut self, ticket: Ticket, payload: String) {
         let Some(mut conn) = self.conn.clone() else {
             let msg = ApiMsg::Disconnected { ticket, count: 0 };
             self.send(usize::from(ticket.shard), ShardMsg::Api(msg));
             return;
         };
-        let payload = format!("d {} {code} {user} {reason}", self.rs.node);
         let cmd_name = if self.rs.cluster.load(Ordering::Relaxed) { "SPUBLISH" } else { "PUBLISH" };
         let mut cmd = redis::cmd(cmd_name);
         cmd.arg(&self.control).arg(payload);
@@ -616,21 +629,44 @@ impl Relay {
         });
     }
 
+    /// A request from another node: `d <origin> <code> <user> <reason>` (close a user's connections) or
+    /// `c <origin> <code> <node> <shard> <gen> <idx> <reason>` (close one connection of `node`).
     fn on_control(&mut self, payload: &[u8]) {
         let text = String::from_utf8_lossy(payload);
-        let mut it = text.splitn(5, ' ');
-        let (Some("d"), Some(node), Some(code), Some(user)) = (it.next(), it.next(), it.next(), it.next()) else {
-            return;
-        };
-        if node == self.rs.node {
+        let mut it = text.splitn(3, ' ');
+        let (Some(kind), Some(origin), Some(rest)) = (it.next(), it.next(), it.next()) else { return };
+        if origin == self.rs.node {
             return;
         }
-        let Ok(code) = code.parse::<u16>() else { return };
-        let reason: Box<str> = it.next().unwrap_or("").into();
-        self.rs.metrics.control_total.fetch_add(1, Ordering::Relaxed);
-        for s in 0..self.me {
-            let msg = ShardMsg::Kick { user: user.into(), code, reason: reason.clone() };
-            self.send(s, msg);
+        match kind {
+            "d" => {
+                let mut it = rest.splitn(3, ' ');
+                let (Some(Ok(code)), Some(user)) = (it.next().map(str::parse::<u16>), it.next()) else { return };
+                let reason: Box<str> = it.next().unwrap_or("").into();
+                self.rs.metrics.control_total.fetch_add(1, Ordering::Relaxed);
+                for s in 0..self.me {
+                    let msg = ShardMsg::Kick { user: Some(user.into()), client: None, code, reason: reason.clone() };
+                    self.send(s, msg);
+                }
+            }
+            "c" => {
+                let mut it = rest.splitn(6, ' ');
+                let fields = (it.next(), it.next(), it.next(), it.next(), it.next());
+                let (Some(code), Some(node), Some(shard), Some(gen), Some(idx)) = fields else { return };
+                let (Ok(code), Ok(shard), Ok(gen), Ok(idx)) =
+                    (code.parse::<u16>(), shard.parse::<usize>(), gen.parse::<u32>(), idx.parse::<u32>())
+                else {
+                    return;
+                };
+                if node != self.rs.node || shard >= self.me {
+                    return;
+                }
+                self.rs.metrics.control_total.fetch_add(1, Ordering::Relaxed);
+                let reason: Box<str> = it.next().unwrap_or("").into();
+                let client = Some(crate::conn::ConnKey { idx, gen });
+                self.send(shard, ShardMsg::Kick { user: None, client, code, reason });
+            }
+            _ => {}
         }
     }
 

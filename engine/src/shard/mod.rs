@@ -132,6 +132,15 @@ impl Env {
         self.shared.metrics.len()
     }
 
+    /// The id the welcome gives a connection: `<shard>-<generation>-<slot>` in hex, and with Redis
+    /// `-<node>` after it, so that `/api/disconnect` on any node finds the node that holds it.
+    pub fn client_id(&self, gen: u32, idx: u32) -> String {
+        match &self.shared.relay {
+            Some(r) => format!("{:x}-{:x}-{:x}-{}", self.id, gen, idx, r.node),
+            None => format!("{:x}-{:x}-{:x}", self.id, gen, idx),
+        }
+    }
+
     /// Where a channel's requests go: its home shard ([`crate::channel::home_of`]), or the Redis relay (its
     /// index on the bus is the shard count) for a channel of a relayed namespace when Redis is configured.
     pub fn home(&self, channel: &str) -> usize {

@@ -68,8 +68,8 @@ pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
         ShardMsg::Reply { conn, frame } => reply_to_conn(env, ctx, conns, conn, &frame),
         ShardMsg::Api(m) => crate::http::api::on_shard_msg(env, ctx, conns, m),
         ShardMsg::Reset { channel, offset } => ctx.chans.reset(env, &channel, offset),
-        ShardMsg::Kick { user, code, reason } => {
-            let n = crate::http::api::close_matching(env, ctx, conns, Some(&user), None, code, &reason);
+        ShardMsg::Kick { user, client, code, reason } => {
+            let n = crate::http::api::close_matching(env, ctx, conns, user.as_deref(), client, code, &reason);
             ShardMetrics::add(&env.metrics.api_disconnected_total, n);
         }
         ShardMsg::Refused { channel, reply, subscribe, code, reason } => {
