@@ -1690,6 +1690,19 @@ impl<'a> Loop<'a> {
         self.start_join(slot, old, now);
     }
 
+    /// A random member of this thread that is in its group and open (a few tries), for a move or a
+    /// reconnect; `None` when the tries found none.
+    fn pick_member(&mut self) -> Option<usize> {
+        for _ in 0..8 {
+            let i = (self.next_rand() % self.member_slots.len() as u64) as usize;
+            let slot = self.member_slots[i];
+            if self.members[slot].state == Membership::In && self.conns[slot].st == St::Open {
+                return Some(slot);
+            }
+        }
+        None
+    }
+
     /// Group moves that are due: each takes a random member of this thread that is in a group (a few tries;
     /// none free: skipped) and starts its leave.
     fn moves_due(&mut self, now: u64) {
@@ -1700,16 +1713,7 @@ impl<'a> Loop<'a> {
         let due = (now.saturating_sub(self.go) as f64 * rate / 1e9) as u64 + 1;
         while self.moves_sched < due {
             self.moves_sched += 1;
-            let mut picked = None;
-            for _ in 0..8 {
-                let i = (self.next_rand() % self.member_slots.len() as u64) as usize;
-                let slot = self.member_slots[i];
-                if self.members[slot].state == Membership::In && self.conns[slot].st == St::Open {
-                    picked = Some(slot);
-                    break;
-                }
-            }
-            let Some(slot) = picked else {
+            let Some(slot) = self.pick_member() else {
                 self.tally.room_moves_skipped += 1;
                 continue;
             };
@@ -1734,16 +1738,7 @@ impl<'a> Loop<'a> {
         let due = (now.saturating_sub(self.go) as f64 * rate / 1e9) as u64 + 1;
         while self.reconnects_sched < due {
             self.reconnects_sched += 1;
-            let mut picked = None;
-            for _ in 0..8 {
-                let i = (self.next_rand() % self.member_slots.len() as u64) as usize;
-                let slot = self.member_slots[i];
-                if self.members[slot].state == Membership::In && self.conns[slot].st == St::Open {
-                    picked = Some(slot);
-                    break;
-                }
-            }
-            let Some(slot) = picked else {
+            let Some(slot) = self.pick_member() else {
                 self.tally.room_moves_skipped += 1;
                 continue;
             };

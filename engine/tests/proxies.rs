@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
-use support::{find_binary, Driver, Server, TempDir};
+use support::{capture_output, find_binary, Driver, Server, TempDir};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
@@ -227,25 +227,7 @@ impl Proxy {
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
             let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()));
             let log = Arc::new(Mutex::new(String::new()));
-            for out in [
-                child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-                child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                let sink = log.clone();
-                std::thread::spawn(move || {
-                    let mut out = out;
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = out.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                });
-            }
+            capture_output(&mut child, &log);
             let mut proxy = Proxy { kind, child, port, stats_socket: dir.join("admin.sock"), log };
             // Listening, or exited with the reason.
             let deadline = Instant::now() + READY_TIMEOUT;

@@ -576,9 +576,8 @@ class ThrongClient extends Emitter {
     }
   }
 
-  /** An attempt that never reached welcome. */
-  _failed(transport, code, reason) {
-    if (this.state === "closed") return;
+  /** Forgets the transport that ended: its timers, and every subscription's place on it. */
+  _teardown() {
     this.transport = undefined;
     this._stopHeartbeat();
     this._clearTimer("_probeTimer");
@@ -588,6 +587,12 @@ class ThrongClient extends Emitter {
       sub.buffering = false;
       sub.buffer = [];
     }
+  }
+
+  /** An attempt that never reached welcome. */
+  _failed(transport, code, reason) {
+    if (this.state === "closed") return;
+    this._teardown();
     if (transport === "websocket") {
       this._wsFailures++;
       if (this.options.fallback === "sse" && this._wsFailures >= this.options.fallbackAfter) this._useSse = true;
@@ -602,15 +607,7 @@ class ThrongClient extends Emitter {
   _lost(code, reason) {
     if (this.state === "closed") return;
     const was = this.transport;
-    this.transport = undefined;
-    this._stopHeartbeat();
-    this._clearTimer("_probeTimer");
-    this._clearTimer("_refreshTimer");
-    for (const sub of this._subs.values()) {
-      sub.active = false;
-      sub.buffering = false;
-      sub.buffer = [];
-    }
+    this._teardown();
     this._failPending("disconnected", `connection lost (${code}${reason ? " " + reason : ""})`);
     if (was === "websocket") this._useSse = false;
     this._retry(code, reason, true);

@@ -47,6 +47,17 @@ pub fn home_of(name: &str, shards: usize) -> usize {
     (h % shards as u64) as usize
 }
 
+/// The shards named by the set bits of an interest mask ([`HomeChannel::interested`]), lowest first.
+pub fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            i
+        })
+    })
+}
+
 /// A request refused by a bound: the `error` reply's code and reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -265,7 +276,7 @@ impl Channels {
         if kept {
             self.budget.kept(i, home, entry.offset, entry.frame.len());
         }
-        let (channel, mut interested) = (home.name.clone(), home.interested);
+        let (channel, interested) = (home.name.clone(), home.interested);
         let evicted = self.budget.enforce(&mut self.homes);
         ShardMetrics::add(&env.metrics.history_evicted_total, evicted as u64);
         if let Some(&idx) = self.local_index.get(name) {
@@ -273,9 +284,7 @@ impl Channels {
                 self.mark_dirty(idx);
             }
         }
-        while interested != 0 {
-            let dest = interested.trailing_zeros() as usize;
-            interested &= interested - 1;
+        for dest in bits(interested) {
             let (offset, frame) = (entry.offset, entry.frame.clone());
             let msg = ShardMsg::Deliver { channel: channel.clone(), offset, frame, born };
             let _ = self.outbox.send(dest, msg);

@@ -23,7 +23,7 @@ use super::RelayShared;
 use crate::channel::api::{ApiMsg, Published, Ticket};
 use crate::channel::bus::{Outbox, ReplyTo, ShardMsg};
 use crate::channel::home::{message_frame, EpochStr};
-use crate::channel::{frame_bytes, history_frame, presence_frame, Refusal};
+use crate::channel::{bits, frame_bytes, history_frame, presence_frame, Refusal};
 use crate::config::RedisConfig;
 use crate::shard::Shared;
 
@@ -1170,15 +1170,4 @@ fn index_of(it: &PubItem) -> u32 {
         PubTo::Api(_, i) => i,
         PubTo::Client(_) => 0,
     }
-}
-
-/// The indexes of the set bits of `mask`.
-fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        (mask != 0).then(|| {
-            let i = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            i
-        })
-    })
 }

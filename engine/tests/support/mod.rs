@@ -253,18 +253,7 @@ impl Server {
                 .stderr(Stdio::piped());
             let mut child = cmd.spawn().expect("spawning the throng binary");
             let log = Arc::new(Mutex::new(String::new()));
-            let stderr = child.stderr.take().expect("piped stderr");
-            let sink = log.clone();
-            std::thread::spawn(move || {
-                let mut stderr = stderr;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stderr.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
+            capture_output(&mut child, &log);
             let http_prefix: &[u8] = if args.contains(&"--proxy-protocol") { b"PROXY UNKNOWN\r\n" } else { b"" };
             let mut server = Server { child, addr, driver, log, exited: None, http_prefix };
             match server.wait_healthy() {
@@ -773,5 +762,26 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Collects whatever `child`'s piped stdout and stderr write into `log` (a thread per pipe, until EOF), so
+/// a failing test can show the process's own words.
+pub fn capture_output(child: &mut Child, log: &Arc<Mutex<String>>) {
+    let pipes = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for mut out in pipes.into_iter().flatten() {
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
     }
 }

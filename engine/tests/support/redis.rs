@@ -8,7 +8,7 @@
 //! do not skip). Only the binaries are run, from command-line options, never the system service.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 
@@ -316,25 +316,7 @@ impl Redis {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()));
-        for out in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let sink = self.log.clone();
-            std::thread::spawn(move || {
-                let mut out = out;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = out.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        super::capture_output(&mut child, &self.log);
         self.pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
