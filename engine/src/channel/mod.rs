@@ -141,9 +141,6 @@ pub fn history_frame<'m>(
     frame_bytes(|o| message::encode_history(o, id, name, offset, epoch, fit.iter().copied(), recovered, truncated))
 }
 
-/// Housekeeping visits every home within this many ticks (2 s).
-pub const SWEEP_TICKS: usize = 40;
-
 /// A shard's channel state.
 #[derive(Debug)]
 pub struct Channels {
@@ -166,8 +163,8 @@ pub struct Channels {
     pub cancelled: Vec<(ConnKey, usize, Option<u64>)>,
     /// SplitMix64 state for epochs, seeded from the kernel: epochs differ across shards, restarts, nodes.
     epoch_state: u64,
-    /// Where the next housekeeping slice resumes in `homes` (slot index).
-    sweep_at: usize,
+    /// The tick history was last aged at.
+    aged_at: u64,
 }
 
 impl Channels {
@@ -183,7 +180,7 @@ impl Channels {
             outbox,
             cancelled: Vec::new(),
             epoch_state: crate::sys::random_u64(),
-            sweep_at: 0,
+            aged_at: 0,
         }
     }
 
@@ -454,25 +451,23 @@ impl Channels {
         self.locals[idx].accept_after = offset;
     }
 
-    /// Once per tick: retry overflowed ring messages; age history and forget idle channels, a slice of the
-    /// homes per tick ([`SWEEP_TICKS`]): every home is visited at least every 2 s, and no tick stalls the
-    /// loop over all of a shard's channels (with a million of them, a whole sweep would take a long turn).
-    /// A channel is forgotten (its next incarnation gets a new epoch) only when nothing refers to it: no
-    /// subscribers on any shard, this one included, and no history left.
+    /// Once per tick: retry overflowed ring messages; every few seconds, age history and forget idle
+    /// channels. A channel is forgotten (its next incarnation gets a new epoch) only when nothing refers
+    /// to it: no subscribers on any shard, this one included, and no history left.
     pub fn housekeeping(&mut self, env: &Env) {
         self.outbox.drain();
-        // Slots, vacant ones included, so that a full round takes SWEEP_TICKS whatever the slab's shape.
-        let slots = self.homes.capacity();
-        for _ in 0..(slots / SWEEP_TICKS + 1).max(256).min(slots) {
-            if self.sweep_at >= slots {
-                self.sweep_at = 0;
+        // Every 2 s of shard time (a long turn may skip ticks, so not "on ticks divisible by 40").
+        if env.now >= self.aged_at + Env::ticks(std::time::Duration::from_secs(2)) {
+            self.aged_at = env.now;
+            let mut forget = Vec::new();
+            for (i, h) in self.homes.iter_mut() {
+                let freed = h.trim(env.now);
+                self.budget.freed(freed);
+                if h.is_idle() && !self.local_index.contains_key(&h.name) {
+                    forget.push(i);
+                }
             }
-            let i = self.sweep_at;
-            self.sweep_at += 1;
-            let Some(h) = self.homes.get_mut(i) else { continue };
-            let freed = h.trim(env.now);
-            self.budget.freed(freed);
-            if h.is_idle() && !self.local_index.contains_key(&h.name) {
+            for i in forget {
                 let h = self.homes.remove(i);
                 self.home_index.remove(&h.name);
             }
