@@ -112,6 +112,14 @@ pub struct Cli {
     /// 0 disables pacing. [default: 0.33]
     #[arg(long, env = "THRONG_FLUSH_PACING")]
     pub flush_pacing: Option<f64>,
+    /// io_uring driver: receive buffers in each shard's provided-buffer ring, a power of two from 2 to
+    /// 32768. Every connection's multishot receive takes one when data arrives and the shard gives it back
+    /// once handled; idle connections hold none. [default: 1024]
+    #[arg(long, env = "THRONG_URING_BUFFERS")]
+    pub uring_buffers: Option<u32>,
+    /// io_uring driver: bytes per receive buffer, 512 to 65536. [default: 4096]
+    #[arg(long, env = "THRONG_URING_BUFFER_SIZE")]
+    pub uring_buffer_size: Option<u32>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "THRONG_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -260,6 +268,8 @@ struct FileConfig {
     echo: Option<bool>,
     ring_capacity: Option<usize>,
     flush_pacing: Option<f64>,
+    uring_buffers: Option<u32>,
+    uring_buffer_size: Option<u32>,
     log_format: Option<LogFormat>,
     max_history_bytes: Option<usize>,
     max_channels: Option<usize>,
@@ -447,6 +457,10 @@ pub struct Config {
     pub ring_capacity: usize,
     /// Pause between flush passes under load, as a fraction of the last pass's duration.
     pub flush_pacing: f64,
+    /// Receive buffers per shard in the io_uring driver's provided-buffer ring.
+    pub uring_buffers: u32,
+    /// Bytes per receive buffer of that ring.
+    pub uring_buffer_size: u32,
     /// Log format.
     pub log_format: LogFormat,
     /// Channel namespaces.
@@ -623,6 +637,8 @@ impl Config {
             echo: cli.echo.or(file.echo).unwrap_or(true),
             ring_capacity: cli.ring_capacity.or(file.ring_capacity).unwrap_or(65536),
             flush_pacing: cli.flush_pacing.or(file.flush_pacing).unwrap_or(0.33),
+            uring_buffers: cli.uring_buffers.or(file.uring_buffers).unwrap_or(1024),
+            uring_buffer_size: cli.uring_buffer_size.or(file.uring_buffer_size).unwrap_or(4096),
             log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             namespaces: namespaces(&file.namespace)?,
             max_history_bytes: cli.max_history_bytes.or(file.max_history_bytes).unwrap_or(64 << 20),
@@ -700,6 +716,10 @@ impl Config {
             );
         }
         within("ring_capacity", self.ring_capacity, 2, 1 << 24)?;
+        if !(2..=32_768).contains(&self.uring_buffers) || !self.uring_buffers.is_power_of_two() {
+            bail!("uring_buffers must be a power of two from 2 to 32768, got {}", self.uring_buffers);
+        }
+        within("uring_buffer_size", self.uring_buffer_size as usize, 512, 65_536)?;
         if !(0.0..=4.0).contains(&self.flush_pacing) {
             bail!("flush_pacing must be between 0 and 4, got {}", self.flush_pacing);
         }

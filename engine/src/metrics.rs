@@ -106,6 +106,12 @@ counters! {
     pongs_coalesced_total: "counter",
     /// Times accepting paused because the process ran out of file descriptors.
     accept_pauses_total: "counter",
+    /// io_uring driver: receives ended because the shard's buffer ring was empty (re-armed once buffers were back; the data waited in the socket).
+    uring_buffers_empty_total: "counter",
+    /// io_uring driver: flush-pass write batches submitted (one io_uring_enter each).
+    uring_send_batches_total: "counter",
+    /// io_uring driver: connection writes sent in those batches.
+    uring_batched_writes_total: "counter",
     /// Bytes of channel history held.
     history_bytes: "gauge",
     /// Channels held (homes plus channels with local subscribers).

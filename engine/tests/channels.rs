@@ -235,6 +235,14 @@ fn fanout_every_message_once(driver: Driver) {
         }
         assert!(next.iter().all(|&n| n == per_channel + 1), "{client}: {next:?}");
     }
+    // The io_uring driver sends the flush passes' writes in batches (one io_uring_enter for many sockets);
+    // epoll writes each with its own sendmsg.
+    let (batches, batched) =
+        (srv.metric("throng_uring_send_batches_total"), srv.metric("throng_uring_batched_writes_total"));
+    match driver {
+        Driver::Uring => assert!(batches > 0 && batched >= batches, "{batches} batches, {batched} writes"),
+        Driver::Epoll => assert_eq!((batches, batched), (0, 0)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

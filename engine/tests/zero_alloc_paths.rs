@@ -74,6 +74,7 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
                 metrics: shared.metrics[id].clone(),
                 limits: Limits { max_frame: config.max_message_size, max_message: config.max_message_size },
                 now: 1,
+                ring_reads: false,
             },
             ctx: Ctx {
                 out: Vec::with_capacity(64 * 1024),
@@ -93,6 +94,7 @@ fn shards(config: Config) -> (Arc<Shared>, Vec<Shard>) {
                 api: Default::default(),
                 resume: Vec::new(),
                 sse: Default::default(),
+                ring_cancels: Vec::new(),
             },
             conns: Conns::default(),
         })

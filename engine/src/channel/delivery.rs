@@ -27,6 +27,7 @@ use crate::conn::close::{self, Close};
 use crate::conn::write::{self, Flushed, QueuePool};
 use crate::conn::{flag, Conn, ConnKey, Conns};
 use crate::metrics::{Recorder, ShardMetrics};
+use crate::shard::uring::{SendRing, BATCH_CONNS};
 use crate::shard::{Ctx, Env};
 use crate::sys;
 
@@ -53,6 +54,120 @@ pub fn flush_conn(
     flush_stream(conn, channels, queues, metrics, rec, None)
 }
 
+/// Collects a connection's unsent bytes, at most `max` buffers, handing each to `push`: its queue first,
+/// then every unsent log entry of its channels in subscription order (as Server-Sent Events when `is_sse`,
+/// advancing `ahead` over them). Returns the bytes and the log entries gathered.
+fn gather<'a>(
+    conn: &'a Conn,
+    channels: &'a Slab<LocalChannel>,
+    max: usize,
+    is_sse: bool,
+    mut ahead: Option<&mut crate::http::sse::Ahead<'_>>,
+    mut push: impl FnMut(&'a [u8]),
+) -> (usize, usize) {
+    let (mut n, mut total, mut entries) = (0, 0, 0);
+    for b in conn.outq.iter().take(max) {
+        push(b);
+        total += b.len();
+        n += 1;
+    }
+    'subs: for s in conn.subs.iter().filter(|s| s.is_active()) {
+        let ch = &channels[s.chan as usize];
+        let cursor = ch.subs[s.slot as usize].cursor;
+        for e in ch.log.range((cursor - ch.base) as usize..) {
+            if n == max {
+                break 'subs;
+            }
+            let bytes = e.wire(is_sse);
+            push(bytes);
+            total += bytes.len();
+            n += 1;
+            entries += 1;
+            if let Some(p) = ahead.as_mut().filter(|_| e.offset != 0) {
+                p.advance(s.chan, e.offset);
+            }
+        }
+    }
+    (total, entries)
+}
+
+/// What a write of a gathered batch did, from [`account`].
+struct Accounted {
+    /// Log entries written whole (or started: a cut one's rest is queued).
+    frames: u64,
+    /// Bytes written past the queue and the log entries (an SSE `id:` line's share).
+    left: usize,
+    /// A log entry was cut and its rest queued.
+    partial: bool,
+}
+
+/// Accounts for `written` bytes of a gather of `entries` log entries having gone out: the queue consumed,
+/// cursors moved over every entry handed to the socket (each message's publish-to-write latency recorded),
+/// the unsent rest of a cut entry queued (frame-aligned from there on), and the counters.
+#[allow(clippy::too_many_arguments)]
+fn account(
+    conn: &mut Conn,
+    channels: &mut Slab<LocalChannel>,
+    queues: &mut QueuePool,
+    metrics: &ShardMetrics,
+    rec: &mut Recorder,
+    written: usize,
+    entries: usize,
+    mut sse: Option<&mut crate::http::sse::Stream>,
+) -> Accounted {
+    let is_sse = sse.is_some();
+    ShardMetrics::add(&metrics.bytes_out_total, written as u64);
+    let mut left = write::consume_queue(conn, written, queues);
+    let mut frames = 0u64;
+    let mut now = 0;
+    let mut partial = false;
+    if left > 0 {
+        'walk: for s in conn.subs.iter().filter(|s| s.is_active()) {
+            let ch = &mut channels[s.chan as usize];
+            let base = ch.base;
+            let sub = &mut ch.subs[s.slot as usize];
+            while left > 0 {
+                if frames as usize == entries {
+                    break 'walk;
+                }
+                let Some(e) = ch.log.get((sub.cursor - base) as usize) else { break };
+                sub.cursor += 1;
+                frames += 1;
+                if e.born != 0 {
+                    if now == 0 {
+                        now = rec.stamp();
+                    }
+                    rec.latency.record_us(now.saturating_sub(e.born) / 1000);
+                }
+                if let Some(st) = sse.as_mut().filter(|_| e.offset != 0) {
+                    st.delivered(s.chan, e.offset);
+                }
+                let bytes = e.wire(is_sse);
+                if bytes.len() <= left {
+                    left -= bytes.len();
+                } else {
+                    let rest = if is_sse {
+                        e.sse.get().map_or_else(Bytes::new, |b| b.slice(left..))
+                    } else {
+                        e.frame.slice(left..)
+                    };
+                    conn.queued += rest.len() as u32;
+                    queues.bytes += rest.len() as u64;
+                    conn.outq.push_back(rest, queues);
+                    conn.flags |= flag::HEAD_STARTED;
+                    left = 0;
+                    partial = true;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    ShardMetrics::add(&metrics.frames_out_total, frames);
+    Accounted { frames, left, partial }
+}
+
 /// [`flush_conn`] for any subscriber: with `sse` (an `/sse` stream's positions), the log entries are
 /// written as their Server-Sent Events ([`super::local::LogEntry::wire`], encoded once per entry for all
 /// SSE subscribers) and each write that carries messages ends with an `id:` line naming the stream's
@@ -71,37 +186,14 @@ pub fn flush_stream(
     loop {
         let mut id_line = Vec::new();
         // Log entries gathered: the walk after the write passes at most these (an `id:` line follows them).
-        let mut entries = 0usize;
-        let (written, gathered, full) = {
+        let (written, gathered, entries, full) = {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
-            let mut total = 0usize;
-            for b in conn.outq.iter() {
-                if n == max_iov {
-                    break;
-                }
-                iov[n] = IoSlice::new(b);
-                total += b.len();
-                n += 1;
-            }
             let mut ahead = sse.as_ref().map(|s| s.positions());
-            'subs: for s in conn.subs.iter().filter(|s| s.is_active()) {
-                let ch = &channels[s.chan as usize];
-                let cursor = ch.subs[s.slot as usize].cursor;
-                for e in ch.log.range((cursor - ch.base) as usize..) {
-                    if n == max_iov {
-                        break 'subs;
-                    }
-                    let bytes = e.wire(is_sse);
-                    iov[n] = IoSlice::new(bytes);
-                    total += bytes.len();
-                    n += 1;
-                    entries += 1;
-                    if let Some(p) = ahead.as_mut().filter(|_| e.offset != 0) {
-                        p.advance(s.chan, e.offset);
-                    }
-                }
-            }
+            let (mut total, entries) = gather(conn, channels, max_iov, is_sse, ahead.as_mut(), |b| {
+                iov[n] = IoSlice::new(b);
+                n += 1;
+            });
             if let (Some(stream), Some(p)) = (sse.as_ref(), ahead) {
                 if p.moved || stream.unsent {
                     p.write_id(&mut id_line);
@@ -114,58 +206,12 @@ pub fn flush_stream(
                 return Flushed::Done;
             }
             match sys::send_vectored(conn.fd(), &iov[..n]) {
-                Ok(w) => (w, total, n >= max_iov),
+                Ok(w) => (w, total, entries, n >= max_iov),
                 Err(_) => return Flushed::Failed,
             }
         };
-        ShardMetrics::add(&metrics.bytes_out_total, written as u64);
-        let mut left = write::consume_queue(conn, written, queues);
-        let mut frames = 0u64;
-        let mut now = 0;
-        let mut partial = false;
-        if left > 0 {
-            'walk: for s in conn.subs.iter().filter(|s| s.is_active()) {
-                let ch = &mut channels[s.chan as usize];
-                let base = ch.base;
-                let sub = &mut ch.subs[s.slot as usize];
-                while left > 0 {
-                    if frames as usize == entries {
-                        break 'walk;
-                    }
-                    let Some(e) = ch.log.get((sub.cursor - base) as usize) else { break };
-                    sub.cursor += 1;
-                    frames += 1;
-                    if e.born != 0 {
-                        if now == 0 {
-                            now = rec.stamp();
-                        }
-                        rec.latency.record_us(now.saturating_sub(e.born) / 1000);
-                    }
-                    if let Some(st) = sse.as_mut().filter(|_| e.offset != 0) {
-                        st.delivered(s.chan, e.offset);
-                    }
-                    let bytes = e.wire(is_sse);
-                    if bytes.len() <= left {
-                        left -= bytes.len();
-                    } else {
-                        let rest = if is_sse {
-                            e.sse.get().map_or_else(Bytes::new, |b| b.slice(left..))
-                        } else {
-                            e.frame.slice(left..)
-                        };
-                        conn.queued += rest.len() as u32;
-                        queues.bytes += rest.len() as u64;
-                        conn.outq.push_back(rest, queues);
-                        conn.flags |= flag::HEAD_STARTED;
-                        left = 0;
-                        partial = true;
-                    }
-                }
-                if left == 0 {
-                    break;
-                }
-            }
-        }
+        let Accounted { frames, left, partial } =
+            account(conn, channels, queues, metrics, rec, written, entries, sse.as_deref_mut());
         // The `id:` line goes out only behind every frame it counts: whole, or its rest queued.
         if let Some(st) = sse.as_mut().filter(|_| !id_line.is_empty()) {
             if !partial && frames as usize == entries && left > 0 {
@@ -179,7 +225,6 @@ pub fn flush_stream(
                 st.unsent = false;
             }
         }
-        ShardMetrics::add(&metrics.frames_out_total, frames);
         if written < gathered {
             return Flushed::Blocked;
         }
@@ -264,9 +309,141 @@ pub struct FlushState {
     spent: Duration,
     /// No new pass before this (pacing).
     not_before: Option<Instant>,
+    /// The io_uring driver's batched writes (`None` on epoll).
+    pub batch: Option<Batch>,
+}
+
+/// WebSocket subscribers gathered by the flush pass and not written yet: their writes go to the kernel
+/// together ([`SendRing`]: one `io_uring_enter` for up to [`crate::shard::uring::BATCH_CONNS`]
+/// connections), then each is accounted for exactly as after its own `sendmsg` ([`account`]).
+#[derive(Debug)]
+pub struct Batch {
+    ring: SendRing,
+    /// Per connection in the batch, in order: its key, the subscription the pass reached it through (for the
+    /// slow-consumer check), the log entries and bytes gathered, and whether the gather was cut at
+    /// `MAX_IOV` buffers.
+    conns: Vec<(ConnKey, usize, usize, usize, usize, bool)>,
+    /// Channels whose trim waits for the batch (their subscribers' cursors move when it has been sent).
+    trims: Vec<usize>,
+}
+
+impl Batch {
+    /// The batch and its ring.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { ring: SendRing::new()?, conns: Vec::with_capacity(BATCH_CONNS), trims: Vec::new() })
+    }
+}
+
+/// Buffers a connection's next write would gather (its queue and its channels' unsent entries), at most
+/// `MAX_IOV`.
+fn pending_bufs(conn: &Conn, channels: &Slab<LocalChannel>) -> usize {
+    let mut n = conn.outq.iter().count();
+    for s in conn.subs.iter().filter(|s| s.is_active()) {
+        let ch = &channels[s.chan as usize];
+        n += (ch.end() - ch.subs[s.slot as usize].cursor) as usize;
+        if n >= MAX_IOV {
+            return MAX_IOV;
+        }
+    }
+    n
+}
+
+/// Adds a WebSocket subscriber the pass reached (through subscription `slot` of channel `ch_idx`) to the
+/// batch, when the shard has one and the connection is due a write in this pass. False otherwise: the pass
+/// then handles it as without a batch.
+fn batch_add(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey, ch_idx: usize, slot: usize) -> bool {
+    let Some(batch) = ctx.flush.batch.as_ref().filter(|b| !b.ring.broken) else { return false };
+    let Some(conn) = conns.get(key) else { return false };
+    if conn.flush_mark == ctx.flush.pass || conn.writer_active() || conn.phase == crate::conn::Phase::Sse {
+        return false;
+    }
+    let need = pending_bufs(conn, &ctx.chans.locals);
+    if !batch.ring.has_room(need) {
+        send_batch(env, ctx, conns);
+    }
+    let (Some(conn), Some(batch)) = (conns.get_mut(key), ctx.flush.batch.as_mut()) else { return false };
+    conn.flush_mark = ctx.flush.pass;
+    let from = batch.ring.iov_len();
+    let ring = &mut batch.ring;
+    let (total, entries) = gather(conn, &ctx.chans.locals, MAX_IOV, false, None, |b| ring.push(b));
+    let bufs = ring.iov_len() - from;
+    if bufs == 0 {
+        return true;
+    }
+    ring.end(conn.fd(), from);
+    batch.conns.push((key, ch_idx, slot, entries, total, bufs >= MAX_IOV));
+    true
+}
+
+/// Sends the batch and accounts for each connection's write: cursors and queue as after a `sendmsg`, a full
+/// socket waits for its output edge (and meets the slow-consumer bound), a failed one is closed; then the
+/// channels whose trim waited.
+fn send_batch(env: &Env, ctx: &mut Ctx, conns: &mut Conns) {
+    let Some(batch) = ctx.flush.batch.as_mut() else { return };
+    let mut results = [0i32; BATCH_CONNS];
+    let n = batch.ring.len();
+    if n > 0 {
+        // SAFETY: the buffers are the batched connections' queued `Bytes` and their channels' log entries.
+        // Between the gathering and this send nothing changes or drops them: connections are removed only
+        // between the loop's steps, their queues change only when accounted below, and logs are appended to
+        // only outside the flush step and trimmed only after this (`trims`).
+        results[..n].copy_from_slice(unsafe { batch.ring.send() });
+        ShardMetrics::inc(&env.metrics.uring_send_batches_total);
+        ShardMetrics::add(&env.metrics.uring_batched_writes_total, n as u64);
+    }
+    let list = std::mem::take(&mut batch.conns);
+    for (i, &(key, ch_idx, slot, entries, gathered, full)) in list.iter().enumerate() {
+        let Some(conn) = conns.get_mut(key) else { continue };
+        let res = results[i];
+        let flushed = if res == -libc::EAGAIN {
+            Flushed::Blocked
+        } else if res < 0 {
+            Flushed::Failed
+        } else {
+            let w = res as usize;
+            account(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics, &mut ctx.rec, w, entries, None);
+            if w < gathered {
+                Flushed::Blocked
+            } else if full {
+                // More than one write's worth: the rest at once, as `flush_stream` would have.
+                flush_of(env, ctx, key, conn)
+            } else {
+                Flushed::Done
+            }
+        };
+        match flushed {
+            Flushed::Done => {}
+            Flushed::Blocked => write::wait_writable(env, conn),
+            Flushed::Failed => write::socket_failed(env, ctx, key, conn),
+        }
+        if conn.writer_active() {
+            check_lag(env, ctx, key, conn, ch_idx, slot);
+        }
+    }
+    let Some(batch) = ctx.flush.batch.as_mut() else { return };
+    let mut list = list;
+    list.clear();
+    batch.conns = list;
+    let trims = std::mem::take(&mut batch.trims);
+    for &ch_idx in &trims {
+        if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
+            ch.trim();
+        }
+    }
+    if let Some(batch) = ctx.flush.batch.as_mut() {
+        let mut trims = trims;
+        trims.clear();
+        batch.trims = trims;
+    }
 }
 
 impl FlushState {
+    /// A flush state whose passes write through `batch` (the io_uring driver), or each connection with its
+    /// own `sendmsg` (`None`).
+    pub fn new(batch: Option<Batch>) -> Self {
+        Self { batch, ..Self::default() }
+    }
+
     /// Whether the flush step has work now: a pass to continue, or dirty channels and no pacing pause.
     pub fn has_work(&self, dirty: bool, now: Instant) -> bool {
         self.active || (dirty && self.not_before.is_none_or(|t| now >= t))
@@ -315,16 +492,21 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
                 since_clock = 0;
                 if Instant::now() >= until {
                     ctx.flush.sub_pos -= 1;
+                    send_batch(env, ctx, conns);
                     ctx.flush.spent += t0.elapsed();
                     return written;
                 }
             }
-            let Some(conn) = conns.get_mut(key) else { continue };
             // The slot must still be this connection's subscription (it may have left, and the slot been
             // reused by another subscriber, since the pass took its list).
             if ctx.chans.locals.get(ch_idx).is_none_or(|c| c.sub_of(slot, key).is_none()) {
                 continue;
             }
+            if batch_add(env, ctx, conns, key, ch_idx, slot) {
+                written += 1;
+                continue;
+            }
+            let Some(conn) = conns.get_mut(key) else { continue };
             // Write first; only what the socket would not take counts against the slow-consumer bound.
             if conn.flush_mark != pass && !conn.writer_active() {
                 conn.flush_mark = pass;
@@ -342,12 +524,19 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
                 check_lag(env, ctx, key, conn, ch_idx, slot);
             }
         }
-        if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
-            ch.trim();
+        match ctx.flush.batch.as_mut().filter(|b| !b.ring.is_empty()) {
+            // Its batched subscribers' cursors move once the batch is sent: trimmed then.
+            Some(b) => b.trims.push(ch_idx),
+            None => {
+                if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
+                    ch.trim();
+                }
+            }
         }
         ctx.flush.pos += 1;
         ctx.flush.sub_pos = 0;
     }
+    send_batch(env, ctx, conns);
     // The pass is over.
     let f = &mut ctx.flush;
     f.active = false;

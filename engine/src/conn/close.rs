@@ -268,6 +268,9 @@ pub fn remove(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) -> bool
         ctx.wheel.cancel(t);
     }
     read::forget(ctx, &c);
+    if env.ring_reads {
+        ctx.ring_cancels.push(key);
+    }
     env.shared.open_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     ShardMetrics::dec(&env.metrics.connections);
     true

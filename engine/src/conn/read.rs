@@ -150,7 +150,60 @@ pub fn on_readable(
     refill(env, conn);
     let held_before = conn.held_bytes();
     let flow = read_loop(env, ctx, scratch, key, conn, sink);
-    // What the connection holds for unfinished input now, against the shard's budget and deadline.
+    held_check(env, ctx, key, conn, held_before);
+    flow
+}
+
+/// Input that arrived through the io_uring ring (`crate::shard::uring`): `data` is the provided buffer the
+/// kernel filled, the shard's until this returns. Handled as one read of [`on_readable`]: parsed and
+/// unmasked in place in `data` when nothing is pending, else behind the pending bytes; what is left
+/// unfinished is copied into `Conn::pending`. While a request waits for other shards
+/// ([`flag::HTTP_WAITING`]) the bytes are only kept, for [`resume`].
+pub fn on_data(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    scratch: &mut [u8],
+    key: ConnKey,
+    data: &mut [u8],
+    sink: &mut impl Sink,
+) {
+    let Some(conn) = conns.get_mut(key) else { return };
+    ShardMetrics::add(&env.metrics.bytes_in_total, data.len() as u64);
+    refill(env, conn);
+    let held_before = conn.held_bytes();
+    let n = data.len();
+    let old = conn.pending.len();
+    if conn.flags & flag::HTTP_WAITING != 0 {
+        conn.pending.extend_from_slice(data);
+    } else if old == 0 {
+        let used = process(env, ctx, key, conn, data, 0, sink);
+        conn.pending.extend_from_slice(&data[used..]);
+    } else if conn.pending.capacity() <= SMALL_PENDING && old + n <= scratch.len() {
+        // Behind the (small) unfinished bytes, in the scratch buffer, as a read would have put them.
+        scratch[..old].copy_from_slice(&conn.pending);
+        scratch[old..old + n].copy_from_slice(data);
+        conn.pending.clear();
+        let used = process(env, ctx, key, conn, &mut scratch[..old + n], old, sink);
+        conn.pending.extend_from_slice(&scratch[used..old + n]);
+        if conn.pending.is_empty() {
+            conn.pending = Vec::new();
+        }
+    } else {
+        // A large frame reserved whole: appended to it.
+        conn.pending.extend_from_slice(data);
+        let mut pending = std::mem::take(&mut conn.pending);
+        let used = process(env, ctx, key, conn, &mut pending, old, sink);
+        pending.drain(..used);
+        conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+    }
+    write::send_out(env, ctx, key, conn);
+    held_check(env, ctx, key, conn, held_before);
+}
+
+/// What the connection holds for unfinished input now (`held_before` before its read), against the shard's
+/// budget and deadline.
+fn held_check(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, held_before: usize) {
     let held = conn.held_bytes();
     ctx.unfinished = ctx.unfinished - held_before + held;
     if held == 0 {
@@ -168,7 +221,6 @@ pub fn on_readable(
         ShardMetrics::inc(&env.metrics.unfinished_limit_closes_total);
         refuse_request(env, ctx, key, conn, Status::ServiceUnavailable, BUSY);
     }
-    flow
 }
 
 const BUSY: &str = "server busy: too many unfinished requests, retry later";
@@ -202,6 +254,10 @@ pub fn resume(
         conn.pending = if pending.is_empty() { Vec::new() } else { pending };
         ctx.unfinished = ctx.unfinished - held_before + conn.held_bytes();
         write::send_out(env, ctx, key, conn);
+    }
+    if env.ring_reads {
+        // Input that arrived meanwhile was kept in `pending` (handled above); the ring brings the rest.
+        return Flow::Continue;
     }
     on_readable(env, ctx, conns, scratch, key, sink)
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use throng_protocol::handshake::{self, Status};
 
 use super::poller::{Poller, Ready};
+use super::uring::Ring;
 use super::{Ctx, Env};
 use crate::conn::{close, timers, Conn, ConnKey, Conns};
 use crate::metrics::ShardMetrics;
@@ -71,12 +72,15 @@ impl Acceptor {
 
 /// The accept step of a turn. Each new connection is put at the front of `ready`, so its request (usually
 /// already there) is read in this turn's connection step: a connection's first read, like its handshake
-/// deadline, does not wait behind a backlog of busy connections (at most [`ACCEPT_BUDGET`] go first).
+/// deadline, does not wait behind a backlog of busy connections (at most [`ACCEPT_BUDGET`] go first). With
+/// the io_uring ring its receive is armed instead (submitted before the connection step reaps completions).
+#[allow(clippy::too_many_arguments)]
 pub fn accept_turn(
     env: &Env,
     ctx: &mut Ctx,
     conns: &mut Conns,
     poller: &Poller,
+    mut ring: Option<&mut Ring>,
     acc: &mut Acceptor,
     scratch: &mut [u8],
     ready: &mut VecDeque<(ConnKey, Ready)>,
@@ -94,7 +98,11 @@ pub fn accept_turn(
                     continue;
                 }
                 if let Some(key) = register(env, ctx, conns, poller, fd) {
-                    ready.push_front((key, Ready { read: true, write: false }));
+                    match (ring.as_deref_mut(), conns.get(key)) {
+                        (Some(r), Some(conn)) => r.arm_recv(conn.fd(), key),
+                        (Some(_), None) => {}
+                        (None, _) => ready.push_front((key, Ready { read: true, write: false })),
+                    }
                 }
             }
             Accept::WouldBlock => {

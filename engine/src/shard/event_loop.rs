@@ -34,7 +34,8 @@ use throng_protocol::frame::{close as code, OpCode};
 use throng_protocol::handshake::Request;
 
 use super::accept;
-use super::poller::{Ready, ADMIN_LISTENER, DOORBELL, LISTENER};
+use super::poller::{Ready, ADMIN_LISTENER, DOORBELL, LISTENER, RING};
+use super::uring::Completion;
 use super::{Ctx, Env, Shard, TICK};
 use crate::channel::delivery;
 use crate::conn::close::{self, Close};
@@ -96,6 +97,8 @@ struct Turns {
     events: Vec<libc::epoll_event>,
     /// The last look at the set filled the batch: more may be waiting there.
     set_full: bool,
+    /// The ring step stopped at its budget with completions left.
+    ring_left: bool,
     /// The timer step stopped at its budget with timers still due.
     timers_left: bool,
     /// The tick housekeeping last ran at.
@@ -112,6 +115,7 @@ pub async fn run(mut sh: Shard) {
         again: Vec::new(),
         events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BUDGET],
         set_full: false,
+        ring_left: false,
         timers_left: false,
         housekept: u64::MAX,
         drain_deadline: None,
@@ -149,17 +153,18 @@ pub async fn run(mut sh: Shard) {
 
         // 3. Accept.
         if sh.acceptor.has_work(Instant::now()) {
-            let Shard { env, ctx, conns, poller, acceptor, scratch, .. } = &mut sh;
-            accept::accept_turn(env, ctx, conns, poller, acceptor, scratch, &mut t.ready);
+            let Shard { env, ctx, conns, poller, ring, acceptor, scratch, .. } = &mut sh;
+            accept::accept_turn(env, ctx, conns, poller, ring.as_mut(), acceptor, scratch, &mut t.ready);
         }
-        if let Shard { env, ctx, conns, poller, admin: Some(admin), scratch, .. } = &mut sh {
+        if let Shard { env, ctx, conns, poller, ring, admin: Some(admin), scratch, .. } = &mut sh {
             if admin.has_work(Instant::now()) {
-                accept::accept_turn(env, ctx, conns, poller, admin, scratch, &mut t.ready);
+                accept::accept_turn(env, ctx, conns, poller, ring.as_mut(), admin, scratch, &mut t.ready);
             }
         }
 
-        // 4. Connections.
+        // 4. Connections: readiness events, then the io_uring ring's completions.
         event_step(&mut sh, &mut t);
+        ring_step(&mut sh, &mut t);
 
         // 5. Flush.
         let now = Instant::now();
@@ -173,6 +178,7 @@ pub async fn run(mut sh: Shard) {
         let now = Instant::now();
         let dirty = !sh.ctx.chans.dirty.is_empty();
         let busy = !t.ready.is_empty()
+            || t.ring_left
             || !t.again.is_empty()
             || t.set_full
             || t.timers_left
@@ -290,6 +296,8 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
                     }
                 }
                 DOORBELL => sys::eventfd_clear(sh.env.shared.inboxes[sh.env.id].doorbell.as_fd()),
+                // Completions wait in the ring: the ring step reaps them (every turn).
+                RING => {}
                 _ => t.ready.push_back((ConnKey::from_u64(data), Ready::from_bits(bits))),
             }
         }
@@ -322,7 +330,8 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
         if ready.write {
             delivery::on_writable(env, ctx, conns, key);
         }
-        if ready.read {
+        // With the ring, input (and the peer's EOF or a reset) comes as its completions, never from here.
+        if ready.read && !env.ring_reads {
             match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
                 Flow::Continue => {}
                 Flow::More => t.again.push(key),
@@ -334,4 +343,69 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
             }
         }
     }
+}
+
+/// Completions the ring step handles per turn at most.
+const RING_BUDGET: usize = 4 * EVENT_BUDGET;
+
+/// Step 4, io_uring: the receive ring's completions (input handed to the read path in the buffer the kernel
+/// filled, which goes back to the ring at once; EOF and errors end the connection), then the receives to
+/// arm again and the cancels of removed connections, submitted together.
+fn ring_step(sh: &mut Shard, t: &mut Turns) {
+    let Shard { env, ctx, conns, scratch, acceptor, ring: Some(ring), .. } = sh else { return };
+    t.ring_left = false;
+    // Receives armed by the accept step go in, and what arrived since the last step is posted.
+    ring.submit();
+    let until = Instant::now() + STEP_SLICE;
+    let mut app = App;
+    for n in 0..=RING_BUDGET {
+        if n == RING_BUDGET || (n % 16 == 15 && Instant::now() >= until) {
+            t.ring_left = true;
+            break;
+        }
+        let Some(c) = ring.reap() else { break };
+        let end = match c {
+            Completion::Data { key, bid, len, more } => {
+                read::on_data(env, ctx, conns, scratch, key, ring.buffer(bid, len), &mut app);
+                ring.give_back(bid);
+                if !more && conns.get(key).is_some() {
+                    ring.rearm_later(key);
+                }
+                None
+            }
+            Completion::Rearm(key, e) => {
+                if e == -libc::ENOBUFS {
+                    ShardMetrics::inc(&env.metrics.uring_buffers_empty_total);
+                }
+                if conns.get(key).is_some() {
+                    ring.rearm_later(key);
+                }
+                None
+            }
+            Completion::Eof(key) => Some(key),
+            Completion::Failed(key, e) => {
+                if e != -libc::ECANCELED && e != -libc::ECONNRESET && e != -libc::EPIPE {
+                    ShardMetrics::inc(&env.metrics.io_errors_total);
+                }
+                Some(key)
+            }
+            Completion::Cancelled => None,
+        };
+        if let Some(key) = end {
+            if close::remove(env, ctx, conns, key) {
+                acceptor.fd_released();
+            }
+        }
+    }
+    let rearm = ring.take_rearm();
+    for &key in &rearm {
+        if let Some(conn) = conns.get(key) {
+            ring.arm_recv(conn.fd(), key);
+        }
+    }
+    ring.put_rearm(rearm);
+    for key in ctx.ring_cancels.drain(..) {
+        ring.cancel(key);
+    }
+    ring.submit();
 }

@@ -17,6 +17,7 @@ pub mod accept;
 pub mod event_loop;
 pub mod poller;
 pub mod timer;
+pub mod uring;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -29,7 +30,7 @@ use throng_protocol::conn::Limits;
 use throng_protocol::message::{Decoder, Limits as DecodeLimits};
 
 use crate::channel::bus::{Inbox, Outbox};
-use crate::channel::delivery::FlushState;
+use crate::channel::delivery::{Batch, FlushState};
 use crate::channel::Channels;
 use crate::config::{Config, DriverChoice};
 use crate::conn::{ConnKey, Conns};
@@ -85,14 +86,25 @@ pub enum Driver {
 }
 
 impl Driver {
-    /// Resolves the configured choice against what the kernel allows.
+    /// Resolves the configured choice against what the kernel allows: the io_uring driver needs io_uring
+    /// itself, a provided-buffer ring and multishot receive (checked on a socket pair, [`uring::Ring::new`]).
+    /// `auto` picks io_uring when all are there and logs why not otherwise.
     pub fn resolve(choice: DriverChoice) -> anyhow::Result<Self> {
-        let uring = monoio::utils::detect_uring();
-        match choice {
-            DriverChoice::Auto if uring => Ok(Self::Uring),
-            DriverChoice::Auto | DriverChoice::Epoll => Ok(Self::Epoll),
-            DriverChoice::Uring if uring => Ok(Self::Uring),
-            DriverChoice::Uring => anyhow::bail!("--driver uring: io_uring is not available on this kernel"),
+        if choice == DriverChoice::Epoll {
+            return Ok(Self::Epoll);
+        }
+        let why_not = if monoio::utils::detect_uring() {
+            uring::Ring::new(2, 512).err().map(|e| e.to_string())
+        } else {
+            Some("io_uring is not available on this kernel".to_string())
+        };
+        match (choice, why_not) {
+            (_, None) => Ok(Self::Uring),
+            (DriverChoice::Uring, Some(why)) => anyhow::bail!("--driver uring: {why}"),
+            (_, Some(why)) => {
+                tracing::warn!(reason = %why, "driver auto: using epoll");
+                Ok(Self::Epoll)
+            }
         }
     }
 
@@ -119,6 +131,8 @@ pub struct Env {
     pub limits: Limits,
     /// Current time in wheel ticks since the shard started.
     pub now: u64,
+    /// Connections' input comes through the shard's io_uring ring ([`uring`]), not `recv` on readiness.
+    pub ring_reads: bool,
 }
 
 impl Env {
@@ -190,6 +204,9 @@ pub struct Ctx {
     pub resume: Vec<ConnKey>,
     /// `/sse` streams: each one's position in its channels (for its `id:` lines).
     pub sse: crate::http::sse::Streams,
+    /// Connections removed this turn whose io_uring receive is to be cancelled (the request holds the socket
+    /// open until it ends); the loop passes them to the ring.
+    pub ring_cancels: Vec<ConnKey>,
 }
 
 /// One shard: everything its loop owns.
@@ -203,8 +220,10 @@ pub struct Shard {
     pub ctx: Ctx,
     /// The pooled receive buffer: every read on this shard lands here first.
     pub scratch: Box<[u8]>,
-    /// Readiness of the connections, the listener and the doorbell.
+    /// Readiness of the connections, the listener, the doorbell and the ring.
     pub poller: poller::Poller,
+    /// The io_uring receive ring (`--driver uring`): connections' input.
+    pub ring: Option<uring::Ring>,
     /// The listener and its state.
     pub acceptor: accept::Acceptor,
     /// The `admin_listen` listener: on shard 0 only, when configured (`/metrics`, `/stats` and the API are
@@ -255,7 +274,18 @@ pub fn spawn(
 /// The shard's one task: binds, builds its state, and runs the loop until drained.
 async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
     let setup = || -> anyhow::Result<Shard> {
-        let poller = poller::Poller::new().context("creating the epoll set")?;
+        let cfg = &shared.config;
+        let ring = match shared.driver_name {
+            "io_uring" => Some(
+                uring::Ring::new(cfg.uring_buffers, cfg.uring_buffer_size)
+                    .context("creating the io_uring receive ring")?,
+            ),
+            _ => None,
+        };
+        let poller = poller::Poller::new(ring.is_some()).context("creating the epoll set")?;
+        if let Some(r) = &ring {
+            poller.add_ring(r.fd())?;
+        }
         let listener = bind(shared.config.listen)?;
         poller.add_listener(&listener)?;
         poller.add_doorbell(&shared.inboxes[id].doorbell)?;
@@ -267,7 +297,6 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
             }
             _ => None,
         };
-        let cfg = &shared.config;
         let max_message = cfg.max_message_size;
         let outbox = Outbox::new(shared.inboxes.clone(), cfg.ring_capacity, cfg.max_queue_bytes);
         Ok(Shard {
@@ -276,6 +305,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 metrics: shared.metrics[id].clone(),
                 limits: Limits { max_frame: max_message, max_message },
                 now: 0,
+                ring_reads: ring.is_some(),
                 shared: shared.clone(),
             },
             conns: Conns::default(),
@@ -286,7 +316,10 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 decoder: Decoder::with_limits(DecodeLimits { max_data_bytes: max_message, ..DecodeLimits::default() }),
                 chans: Channels::new(outbox, cfg.max_history_bytes),
                 unfinished: 0,
-                flush: FlushState::default(),
+                flush: FlushState::new(match &ring {
+                    Some(_) => Some(Batch::new().context("creating the io_uring send ring")?),
+                    None => None,
+                }),
                 queues: Default::default(),
                 proxied: Default::default(),
                 rec: crate::metrics::Recorder::new(shared.started),
@@ -294,9 +327,11 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 api: Default::default(),
                 sse: Default::default(),
                 resume: Vec::new(),
+                ring_cancels: Vec::new(),
             },
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             poller,
+            ring,
             acceptor: accept::Acceptor::new(listener),
             admin,
         })

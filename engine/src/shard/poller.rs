@@ -28,6 +28,8 @@ pub const LISTENER: u64 = u64::MAX;
 pub const DOORBELL: u64 = u64::MAX - 1;
 /// Event data of the admin listener (`admin_listen`, shard 0 only).
 pub const ADMIN_LISTENER: u64 = u64::MAX - 2;
+/// Event data of the shard's io_uring receive ring (`super::uring`): completions are waiting.
+pub const RING: u64 = u64::MAX - 3;
 
 /// A shard's epoll set.
 pub struct Poller {
@@ -35,6 +37,9 @@ pub struct Poller {
     /// (an epoll fd is readable while it has events to report). No stream I/O is ever done on it. Owning it
     /// here also closes it when the shard ends.
     set: TcpStream,
+    /// Connections' input comes through the shard's io_uring ring (`super::uring`): they are in the set for
+    /// output only.
+    ring_reads: bool,
 }
 
 impl std::fmt::Debug for Poller {
@@ -45,7 +50,7 @@ impl std::fmt::Debug for Poller {
 
 impl Poller {
     /// Creates the set. Must run inside the shard's runtime (the wait registers with it).
-    pub fn new() -> io::Result<Self> {
+    pub fn new(ring_reads: bool) -> io::Result<Self> {
         // SAFETY: epoll_create1 takes no pointers.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -55,7 +60,7 @@ impl Poller {
         // (and `from_std` passes it on to the runtime's stream, which closes it on drop). Only readiness is
         // ever asked of it, which the kernel answers for any pollable fd.
         let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        Ok(Self { set: TcpStream::from_std(std)? })
+        Ok(Self { set: TcpStream::from_std(std)?, ring_reads })
     }
 
     fn epfd(&self) -> RawFd {
@@ -72,10 +77,17 @@ impl Poller {
         Ok(())
     }
 
-    /// Adds a connection socket, edge-triggered for input, output, and the peer's half-close. It leaves the
-    /// set by itself when the socket is closed.
+    /// Adds a connection socket, edge-triggered for input, output, and the peer's half-close (for output
+    /// only when input comes through the io_uring ring). It leaves the set by itself when the socket is
+    /// closed.
     pub fn add_conn(&self, fd: BorrowedFd<'_>, key: ConnKey) -> io::Result<()> {
-        self.add(fd, libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP, key.to_u64())
+        let events = if self.ring_reads { libc::EPOLLOUT } else { libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP };
+        self.add(fd, events, key.to_u64())
+    }
+
+    /// Adds the shard's io_uring ring (readable while completions wait).
+    pub fn add_ring(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.add(fd, libc::EPOLLIN, RING)
     }
 
     /// Adds the listening socket (edge-triggered: a new event only when new connections arrive after the
