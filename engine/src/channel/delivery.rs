@@ -10,10 +10,13 @@
 //! from the same channel and subscriber in the next turn, so a pass over tens of thousands of subscribers
 //! never holds up timers, accepts or the inbox for longer than its slice.
 //!
-//! Adaptive pacing: when a pass took over 1 ms of the shard's time (it is saturated), the next one waits
-//! `flush_pacing` times as long (at most 10 ms), so more frames coalesce per write; under light load a pass
-//! runs in the turn after the publish, keeping latency low. One write costs about the same whatever it
-//! carries, so this trades latency for CPU per delivery (docs/benchmarks.md has the measured curve).
+//! Adaptive pacing, only when the shard is busy: when a pass took over 1 ms of the shard's time and the
+//! shard was busy (not parked) for at least half of the last tick (50 ms), the next pass waits
+//! `flush_pacing` times as long as the last one took (at most 10 ms), so more frames coalesce per write.
+//! One write costs about the same whatever it carries, so this trades latency for CPU per delivery where
+//! CPU is short (docs/benchmarks.md has the measured curve). The bound: pacing delays a message by at most
+//! `min(flush_pacing x the last pass, 10 ms)`, and never on a shard that was idle half of the last tick
+//! (there a pass runs in the turn after the publish).
 
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
@@ -35,6 +38,8 @@ use crate::sys;
 const PACE_THRESHOLD: Duration = Duration::from_millis(1);
 /// Longest pause between passes.
 const PACE_MAX: Duration = Duration::from_millis(10);
+/// Share of the last tick the shard must have been busy (not parked) for passes to be paced.
+pub const PACE_BUSY: f64 = 0.5;
 /// Most buffers gathered into one `sendmsg`.
 const MAX_IOV: usize = 256;
 /// Subscribers handled between two looks at the clock.
@@ -311,6 +316,9 @@ pub struct FlushState {
     not_before: Option<Instant>,
     /// The io_uring driver's batched writes (`None` on epoll).
     pub batch: Option<Batch>,
+    /// Share of the last tick the shard was busy (not parked), set by the loop once per tick: passes are
+    /// paced only from [`PACE_BUSY`].
+    pub busy: f64,
 }
 
 /// WebSocket subscribers gathered by the flush pass and not written yet: their writes go to the kernel
@@ -543,8 +551,8 @@ pub fn flush_turn(env: &Env, ctx: &mut Ctx, conns: &mut Conns, until: Instant) -
     f.spent += t0.elapsed();
     ctx.rec.flush.record(f.spent);
     let pace = env.cfg().flush_pacing;
-    f.not_before =
-        (f.spent > PACE_THRESHOLD && pace > 0.0).then(|| Instant::now() + f.spent.mul_f64(pace).min(PACE_MAX));
+    f.not_before = (f.spent > PACE_THRESHOLD && pace > 0.0 && f.busy >= PACE_BUSY)
+        .then(|| Instant::now() + f.spent.mul_f64(pace).min(PACE_MAX));
     ctx.chans.outbox.drain();
     written
 }

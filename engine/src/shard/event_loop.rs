@@ -105,6 +105,10 @@ struct Turns {
     housekept: u64,
     /// When the drain must end, once its closing phase has begun (after the drain delay).
     drain_deadline: Option<Instant>,
+    /// Time parked since `window`: once per tick the share of it the shard was busy goes to the flush
+    /// pacing (`FlushState::busy`).
+    parked: Duration,
+    window: Instant,
 }
 
 /// Runs the shard until it has drained.
@@ -119,6 +123,8 @@ pub async fn run(mut sh: Shard) {
         timers_left: false,
         housekept: u64::MAX,
         drain_deadline: None,
+        parked: Duration::ZERO,
+        window: Instant::now(),
     };
     let inboxes = sh.env.shared.inboxes.clone();
     let inbox = &inboxes[sh.env.id];
@@ -204,6 +210,7 @@ pub async fn run(mut sh: Shard) {
             continue;
         }
         sh.poller.wait(wake.saturating_duration_since(now)).await;
+        t.parked += now.elapsed();
         inbox.parked.store(false, Ordering::Relaxed);
     }
 }
@@ -241,6 +248,11 @@ fn timer_step(sh: &mut Shard, t: &mut Turns, now: Instant) {
         }
     }
     t.housekept = env.now;
+    let elapsed = now.saturating_duration_since(t.window);
+    if !elapsed.is_zero() {
+        sh.ctx.flush.busy = 1.0 - (t.parked.as_secs_f64() / elapsed.as_secs_f64()).min(1.0);
+    }
+    (t.parked, t.window) = (Duration::ZERO, now);
     sh.ctx.chans.housekeeping(env);
     observe_tick(env, &mut sh.ctx);
     // The drain's first phase (`draining`: /health 503, upgrades refused) needs nothing from the loop; its

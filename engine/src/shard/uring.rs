@@ -433,11 +433,17 @@ impl SendRing {
             h.msg_iovlen = len;
             self.hdrs.push(h);
         }
-        for (i, &(fd, _, _)) in self.msgs.iter().enumerate() {
-            let e = opcode::SendMsg::new(types::Fd(fd), &self.hdrs[i])
-                .flags((libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u32)
-                .build()
-                .user_data(i as u64);
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        for (i, &(fd, from, len)) in self.msgs.iter().enumerate() {
+            let e = if len == 1 {
+                // One buffer (one frame: the common case at moderate rates): a plain send, which spares the
+                // kernel the message header and the iovec import.
+                let b = self.iov[from];
+                opcode::Send::new(types::Fd(fd), b.iov_base.cast_const().cast(), b.iov_len as u32).flags(flags).build()
+            } else {
+                opcode::SendMsg::new(types::Fd(fd), &self.hdrs[i]).flags(flags as u32).build()
+            }
+            .user_data(i as u64);
             // SAFETY: the header and the iovecs it points to live in `self` (capacities fixed: they do not
             // move) until every completion is reaped below; the buffers are the caller's promise.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
