@@ -107,9 +107,10 @@ pub struct Cli {
     /// are dropped and its subscribers get a `gap` marker (see docs). [default: 65536]
     #[arg(long, env = "THRONG_RING_CAPACITY")]
     pub ring_capacity: Option<usize>,
-    /// Under load, pause between broadcast flush passes for this fraction of the last pass's duration (at
-    /// most 10 ms), so more messages coalesce into each write: less CPU per delivery, more latency.
-    /// 0 disables pacing. [default: 0.33]
+    /// On a shard busy at least half of the last 50 ms tick, pause between broadcast flush passes (after
+    /// one over 1 ms) for this fraction of the last pass's duration (at most 10 ms), so more messages
+    /// coalesce into each write: less CPU per delivery, at most that much more latency. A lighter-loaded
+    /// shard never pauses. 0 disables pacing. [default: 0.33]
     #[arg(long, env = "THRONG_FLUSH_PACING")]
     pub flush_pacing: Option<f64>,
     /// io_uring driver: receive buffers in each shard's provided-buffer ring, a power of two from 2 to

@@ -7,6 +7,9 @@
 //! - Out of file descriptors (`EMFILE`, `ENFILE`), accepting pauses for [`OUT_OF_FDS_PAUSE`] (or until a
 //!   connection closes) instead of spinning on a listener that stays readable; the kernel's listen queue
 //!   holds the newcomers meanwhile. The pause is counted and logged (at most every 5 s).
+//! - With the io_uring driver the listener is not in the epoll set: a multishot accept on the shard's ring
+//!   takes its connections (no `accept4` per connection), each handed to [`take`] like one accepted here;
+//!   out of descriptors the accept ends and is armed again once the pause is over.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -37,23 +40,45 @@ pub struct Acceptor {
     pub ready: bool,
     /// Accepting is paused until then (out of descriptors).
     pub paused_until: Option<Instant>,
+    /// The io_uring driver: a multishot accept is armed on the shard's ring (the listener is then not in the
+    /// epoll set, and `ready` stays false).
+    pub armed: bool,
     last_warn: Option<Instant>,
     /// The response to a connection over `max_connections`.
     over_capacity: Vec<u8>,
 }
 
 impl Acceptor {
-    /// Wraps a listener (already in the shard's epoll set).
-    pub fn new(listener: OwnedFd) -> Self {
+    /// Wraps a listener, already in the shard's epoll set when `in_set` (else the io_uring driver's multishot
+    /// accept takes its connections).
+    pub fn new(listener: OwnedFd, in_set: bool) -> Self {
         let mut over_capacity = Vec::new();
         handshake::write_rejection(&mut over_capacity, Status::ServiceUnavailable, "server at max_connections");
-        // Reported ready at first: connections may have queued before the listener joined the set.
-        Self { listener: Some(listener), ready: true, paused_until: None, last_warn: None, over_capacity }
+        // Reported ready at first (epoll): connections may have queued before the listener joined the set.
+        Self {
+            listener: Some(listener),
+            ready: in_set,
+            paused_until: None,
+            armed: false,
+            last_warn: None,
+            over_capacity,
+        }
     }
 
     /// True when the accept step has work now.
     pub fn has_work(&self, now: Instant) -> bool {
         self.listener.is_some() && self.ready && self.paused_until.is_none_or(|t| now >= t)
+    }
+
+    /// The io_uring driver: the listener, when its multishot accept is to be armed (not armed, not paused,
+    /// not closed). Marks it armed.
+    pub fn to_arm(&mut self, now: Instant) -> Option<std::os::fd::BorrowedFd<'_>> {
+        if self.armed || self.paused_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        let l = self.listener.as_ref()?;
+        self.armed = true;
+        Some(l.as_fd())
     }
 
     /// Stops accepting for good (drain): the listener is shut down and closed, so the kernel stops queueing
@@ -88,46 +113,68 @@ pub fn accept_turn(
     let Some(listener) = &acc.listener else { return };
     for _ in 0..ACCEPT_BUDGET {
         match sys::accept(listener.as_fd()) {
-            Accept::Conn(fd) => {
-                ShardMetrics::inc(&env.metrics.accepted_total);
-                let shared = &env.shared;
-                let max = shared.config.max_connections.unwrap_or(usize::MAX);
-                if shared.open_connections.fetch_add(1, Ordering::Relaxed) >= max {
-                    shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                    refuse(env, ctx, &acc.over_capacity, fd, scratch);
-                    continue;
-                }
-                if let Some(key) = register(env, ctx, conns, poller, fd) {
-                    match (ring.as_deref_mut(), conns.get(key)) {
-                        (Some(r), Some(conn)) => r.arm_recv(conn.fd(), key),
-                        (Some(_), None) => {}
-                        (None, _) => ready.push_front((key, Ready { read: true, write: false })),
-                    }
-                }
-            }
+            Accept::Conn(fd) => take(env, ctx, conns, poller, ring.as_deref_mut(), acc, scratch, ready, fd),
             Accept::WouldBlock => {
                 acc.ready = false;
                 return;
             }
             Accept::OutOfFds(e) => {
-                ShardMetrics::inc(&env.metrics.accept_pauses_total);
-                crate::metrics::Observed::mark(&env.metrics.obs.fd_pause_at, env.shared.started);
-                let now = Instant::now();
-                acc.paused_until = Some(now + OUT_OF_FDS_PAUSE);
-                if acc.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
-                    acc.last_warn = Some(now);
-                    tracing::warn!(
-                        shard = env.id,
-                        error = %e,
-                        open = env.shared.open_connections.load(Ordering::Relaxed),
-                        "out of file descriptors: accepting paused (raise the open-file limit, or lower \
-                         max_connections so that newcomers get a 503 instead of waiting)"
-                    );
-                }
+                out_of_fds(env, acc, &e);
                 return;
             }
             Accept::Failed(_) => ShardMetrics::inc(&env.metrics.io_errors_total),
         }
+    }
+}
+
+/// A connection the listener gave (`accept4`, or the io_uring driver's multishot accept): refused with 503
+/// over `max_connections`, else registered, its first read arranged (its receive armed on the ring, or put
+/// first in `ready`).
+#[allow(clippy::too_many_arguments)]
+pub fn take(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    poller: &Poller,
+    ring: Option<&mut Ring>,
+    acc: &Acceptor,
+    scratch: &mut [u8],
+    ready: &mut VecDeque<(ConnKey, Ready)>,
+    fd: OwnedFd,
+) {
+    ShardMetrics::inc(&env.metrics.accepted_total);
+    let shared = &env.shared;
+    let max = shared.config.max_connections.unwrap_or(usize::MAX);
+    if shared.open_connections.fetch_add(1, Ordering::Relaxed) >= max {
+        shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        refuse(env, ctx, &acc.over_capacity, fd, scratch);
+        return;
+    }
+    if let Some(key) = register(env, ctx, conns, poller, fd) {
+        match (ring, conns.get(key)) {
+            (Some(r), Some(conn)) => r.arm_recv(conn.fd(), key),
+            (Some(_), None) => {}
+            (None, _) => ready.push_front((key, Ready { read: true, write: false })),
+        }
+    }
+}
+
+/// Out of file descriptors: accepting pauses for [`OUT_OF_FDS_PAUSE`] (or until a connection closes),
+/// counted, and logged at most every 5 s.
+pub fn out_of_fds(env: &Env, acc: &mut Acceptor, e: &std::io::Error) {
+    ShardMetrics::inc(&env.metrics.accept_pauses_total);
+    crate::metrics::Observed::mark(&env.metrics.obs.fd_pause_at, env.shared.started);
+    let now = Instant::now();
+    acc.paused_until = Some(now + OUT_OF_FDS_PAUSE);
+    if acc.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+        acc.last_warn = Some(now);
+        tracing::warn!(
+            shard = env.id,
+            error = %e,
+            open = env.shared.open_connections.load(Ordering::Relaxed),
+            "out of file descriptors: accepting paused (raise the open-file limit, or lower \
+             max_connections so that newcomers get a 503 instead of waiting)"
+        );
     }
 }
 

@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | 1. timers | advance the shard clock; fire due connection timers (handshake, heartbeat, message deadline, close grace); once per tick: ring retries, history ageing, the drain's closing phase | [`TIMER_BUDGET`] timers or [`STEP_SLICE`] |
 //! | 2. inbox | messages from other shards (deliveries, requests for channels homed here, answers) | [`INBOX_BUDGET`] messages or [`STEP_SLICE`] |
-//! | 3. accept | new connections | [`ACCEPT_BUDGET`] connections |
-//! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes | [`EVENT_BUDGET`] events or [`STEP_SLICE`] |
+//! | 3. accept | new connections (epoll; on io_uring they come as ring completions in step 4) | [`ACCEPT_BUDGET`] connections |
+//! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes; on io_uring then the ring's completions (input, accepted connections) | [`EVENT_BUDGET`] events or [`STEP_SLICE`]; `RING_BUDGET` completions |
 //! | 5. flush | the broadcast flush pass, resumed where the last turn left it (unless paced) | [`FLUSH_SLICE`] |
 //!
 //! Work left over by a step (a budget used up, a connection stopped at its read bound, more events in the
@@ -25,7 +25,7 @@
 //! [`ACCEPT_BUDGET`]: super::accept::ACCEPT_BUDGET
 
 use std::collections::VecDeque;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -282,6 +282,11 @@ fn start_drain(sh: &mut Shard) {
     if let Some(admin) = &mut sh.admin {
         admin.close();
     }
+    if let Some(ring) = &mut sh.ring {
+        // The multishot accepts hold the listeners open until they end.
+        ring.cancel_accept(false);
+        ring.cancel_accept(true);
+    }
     for key in sh.conns.keys() {
         let Some(conn) = sh.conns.get_mut(key) else { continue };
         let how = match conn.phase {
@@ -360,11 +365,20 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
 /// Completions the ring step handles per turn at most.
 const RING_BUDGET: usize = 4 * EVENT_BUDGET;
 
-/// Step 4, io_uring: the receive ring's completions (input handed to the read path in the buffer the kernel
-/// filled, which goes back to the ring at once; EOF and errors end the connection), then the receives to
-/// arm again and the cancels of removed connections, submitted together.
+/// Step 4, io_uring: the ring's completions: input handed to the read path in the buffer the kernel filled
+/// (which goes back to the ring at once; EOF and errors end the connection), and the listeners' multishot
+/// accepts' connections (the accept step's work on this driver; armed again here after they end, unless
+/// paused for want of descriptors or closed by the drain). Then the receives to arm again and the cancels of
+/// removed connections, submitted together.
 fn ring_step(sh: &mut Shard, t: &mut Turns) {
-    let Shard { env, ctx, conns, scratch, acceptor, ring: Some(ring), .. } = sh else { return };
+    let Shard { env, ctx, conns, scratch, acceptor, admin, poller, ring: Some(ring), .. } = sh else { return };
+    let now = Instant::now();
+    if let Some(l) = acceptor.to_arm(now) {
+        ring.arm_accept(l, false);
+    }
+    if let Some(l) = admin.as_mut().and_then(|a| a.to_arm(now)) {
+        ring.arm_accept(l, true);
+    }
     t.ring_left = false;
     // Receives armed by the accept step go in, and what arrived since the last step is posted.
     ring.submit();
@@ -402,6 +416,23 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
                 Some(key)
             }
             Completion::Cancelled => None,
+            Completion::Accept { admin: is_admin, res, more } => {
+                let Some(acc) = (if is_admin { admin.as_mut() } else { Some(&mut *acceptor) }) else { continue };
+                if !more {
+                    // Ended (out of descriptors, the drain, an error): armed again by a later step.
+                    acc.armed = false;
+                }
+                if res >= 0 {
+                    // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
+                    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
+                    accept::take(env, ctx, conns, poller, Some(&mut *ring), acc, scratch, &mut t.ready, fd);
+                } else if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
+                    accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
+                } else if res != -libc::ECANCELED && res != -libc::EINVAL {
+                    ShardMetrics::inc(&env.metrics.io_errors_total);
+                }
+                None
+            }
         };
         if let Some(key) = end {
             if close::remove(env, ctx, conns, key) {

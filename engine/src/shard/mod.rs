@@ -286,14 +286,21 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
         if let Some(r) = &ring {
             poller.add_ring(r.fd())?;
         }
+        // With the io_uring ring the listeners are not in the set: a multishot accept on the ring takes their
+        // connections (armed by the loop's ring step).
+        let in_set = ring.is_none();
         let listener = bind(shared.config.listen)?;
-        poller.add_listener(&listener)?;
+        if in_set {
+            poller.add_listener(&listener)?;
+        }
         poller.add_doorbell(&shared.inboxes[id].doorbell)?;
         let admin = match shared.config.admin_listen {
             Some(addr) if id == 0 => {
                 let l = bind(addr)?;
-                poller.add_admin_listener(&l)?;
-                Some(accept::Acceptor::new(l))
+                if in_set {
+                    poller.add_admin_listener(&l)?;
+                }
+                Some(accept::Acceptor::new(l, in_set))
             }
             _ => None,
         };
@@ -332,7 +339,7 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             poller,
             ring,
-            acceptor: accept::Acceptor::new(listener),
+            acceptor: accept::Acceptor::new(listener, in_set),
             admin,
         })
     };

@@ -35,6 +35,10 @@ use crate::conn::ConnKey;
 
 /// User data of cancel requests (no connection key has it: see `super::poller::LISTENER`).
 const CANCEL: u64 = u64::MAX;
+/// User data of the listener's multishot accept.
+const ACCEPT: u64 = u64::MAX - 1;
+/// User data of the admin listener's multishot accept.
+const ADMIN_ACCEPT: u64 = u64::MAX - 2;
 /// Submission queue entries of the receive ring; a full queue is submitted before more are pushed.
 const ENTRIES: u32 = 256;
 /// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): with it, `io_uring_enter` runs the ring's deferred work.
@@ -149,6 +153,9 @@ pub enum Completion {
     Failed(ConnKey, i32),
     /// A cancel request's own completion.
     Cancelled,
+    /// The (admin) listener's multishot accept: a new connection's fd, or `-errno`; `more` while it stays
+    /// armed.
+    Accept { admin: bool, res: i32, more: bool },
 }
 
 /// A shard's receive ring. Field order matters: the ring is dropped (and with it the kernel's reference to
@@ -257,6 +264,22 @@ impl Ring {
         self.arm(fd.as_raw_fd(), key);
     }
 
+    /// Arms a multishot accept on a listener (the admin one when `admin`): every connection it takes comes
+    /// as a [`Completion::Accept`], non-blocking and close-on-exec.
+    pub fn arm_accept(&mut self, listener: BorrowedFd<'_>, admin: bool) {
+        let e = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(if admin { ADMIN_ACCEPT } else { ACCEPT });
+        self.push(&e);
+    }
+
+    /// Cancels the (admin) listener's multishot accept (the drain; the request holds the listener open).
+    pub fn cancel_accept(&mut self, admin: bool) {
+        let e = opcode::AsyncCancel::new(if admin { ADMIN_ACCEPT } else { ACCEPT }).build().user_data(CANCEL);
+        self.push(&e);
+    }
+
     /// Cancels connection `key`'s receive, if armed.
     pub fn cancel(&mut self, key: ConnKey) {
         let e = opcode::AsyncCancel::new(key.to_u64()).build().user_data(CANCEL);
@@ -315,6 +338,9 @@ impl Ring {
         let (data, res, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
         if data == CANCEL {
             return Some(Completion::Cancelled);
+        }
+        if data == ACCEPT || data == ADMIN_ACCEPT {
+            return Some(Completion::Accept { admin: data == ADMIN_ACCEPT, res, more: cqueue::more(flags) });
         }
         let key = ConnKey::from_u64(data);
         Some(match (res, cqueue::buffer_select(flags)) {
