@@ -97,9 +97,9 @@ const _: () = assert!(std::mem::size_of::<HistoryEntry>() <= HISTORY_ENTRY_BUDGE
 #[derive(Debug)]
 pub enum Presence {
     /// Sorted by user, no duplicates, capacity == length.
-    Small(Vec<(Box<str>, u32)>),
+    Small(Vec<(Arc<str>, u32)>),
     /// More than [`Presence::SMALL`] users at some point (boxed: the enum stays the size of the vector).
-    Large(Box<BTreeMap<Box<str>, u32>>),
+    Large(Box<BTreeMap<Arc<str>, u32>>),
 }
 
 impl Default for Presence {
@@ -112,26 +112,26 @@ impl Presence {
     /// Most users kept in the sorted vector (a join is a binary search and a shift of at most this many).
     pub const SMALL: usize = 16;
 
-    /// Counts one more connection of `user`.
-    pub fn join(&mut self, user: &str) {
+    /// Counts one more connection of `user` (the connection's own name, shared: no copy is made).
+    pub fn join(&mut self, user: &Arc<str>) {
         match self {
-            Presence::Small(v) => match v.binary_search_by(|(u, _)| (**u).cmp(user)) {
+            Presence::Small(v) => match v.binary_search_by(|(u, _)| (**u).cmp(&**user)) {
                 Ok(i) => v[i].1 += 1,
                 Err(_) if v.len() >= Self::SMALL => {
-                    let mut m: BTreeMap<Box<str>, u32> = std::mem::take(v).into_iter().collect();
-                    m.insert(user.into(), 1);
+                    let mut m: BTreeMap<Arc<str>, u32> = std::mem::take(v).into_iter().collect();
+                    m.insert(user.clone(), 1);
                     *self = Presence::Large(Box::new(m));
                 }
                 Err(i) => {
                     // Exactly one more: presence tables are many and mostly tiny.
                     v.reserve_exact(1);
-                    v.insert(i, (user.into(), 1));
+                    v.insert(i, (user.clone(), 1));
                 }
             },
-            Presence::Large(m) => match m.get_mut(user) {
+            Presence::Large(m) => match m.get_mut(&**user) {
                 Some(n) => *n += 1,
                 None => {
-                    m.insert(user.into(), 1);
+                    m.insert(user.clone(), 1);
                 }
             },
         }
@@ -198,9 +198,9 @@ impl Presence {
 #[derive(Clone, Debug)]
 pub enum PresenceIter<'a> {
     /// Over the sorted vector.
-    Small(std::slice::Iter<'a, (Box<str>, u32)>),
+    Small(std::slice::Iter<'a, (Arc<str>, u32)>),
     /// Over the B-tree.
-    Large(std::collections::btree_map::Iter<'a, Box<str>, u32>),
+    Large(std::collections::btree_map::Iter<'a, Arc<str>, u32>),
 }
 
 impl<'a> Iterator for PresenceIter<'a> {
@@ -337,7 +337,7 @@ impl HomeChannel {
     }
 
     /// Counts a subscribed connection of `user` (presence).
-    pub fn join(&mut self, user: &str) {
+    pub fn join(&mut self, user: &Arc<str>) {
         self.connections += 1;
         self.presence.join(user);
     }
@@ -478,9 +478,10 @@ mod tests {
     #[test]
     fn presence_counts_and_is_ordered() {
         let mut h = HomeChannel::new("c", 1, limits(0, 1, 0));
-        h.join("b");
-        h.join("a");
-        h.join("a");
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        h.join(&b);
+        h.join(&a);
+        h.join(&a);
         assert_eq!((h.connections, h.presence.len(), h.presence.get("a")), (3, 2, 2));
         assert_eq!(h.presence.iter().map(|(u, _)| u).collect::<Vec<_>>(), ["a", "b"]);
         h.leave("a");
@@ -493,7 +494,7 @@ mod tests {
     #[test]
     fn presence_small_then_large() {
         let mut p = Presence::default();
-        let users: Vec<String> = (0..40).rev().map(|i| format!("u{i:02}")).collect();
+        let users: Vec<Arc<str>> = (0..40).rev().map(|i| Arc::from(format!("u{i:02}"))).collect();
         for (k, u) in users.iter().enumerate() {
             p.join(u);
             p.join(u);
@@ -514,8 +515,8 @@ mod tests {
         }
         assert_eq!(p.iter().map(|(u, n)| (u.to_string(), n)).collect::<Vec<_>>().len(), 10);
         let mut q = Presence::default();
-        q.join("x");
-        q.join("y");
+        q.join(&"x".into());
+        q.join(&"y".into());
         q.leave("x");
         q.leave("y");
         assert!(q.is_empty());

@@ -298,7 +298,7 @@ impl Channels {
         name: &str,
         reply: ReplyTo,
         since: Option<(u64, &str)>,
-        user: Option<&str>,
+        user: Option<&Arc<str>>,
     ) -> Result<(Bytes, Vec<Bytes>, u64), Refusal> {
         let i = self.home_entry(env, name)?;
         let home = &mut self.homes[i];
@@ -371,8 +371,9 @@ impl Channels {
     }
 
     /// Removes one subscription of a connection (unsubscribe, or the connection closing). Tells the home
-    /// when presence is tracked or this was the shard's last subscriber of the channel.
-    pub fn leave(&mut self, env: &Env, user: &str, sub: ConnSub) {
+    /// when presence is tracked or this was the shard's last subscriber of the channel. `user`: the
+    /// connection's ([`crate::conn::Conn::presence_user`]).
+    pub fn leave(&mut self, env: &Env, user: &Arc<str>, sub: ConnSub) {
         let idx = sub.chan as usize;
         let Some(ch) = self.locals.get_mut(idx) else { return };
         // A pending subscription is undone when its confirmation arrives (see `v1::on_subscribed`).
@@ -389,7 +390,7 @@ impl Channels {
             self.local_index.remove(&name);
             self.locals.remove(idx);
         }
-        let user = presence.then(|| Box::<str>::from(user));
+        let user = presence.then(|| user.clone());
         let home = env.home(&name);
         if home == env.id {
             self.unsubscribe_at_home(&name, env.id, user.as_deref(), last, env.id);
@@ -400,7 +401,7 @@ impl Channels {
     }
 
     /// Takes back at the home what it counted for a subscription that ended before it was confirmed.
-    pub fn undo_subscription(&mut self, env: &Env, idx: usize, channel: &Arc<str>, user: Option<Box<str>>) {
+    pub fn undo_subscription(&mut self, env: &Env, idx: usize, channel: &Arc<str>, user: Option<Arc<str>>) {
         let ch = &self.locals[idx];
         let last = ch.subs.is_empty() && ch.pending == 0;
         if last {

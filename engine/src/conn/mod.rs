@@ -210,6 +210,12 @@ impl Conn {
         self.id.as_ref().map_or("", |i| &i.user)
     }
 
+    /// The user as presence tables hold it: the identity's own name, shared (an empty name before the
+    /// upgrade and for `/echo`, which never subscribe).
+    pub fn presence_user(&self) -> Arc<str> {
+        self.id.as_ref().map_or_else(|| Arc::from(""), |i| i.user.clone())
+    }
+
     /// The length (head and body) of the HTTP request whose body is still arriving; 0 when none is.
     /// (Stored in `byte_credit`, which only `/ws` connections use.)
     pub fn http_request_len(&self) -> usize {

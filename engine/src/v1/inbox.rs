@@ -40,7 +40,7 @@ pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
         ShardMsg::Subscribe { channel, reply, since, user } => {
             let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
             let name: Arc<str> = Arc::from(&*channel);
-            let msg = match ctx.chans.subscribe_at_home(env, &channel, reply, since_ref, user.as_deref()) {
+            let msg = match ctx.chans.subscribe_at_home(env, &channel, reply, since_ref, user.as_ref()) {
                 Ok((frame, missed, offset)) => {
                     ShardMsg::Subscribed { channel: name, reply, offset, frame, missed, user }
                 }
@@ -184,7 +184,7 @@ fn on_subscribed(
     reply: ReplyTo,
     offset: u64,
     (frame, missed): (&Bytes, &[Bytes]),
-    user: Option<Box<str>>,
+    user: Option<Arc<str>>,
 ) {
     let Some(&idx) = ctx.chans.local_index.get(channel) else { return };
     ctx.chans.locals[idx].pending = ctx.chans.locals[idx].pending.saturating_sub(1);

@@ -242,12 +242,12 @@ fn subscribe(
             return;
         }
     };
-    let user = ns.presence.then(|| Box::<str>::from(conn.user()));
+    let user = ns.presence.then(|| conn.presence_user());
     let home = env.home(channel);
     let reply = ReplyTo { shard: env.id as u16, conn: key, id };
     if home == env.id {
         let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
-        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_deref()) {
+        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_ref()) {
             Ok((frame, missed, offset)) => {
                 close::forgive(conn);
                 let slot = ctx.chans.locals[idx].subscribe(key, offset);
@@ -292,7 +292,7 @@ fn unsubscribe(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Opti
         return;
     }
     let sub = conn.subs.swap_remove(pos);
-    ctx.chans.leave(env, conn.user(), sub);
+    ctx.chans.leave(env, &conn.presence_user(), sub);
     text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
 }
 
