@@ -70,7 +70,7 @@ impl Setup {
             let slot = channels[chan].subscribe(key, home.offset);
             let mut conn = Conn::new(OwnedFd::from(server), 1, 0);
             conn.phase = Phase::V1;
-            conn.subs = vec![ConnSub { chan: chan as u32, slot: slot as u32 }];
+            conn.subs = std::iter::once(ConnSub { chan: chan as u32, slot: slot as u32 }).collect();
             conn.id = Some(std::sync::Arc::new(throng::auth::Identity::open("u")));
             let idx = conns.insert(conn);
             assert_eq!(idx, i);
