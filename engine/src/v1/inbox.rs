@@ -118,7 +118,7 @@ fn on_refused(
     reason: &'static str,
 ) {
     if subscribe {
-        if let Some(&idx) = ctx.chans.local_index.get(channel) {
+        if let Some(idx) = ctx.chans.local_idx(channel) {
             ctx.chans.locals[idx].pending = ctx.chans.locals[idx].pending.saturating_sub(1);
             if let Some(conn) = conns.get_mut(reply.conn) {
                 if let Some(pos) = conn.subs.iter().position(|s| s.chan as usize == idx && !s.is_active()) {
@@ -158,7 +158,7 @@ fn on_refused(
 /// when Redis went away are refused) stops sending it the channel.
 fn drop_refused_local(env: &Env, ctx: &mut Ctx, idx: usize, channel: &Arc<str>) {
     ctx.chans.drop_local_if_unused(idx);
-    if !ctx.chans.local_index.contains_key(channel) {
+    if ctx.chans.local_idx(channel).is_none() {
         let home = env.home(channel);
         if home != env.id {
             let msg = ShardMsg::Unsubscribe {
@@ -186,7 +186,7 @@ fn on_subscribed(
     (frame, missed): (&Bytes, &[Bytes]),
     user: Option<Arc<str>>,
 ) {
-    let Some(&idx) = ctx.chans.local_index.get(channel) else { return };
+    let Some(idx) = ctx.chans.local_idx(channel) else { return };
     ctx.chans.locals[idx].pending = ctx.chans.locals[idx].pending.saturating_sub(1);
     let Some(conn) = conns.get_mut(reply.conn).filter(|c| c.phase.is_open()) else {
         ctx.chans.cancelled.retain(|&(k, c, _)| !(k == reply.conn && c == idx));

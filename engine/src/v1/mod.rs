@@ -224,7 +224,7 @@ fn subscribe(
     since: Option<(u64, Box<str>)>,
 ) {
     let Some(ns) = check_channel(env, ctx, key, conn, id, channel, Action::Subscribe) else { return };
-    let existing = ctx.chans.local_index.get(channel).copied();
+    let existing = ctx.chans.local_idx(channel);
     if existing.is_some_and(|i| conn.subs.iter().any(|s| s.chan as usize == i)) {
         refuse(env, ctx, key, conn, id, "already_subscribed", "already subscribed to this channel");
         return;
@@ -277,7 +277,7 @@ fn subscribe(
 }
 
 fn unsubscribe(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u64>, channel: &str) {
-    let found = ctx.chans.local_index.get(channel).copied().and_then(|idx| {
+    let found = ctx.chans.local_idx(channel).and_then(|idx| {
         conn.subs.iter().position(|s| s.chan as usize == idx && s.slot != ConnSub::CANCELLED).map(|p| (idx, p))
     });
     let Some((idx, pos)) = found else {
