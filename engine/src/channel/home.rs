@@ -69,34 +69,40 @@ pub struct HomeChannel {
     pub history: VecDeque<HistoryEntry>,
     /// Bytes of the frames in `history`.
     pub history_bytes: usize,
-    /// History bounds.
-    pub limits: HistoryLimits,
     /// Bit `i` set: shard `i` (other than the home) has subscribers and gets every message.
     pub interested: u64,
     /// user -> number of its subscribed connections, over all shards. Ordered, so that a presence reply
     /// lists the first users without sorting the whole table per request.
     pub presence: Presence,
-    /// Subscribed connections over all shards.
-    pub connections: u64,
+    /// History bounds: an index in the shard's table of distinct bounds (`Channels::limits`, one entry
+    /// per namespace at most), 4 B here rather than the 24 B of the bounds, which every method that
+    /// applies them is given.
+    pub limits: u32,
+    /// Subscribed connections over all shards (at most one per connection: a node holds fewer than 2^32).
+    pub connections: u32,
 }
 
 /// Size budget of a [`HomeChannel`] (the slab entry of every channel homed on a shard), checked at compile
-/// time. Its heap: the name (shared with the local channel on the home shard), the presence table (one
-/// B-tree leaf, 184 B + allocator overhead, for up to 11 users, and each user's name), the history.
-pub const HOME_CHANNEL_BUDGET: usize = 136;
+/// time. Its heap: the name (shared with the local channel on the home shard), the presence table (none
+/// for one user, 24 B a user up to [`Presence::SMALL`]; the names are the connections' own), the history.
+pub const HOME_CHANNEL_BUDGET: usize = 120;
 /// Size budget of a [`HistoryEntry`].
 pub const HISTORY_ENTRY_BUDGET: usize = 56;
 const _: () = assert!(std::mem::size_of::<HomeChannel>() <= HOME_CHANNEL_BUDGET);
-const _: () = assert!(std::mem::size_of::<Presence>() == 24);
+const _: () = assert!(std::mem::size_of::<Presence>() == 32);
 const _: () = assert!(std::mem::size_of::<HistoryEntry>() <= HISTORY_ENTRY_BUDGET);
 
-/// A channel's presence table: user -> its subscribed connections, in name order. Small tables (a personal
-/// channel has one user, a chat group a handful) are a sorted vector sized exactly (24 B a user, one
-/// allocation: 32 B with the allocator's header for one user, against 240 B for a B-tree's first leaf);
-/// past [`Presence::SMALL`] users it becomes a B-tree, and stays one.
+/// A channel's presence table: user -> its subscribed connections, in name order. One user (a personal
+/// channel's whole table) is held in place, no allocation; small tables (a chat group has a handful) are a
+/// sorted vector sized exactly (24 B a user, one allocation, against 240 B for a B-tree's first leaf); past
+/// [`Presence::SMALL`] users it becomes a B-tree, and stays one. The names are the connections' own
+/// ([`crate::auth::Identity::user`]), shared.
 #[derive(Debug)]
 pub enum Presence {
-    /// Sorted by user, no duplicates, capacity == length.
+    /// Exactly one user (32 B for the enum, 8 more than the vector alone: a personal channel saves a
+    /// 32 B block).
+    One((Arc<str>, u32)),
+    /// Sorted by user, no duplicates, capacity == length; never one user (that is `One`).
     Small(Vec<(Arc<str>, u32)>),
     /// More than [`Presence::SMALL`] users at some point (boxed: the enum stays the size of the vector).
     Large(Box<BTreeMap<Arc<str>, u32>>),
@@ -115,6 +121,16 @@ impl Presence {
     /// Counts one more connection of `user` (the connection's own name, shared: no copy is made).
     pub fn join(&mut self, user: &Arc<str>) {
         match self {
+            Presence::One((u, n)) if **u == **user => *n += 1,
+            Presence::One(first) => {
+                let first = first.clone();
+                let mut v = Vec::with_capacity(2);
+                v.push(first);
+                let at = usize::from(*user > v[0].0);
+                v.insert(at, (user.clone(), 1));
+                *self = Presence::Small(v);
+            }
+            Presence::Small(v) if v.is_empty() => *self = Presence::One((user.clone(), 1)),
             Presence::Small(v) => match v.binary_search_by(|(u, _)| (**u).cmp(&**user)) {
                 Ok(i) => v[i].1 += 1,
                 Err(_) if v.len() >= Self::SMALL => {
@@ -140,13 +156,21 @@ impl Presence {
     /// Counts one connection of `user` less (a user with none left is removed).
     pub fn leave(&mut self, user: &str) {
         match self {
+            Presence::One((u, n)) => {
+                if **u == *user {
+                    *n -= 1;
+                    if *n == 0 {
+                        *self = Presence::default();
+                    }
+                }
+            }
             Presence::Small(v) => {
                 if let Ok(i) = v.binary_search_by(|(u, _)| (**u).cmp(user)) {
                     v[i].1 -= 1;
                     if v[i].1 == 0 {
                         v.remove(i);
-                        if v.is_empty() {
-                            *v = Vec::new();
+                        if v.len() == 1 {
+                            *self = Presence::One(v.remove(0));
                         } else {
                             v.shrink_to_fit();
                         }
@@ -167,6 +191,13 @@ impl Presence {
     /// The connections of `user` (0: none).
     pub fn get(&self, user: &str) -> u32 {
         match self {
+            Presence::One((u, n)) => {
+                if **u == *user {
+                    *n
+                } else {
+                    0
+                }
+            }
             Presence::Small(v) => v.binary_search_by(|(u, _)| (**u).cmp(user)).map_or(0, |i| v[i].1),
             Presence::Large(m) => m.get(user).copied().unwrap_or(0),
         }
@@ -175,6 +206,7 @@ impl Presence {
     /// Users with at least one connection.
     pub fn len(&self) -> usize {
         match self {
+            Presence::One(_) => 1,
             Presence::Small(v) => v.len(),
             Presence::Large(m) => m.len(),
         }
@@ -188,6 +220,7 @@ impl Presence {
     /// Users and their connections, in name order.
     pub fn iter(&self) -> PresenceIter<'_> {
         match self {
+            Presence::One(one) => PresenceIter::Small(std::slice::from_ref(one).iter()),
             Presence::Small(v) => PresenceIter::Small(v.iter()),
             Presence::Large(m) => PresenceIter::Large(m.iter()),
         }
@@ -197,7 +230,7 @@ impl Presence {
 /// [`Presence::iter`].
 #[derive(Clone, Debug)]
 pub enum PresenceIter<'a> {
-    /// Over the sorted vector.
+    /// Over the sorted vector (or the one user).
     Small(std::slice::Iter<'a, (Arc<str>, u32)>),
     /// Over the B-tree.
     Large(std::collections::btree_map::Iter<'a, Arc<str>, u32>),
@@ -231,14 +264,14 @@ impl Freed {
 }
 
 impl HomeChannel {
-    /// A new, empty channel.
-    pub fn new(name: &str, epoch: u64, limits: HistoryLimits) -> Self {
+    /// A new, empty channel; `limits`: its history bounds' index in the shard's table.
+    pub fn new(name: &str, epoch: u64, limits: u32) -> Self {
         Self::named(Arc::from(name), epoch, limits)
     }
 
     /// A new, empty channel whose name shares an existing allocation (the local channel's, when this
     /// shard also has subscribers of it).
-    pub fn named(name: Arc<str>, epoch: u64, limits: HistoryLimits) -> Self {
+    pub fn named(name: Arc<str>, epoch: u64, limits: u32) -> Self {
         Self {
             name,
             offset: 0,
@@ -258,14 +291,15 @@ impl HomeChannel {
     }
 
     /// Assigns the next offset to `data` and encodes the message frame once; keeps it in history when the
-    /// bounds allow. Returns the entry, whether it was kept, and what the bounds dropped to make room.
-    pub fn publish(&mut self, data: &[u8], now: u64) -> (HistoryEntry, bool, Freed) {
+    /// bounds (`limits`, the channel's) allow. Returns the entry, whether it was kept, and what the bounds
+    /// dropped to make room.
+    pub fn publish(&mut self, data: &[u8], now: u64, limits: &HistoryLimits) -> (HistoryEntry, bool, Freed) {
         self.offset += 1;
         let offset = self.offset;
         let frame = message_frame(&self.name, offset, data);
         let data_start = (frame.len() - 1 - data.len()) as u32;
         let entry = HistoryEntry { offset, at: now, frame, data_start };
-        let keep = self.limits.size > 0 && entry.frame.len() <= self.limits.bytes;
+        let keep = limits.size > 0 && entry.frame.len() <= limits.bytes;
         let mut freed = Freed::default();
         if keep {
             self.history_bytes += entry.frame.len();
@@ -277,18 +311,18 @@ impl HomeChannel {
                 freed.add(&e);
             }
         }
-        let trimmed = self.trim(now);
+        let trimmed = self.trim(now, limits);
         freed.entries += trimmed.entries;
         freed.bytes += trimmed.bytes;
         (entry, keep, freed)
     }
 
-    /// Drops history past its count, byte and age bounds.
-    pub fn trim(&mut self, now: u64) -> Freed {
+    /// Drops history past its count, byte and age bounds (`limits`, the channel's).
+    pub fn trim(&mut self, now: u64, limits: &HistoryLimits) -> Freed {
         let mut freed = Freed::default();
-        while self.history.len() > self.limits.size
-            || self.history_bytes > self.limits.bytes
-            || self.history.front().is_some_and(|e| now.saturating_sub(e.at) > self.limits.ttl_ticks)
+        while self.history.len() > limits.size
+            || self.history_bytes > limits.bytes
+            || self.history.front().is_some_and(|e| now.saturating_sub(e.at) > limits.ttl_ticks)
         {
             let Some(e) = self.pop_oldest() else { break };
             freed.add(&e);
@@ -322,9 +356,15 @@ impl HomeChannel {
 
     /// What a client that last saw `since` (offset, epoch) missed. `None` means no position was given.
     /// `max_bytes` bounds the replay: when the missed frames would take more, nothing is replayed and the
-    /// client is told it was not recovered (a replay is never cut short silently).
-    pub fn recover(&mut self, since: Option<(u64, &str)>, now: u64, max_bytes: usize) -> (Recovery, Freed) {
-        let freed = self.trim(now);
+    /// client is told it was not recovered (a replay is never cut short silently). `limits`: the channel's.
+    pub fn recover(
+        &mut self,
+        since: Option<(u64, &str)>,
+        now: u64,
+        max_bytes: usize,
+        limits: &HistoryLimits,
+    ) -> (Recovery, Freed) {
+        let freed = self.trim(now, limits);
         let not = Recovery { recovered: false, missed: Vec::new() };
         let Some(start) = since.and_then(|s| self.after(s)) else {
             return (not, freed);
@@ -393,9 +433,10 @@ mod tests {
 
     #[test]
     fn publish_encodes_once_and_keeps_history() {
-        let mut h = HomeChannel::new("chat:1", 1, limits(3, 100, 1 << 20));
+        let l = limits(3, 100, 1 << 20);
+        let mut h = HomeChannel::new("chat:1", 1, 0);
         for i in 0..5 {
-            let (e, kept, _) = h.publish(format!("{{\"n\":{i}}}").as_bytes(), 10);
+            let (e, kept, _) = h.publish(format!("{{\"n\":{i}}}").as_bytes(), 10, &l);
             assert!(kept);
             assert_eq!(e.offset, i + 1);
             assert_eq!(e.data(), format!("{{\"n\":{i}}}").as_bytes());
@@ -414,11 +455,12 @@ mod tests {
 
     #[test]
     fn history_bytes_bound_drops_oldest_first() {
-        let mut h = HomeChannel::new("c", 1, limits(100, 1000, 300));
+        let l = limits(100, 1000, 300);
+        let mut h = HomeChannel::new("c", 1, 0);
         let data = vec![b'1'; 90];
         let mut freed = Freed::default();
         for _ in 0..5 {
-            let (_, kept, f) = h.publish(&data, 0);
+            let (_, kept, f) = h.publish(&data, 0, &l);
             assert!(kept);
             freed.entries += f.entries;
             freed.bytes += f.bytes;
@@ -429,46 +471,47 @@ mod tests {
         assert_eq!(freed.entries, 3);
         // A message larger than the whole bound is not kept, and what came before it is dropped: nobody
         // who missed it can be recovered, and history stays contiguous.
-        let (_, kept, f) = h.publish(&[b'2'; 400], 0);
+        let (_, kept, f) = h.publish(&[b'2'; 400], 0, &l);
         assert!(!kept);
         assert_eq!(f.entries, 2);
         assert!(h.history.is_empty() && h.history_bytes == 0);
         let epoch = h.epoch_str();
-        let (r, _) = h.recover(Some((5, epoch.as_str())), 0, usize::MAX);
+        let (r, _) = h.recover(Some((5, epoch.as_str())), 0, usize::MAX, &l);
         assert!(!r.recovered, "offset 6 is not in history");
-        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX);
+        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX, &l);
         assert!(r.recovered && r.missed.is_empty(), "nothing was missed after 6");
-        h.publish(&data, 0);
-        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX);
+        h.publish(&data, 0, &l);
+        let (r, _) = h.recover(Some((6, epoch.as_str())), 0, usize::MAX, &l);
         assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), [7]);
     }
 
     #[test]
     fn recovery_rules() {
-        let mut h = HomeChannel::new("c", 0xe1, limits(3, 100, 1 << 20));
+        let l = limits(3, 100, 1 << 20);
+        let mut h = HomeChannel::new("c", 0xe1, 0);
         let e = h.epoch_str();
         let e = e.as_str();
         assert_eq!(e, "00000000000000e1");
         for _ in 0..5 {
-            h.publish(b"1", 0);
+            h.publish(b"1", 0, &l);
         }
         // History holds 3..=5.
-        let (r, _) = h.recover(Some((2, e)), 0, usize::MAX);
+        let (r, _) = h.recover(Some((2, e)), 0, usize::MAX, &l);
         assert!(r.recovered);
         assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![3, 4, 5]);
-        let (r, _) = h.recover(Some((4, e)), 0, usize::MAX);
+        let (r, _) = h.recover(Some((4, e)), 0, usize::MAX, &l);
         assert_eq!(r.missed.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![5]);
-        assert!(h.recover(Some((5, e)), 0, usize::MAX).0.recovered);
-        assert!(!h.recover(Some((1, e)), 0, usize::MAX).0.recovered, "offset 2 was evicted");
-        assert!(!h.recover(Some((4, "other")), 0, usize::MAX).0.recovered, "epoch changed");
-        assert!(!h.recover(Some((9, e)), 0, usize::MAX).0.recovered, "position from the future");
-        assert!(!h.recover(None, 0, usize::MAX).0.recovered);
+        assert!(h.recover(Some((5, e)), 0, usize::MAX, &l).0.recovered);
+        assert!(!h.recover(Some((1, e)), 0, usize::MAX, &l).0.recovered, "offset 2 was evicted");
+        assert!(!h.recover(Some((4, "other")), 0, usize::MAX, &l).0.recovered, "epoch changed");
+        assert!(!h.recover(Some((9, e)), 0, usize::MAX, &l).0.recovered, "position from the future");
+        assert!(!h.recover(None, 0, usize::MAX, &l).0.recovered);
         // A replay larger than the reply bound is refused whole, not cut.
         let one = h.history[0].frame.len();
-        let (r, _) = h.recover(Some((2, e)), 0, 3 * one - 1);
+        let (r, _) = h.recover(Some((2, e)), 0, 3 * one - 1, &l);
         assert!(!r.recovered && r.missed.is_empty());
         // Age bound: everything older than 100 ticks is gone.
-        let (r, freed) = h.recover(Some((4, e)), 1000, usize::MAX);
+        let (r, freed) = h.recover(Some((4, e)), 1000, usize::MAX, &l);
         assert!(!r.recovered);
         assert_eq!(freed.entries, 3);
         assert!(h.history.is_empty());
@@ -477,7 +520,7 @@ mod tests {
 
     #[test]
     fn presence_counts_and_is_ordered() {
-        let mut h = HomeChannel::new("c", 1, limits(0, 1, 0));
+        let mut h = HomeChannel::new("c", 1, 0);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         h.join(&b);
         h.join(&a);
@@ -499,7 +542,8 @@ mod tests {
             p.join(u);
             p.join(u);
             assert_eq!(p.len(), k + 1);
-            assert_eq!(matches!(p, Presence::Small(_)), k < Presence::SMALL, "after {} users", k + 1);
+            assert_eq!(matches!(p, Presence::One(_)), k == 0, "after {} users", k + 1);
+            assert_eq!(matches!(p, Presence::Small(_)), (1..Presence::SMALL).contains(&k), "after {} users", k + 1);
             if let Presence::Small(v) = &p {
                 assert_eq!(v.capacity(), v.len());
             }
@@ -518,6 +562,12 @@ mod tests {
         q.join(&"x".into());
         q.join(&"y".into());
         q.leave("x");
+        assert!(matches!(&q, Presence::One((u, 1)) if &**u == "y"), "one user left is held in place");
+        q.join(&"a".into());
+        q.join(&"a".into());
+        assert_eq!(q.iter().collect::<Vec<_>>(), [("a", 2), ("y", 1)]);
+        q.leave("a");
+        q.leave("a");
         q.leave("y");
         assert!(q.is_empty());
         assert!(matches!(&q, Presence::Small(v) if v.capacity() == 0), "an empty table holds no allocation");

@@ -168,6 +168,9 @@ pub struct Channels {
     index: HashTable<Ix>,
     /// Hashes `index`'s names (seeded per process: client-chosen names cannot aim at one bucket chain).
     hasher: RandomState,
+    /// The distinct history bounds of the homes here ([`HomeChannel::limits`] indexes it): one entry per
+    /// namespace at most, never shrinks.
+    pub limits: Vec<HistoryLimits>,
     /// History bytes over all homes, oldest first.
     pub budget: HistoryBudget,
     /// Local channels with frames appended since their last flush.
@@ -191,6 +194,7 @@ impl Channels {
             homes: Slab::new(),
             index: HashTable::new(),
             hasher: RandomState::new(),
+            limits: Vec::new(),
             budget: HistoryBudget::new(max_history_bytes),
             dirty: Vec::new(),
             outbox,
@@ -280,6 +284,13 @@ impl Channels {
             env.cfg().namespaces.of_channel(name).map_or(HistoryLimits { size: 0, ttl_ticks: 1, bytes: 0 }, |ns| {
                 HistoryLimits { size: ns.history_size, ttl_ticks: Env::ticks(ns.history_ttl), bytes: ns.history_bytes }
             });
+        let limits = match self.limits.iter().position(|l| *l == limits) {
+            Some(at) => at,
+            None => {
+                self.limits.push(limits);
+                self.limits.len() - 1
+            }
+        } as u32;
         let epoch = self.next_epoch();
         // One allocation of the name for the home and the local channel on this shard.
         let local = self.local_idx(name);
@@ -335,7 +346,7 @@ impl Channels {
     pub fn publish_at(&mut self, env: &Env, name: &str, data: &[u8], born: u64) -> Result<u64, Refusal> {
         let i = self.home_entry(env, name)?;
         let home = &mut self.homes[i];
-        let (entry, kept, freed) = home.publish(data, env.now);
+        let (entry, kept, freed) = home.publish(data, env.now, &self.limits[home.limits as usize]);
         self.budget.freed(freed);
         if kept {
             self.budget.kept(i, home, entry.offset, entry.frame.len());
@@ -375,7 +386,8 @@ impl Channels {
         if usize::from(reply.shard) != env.id {
             home.interested |= 1 << reply.shard;
         }
-        let (rec, freed) = home.recover(since, env.now, env.cfg().max_reply_bytes());
+        let limits = &self.limits[home.limits as usize];
+        let (rec, freed) = home.recover(since, env.now, env.cfg().max_reply_bytes(), limits);
         self.budget.freed(freed);
         let recovered = since.is_some() && rec.recovered;
         let (offset, epoch) = (home.offset, home.epoch_str());
@@ -403,7 +415,8 @@ impl Channels {
             return presence_frame(env.cfg().max_reply_bytes(), name, id, 0, std::iter::empty(), 0);
         };
         let users = home.presence.iter();
-        presence_frame(env.cfg().max_reply_bytes(), name, id, home.connections, users, home.presence.len())
+        let connections = u64::from(home.connections);
+        presence_frame(env.cfg().max_reply_bytes(), name, id, connections, users, home.presence.len())
     }
 
     /// The `history` reply: the newest messages (after `since`, when given), at most `limit`, as many as fit
@@ -421,7 +434,7 @@ impl Channels {
             return history_frame(max, name, id, (0, ""), std::iter::empty(), 0, since.map(|_| false));
         };
         let home = &mut self.homes[i];
-        self.budget.freed(home.trim(env.now));
+        self.budget.freed(home.trim(env.now, &self.limits[home.limits as usize]));
         let (start, recovered) = match since {
             Some(s) => match home.after(s) {
                 Some(start) => (start, Some(true)),
@@ -527,7 +540,7 @@ impl Channels {
             self.aged_at = env.now;
             let mut forget = Vec::new();
             for (i, h) in self.homes.iter_mut() {
-                let freed = h.trim(env.now);
+                let freed = h.trim(env.now, &self.limits[h.limits as usize]);
                 self.budget.freed(freed);
                 if h.is_idle() {
                     forget.push(i);
