@@ -155,7 +155,7 @@ impl Granted {
             roles: list(id.roles()),
             channels: list(id.channels()),
             publish: list(id.publish()),
-            exp: id.exp,
+            exp: id.exp(),
         }
     }
 }
@@ -648,10 +648,10 @@ fn accepted(v: &Verifier, token: &str, id: &Identity, t0: u64, t1: u64) {
     };
     assert_eq!(claims.get("sub"), Some(&Value::String(id.user.to_string())), "{}", ctx());
     match claims.get("exp") {
-        None | Some(Value::Null) => assert_eq!(id.exp, None, "{}", ctx()),
+        None | Some(Value::Null) => assert_eq!(id.exp(), None, "{}", ctx()),
         Some(exp) => {
             let n = exp.as_u64().unwrap_or_else(|| panic!("{}: exp {exp} is not a NumericDate", ctx()));
-            assert_eq!(id.exp, Some(n), "{}", ctx());
+            assert_eq!(id.exp(), Some(n), "{}", ctx());
             assert!(n.saturating_add(v.leeway) >= t0, "{}: expired (now {t0})", ctx());
         }
     }

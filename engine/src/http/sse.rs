@@ -464,7 +464,7 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     }
     identity.ip = Some(ip);
     let user: Box<str> = identity.user.as_ref().into();
-    conn.expires_at = timers::expiry_tick(env, identity.exp);
+    conn.expires_at = timers::expiry_tick(env, identity.exp());
     conn.id = Some(Arc::new(identity));
     conn.phase = Phase::Sse;
     if poll {

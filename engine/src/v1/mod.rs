@@ -206,7 +206,7 @@ fn refresh(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u
     close::forgive(conn);
     // Counted under the same user and address as before.
     fresh.ip = ip;
-    let expires = fresh.exp;
+    let expires = fresh.exp();
     conn.expires_at = timers::expiry_tick(env, expires);
     conn.id = Some(Arc::new(fresh));
     timers::expiry_moved(ctx, conn);
