@@ -80,6 +80,8 @@ pub struct LocalChannel {
 /// compile time. Its heap: the name (shared with the home when it is on this shard), the subscriber slab
 /// (24 B a slot), the log (88 B a slot, kept once allocated unless it grew past 64 slots).
 pub const LOCAL_CHANNEL_BUDGET: usize = 120;
+/// Subscribers up to which a channel's subscriber slab grows by exactly one slot.
+pub const EXACT_SUBS: usize = 16;
 /// Size budget of a [`Sub`] (a slot of a channel's subscriber slab holds one, 24 B with the slab's tag).
 pub const SUB_BUDGET: usize = 16;
 /// Size budget of a [`LogEntry`].
@@ -143,6 +145,11 @@ impl LocalChannel {
     pub fn subscribe(&mut self, conn: ConnKey, offset: u64) -> usize {
         if self.accept_after == u64::MAX || offset > self.accept_after {
             self.accept_after = offset;
+        }
+        // A small channel's slab grows one slot at a time (a group of 10: 240 B, not the 384 of 16 slots);
+        // past `EXACT_SUBS` it doubles as usual.
+        if self.subs.len() == self.subs.capacity() && self.subs.len() < EXACT_SUBS {
+            self.subs.reserve_exact(1);
         }
         self.subs.insert(Sub { conn, cursor: self.end() })
     }
