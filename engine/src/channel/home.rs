@@ -85,63 +85,61 @@ pub struct HomeChannel {
 /// Size budget of a [`HomeChannel`] (the slab entry of every channel homed on a shard), checked at compile
 /// time. Its heap: the name (shared with the local channel on the home shard), the presence table (none
 /// for one user, 24 B a user up to [`Presence::SMALL`]; the names are the connections' own), the history.
-pub const HOME_CHANNEL_BUDGET: usize = 120;
+pub const HOME_CHANNEL_BUDGET: usize = 112;
 /// Size budget of a [`HistoryEntry`].
 pub const HISTORY_ENTRY_BUDGET: usize = 56;
 const _: () = assert!(std::mem::size_of::<HomeChannel>() <= HOME_CHANNEL_BUDGET);
-const _: () = assert!(std::mem::size_of::<Presence>() == 32);
+const _: () = assert!(std::mem::size_of::<Presence>() == 24);
 const _: () = assert!(std::mem::size_of::<HistoryEntry>() <= HISTORY_ENTRY_BUDGET);
 
 /// A channel's presence table: user -> its subscribed connections, in name order. One user (a personal
 /// channel's whole table) is held in place, no allocation; small tables (a chat group has a handful) are a
-/// sorted vector sized exactly (24 B a user, one allocation, against 240 B for a B-tree's first leaf); past
-/// [`Presence::SMALL`] users it becomes a B-tree, and stays one. The names are the connections' own
-/// ([`crate::auth::Identity::user`]), shared.
+/// sorted boxed slice of exactly their users (24 B a user, one allocation, against 240 B for a B-tree's
+/// first leaf); past [`Presence::SMALL`] users it becomes a B-tree, and stays one. The names are the
+/// connections' own ([`crate::auth::Identity::user`]), shared. 24 B, like the vector it was.
 #[derive(Debug)]
 pub enum Presence {
-    /// Exactly one user (32 B for the enum, 8 more than the vector alone: a personal channel saves a
-    /// 32 B block).
-    One((Arc<str>, u32)),
-    /// Sorted by user, no duplicates, capacity == length; never one user (that is `One`).
-    Small(Vec<(Arc<str>, u32)>),
-    /// More than [`Presence::SMALL`] users at some point (boxed: the enum stays the size of the vector).
+    /// Exactly one user and its connections.
+    One(Arc<str>, u32),
+    /// Sorted by user, no duplicates; empty or at least two users (one is `One`).
+    Small(Box<[(Arc<str>, u32)]>),
+    /// More than [`Presence::SMALL`] users at some point (boxed: the enum stays 24 B).
     Large(Box<BTreeMap<Arc<str>, u32>>),
 }
 
 impl Default for Presence {
     fn default() -> Self {
-        Presence::Small(Vec::new())
+        Presence::Small(Box::default())
     }
 }
 
 impl Presence {
-    /// Most users kept in the sorted vector (a join is a binary search and a shift of at most this many).
+    /// Most users kept in the sorted slice (a join is a binary search and a copy of at most this many).
     pub const SMALL: usize = 16;
 
     /// Counts one more connection of `user` (the connection's own name, shared: no copy is made).
     pub fn join(&mut self, user: &Arc<str>) {
         match self {
-            Presence::One((u, n)) if **u == **user => *n += 1,
-            Presence::One(first) => {
-                let first = first.clone();
-                let mut v = Vec::with_capacity(2);
-                v.push(first);
-                let at = usize::from(*user > v[0].0);
-                v.insert(at, (user.clone(), 1));
-                *self = Presence::Small(v);
+            Presence::One(u, n) if **u == **user => *n += 1,
+            Presence::One(u, n) => {
+                let (first, second) = ((u.clone(), *n), (user.clone(), 1));
+                let pair = if *first.0 < **user { [first, second] } else { [second, first] };
+                *self = Presence::Small(Box::new(pair));
             }
-            Presence::Small(v) if v.is_empty() => *self = Presence::One((user.clone(), 1)),
+            Presence::Small(v) if v.is_empty() => *self = Presence::One(user.clone(), 1),
             Presence::Small(v) => match v.binary_search_by(|(u, _)| (**u).cmp(&**user)) {
                 Ok(i) => v[i].1 += 1,
                 Err(_) if v.len() >= Self::SMALL => {
-                    let mut m: BTreeMap<Arc<str>, u32> = std::mem::take(v).into_iter().collect();
+                    let mut m: BTreeMap<Arc<str>, u32> = std::mem::take(v).into_vec().into_iter().collect();
                     m.insert(user.clone(), 1);
                     *self = Presence::Large(Box::new(m));
                 }
                 Err(i) => {
                     // Exactly one more: presence tables are many and mostly tiny.
-                    v.reserve_exact(1);
-                    v.insert(i, (user.clone(), 1));
+                    let mut w = std::mem::take(v).into_vec();
+                    w.reserve_exact(1);
+                    w.insert(i, (user.clone(), 1));
+                    *v = w.into_boxed_slice();
                 }
             },
             Presence::Large(m) => match m.get_mut(&**user) {
@@ -156,7 +154,7 @@ impl Presence {
     /// Counts one connection of `user` less (a user with none left is removed).
     pub fn leave(&mut self, user: &str) {
         match self {
-            Presence::One((u, n)) => {
+            Presence::One(u, n) => {
                 if **u == *user {
                     *n -= 1;
                     if *n == 0 {
@@ -168,11 +166,15 @@ impl Presence {
                 if let Ok(i) = v.binary_search_by(|(u, _)| (**u).cmp(user)) {
                     v[i].1 -= 1;
                     if v[i].1 == 0 {
-                        v.remove(i);
-                        if v.len() == 1 {
-                            *self = Presence::One(v.remove(0));
-                        } else {
-                            v.shrink_to_fit();
+                        let mut w = std::mem::take(v).into_vec();
+                        w.remove(i);
+                        match w.pop() {
+                            Some((u, n)) if w.is_empty() => *self = Presence::One(u, n),
+                            Some(last) => {
+                                w.push(last);
+                                *v = w.into_boxed_slice();
+                            }
+                            None => {}
                         }
                     }
                 }
@@ -191,7 +193,7 @@ impl Presence {
     /// The connections of `user` (0: none).
     pub fn get(&self, user: &str) -> u32 {
         match self {
-            Presence::One((u, n)) => {
+            Presence::One(u, n) => {
                 if **u == *user {
                     *n
                 } else {
@@ -206,7 +208,7 @@ impl Presence {
     /// Users with at least one connection.
     pub fn len(&self) -> usize {
         match self {
-            Presence::One(_) => 1,
+            Presence::One(..) => 1,
             Presence::Small(v) => v.len(),
             Presence::Large(m) => m.len(),
         }
@@ -220,7 +222,7 @@ impl Presence {
     /// Users and their connections, in name order.
     pub fn iter(&self) -> PresenceIter<'_> {
         match self {
-            Presence::One(one) => PresenceIter::Small(std::slice::from_ref(one).iter()),
+            Presence::One(u, n) => PresenceIter::One(Some((u, *n))),
             Presence::Small(v) => PresenceIter::Small(v.iter()),
             Presence::Large(m) => PresenceIter::Large(m.iter()),
         }
@@ -230,7 +232,9 @@ impl Presence {
 /// [`Presence::iter`].
 #[derive(Clone, Debug)]
 pub enum PresenceIter<'a> {
-    /// Over the sorted vector (or the one user).
+    /// The one user, until taken.
+    One(Option<(&'a str, u32)>),
+    /// Over the sorted slice.
     Small(std::slice::Iter<'a, (Arc<str>, u32)>),
     /// Over the B-tree.
     Large(std::collections::btree_map::Iter<'a, Arc<str>, u32>),
@@ -241,6 +245,7 @@ impl<'a> Iterator for PresenceIter<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
+            PresenceIter::One(one) => one.take(),
             PresenceIter::Small(i) => i.next().map(|(u, n)| (&**u, *n)),
             PresenceIter::Large(i) => i.next().map(|(u, n)| (&**u, *n)),
         }
@@ -542,11 +547,8 @@ mod tests {
             p.join(u);
             p.join(u);
             assert_eq!(p.len(), k + 1);
-            assert_eq!(matches!(p, Presence::One(_)), k == 0, "after {} users", k + 1);
+            assert_eq!(matches!(p, Presence::One(..)), k == 0, "after {} users", k + 1);
             assert_eq!(matches!(p, Presence::Small(_)), (1..Presence::SMALL).contains(&k), "after {} users", k + 1);
-            if let Presence::Small(v) = &p {
-                assert_eq!(v.capacity(), v.len());
-            }
             let names: Vec<&str> = p.iter().map(|(u, _)| u).collect();
             assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
         }
@@ -562,7 +564,7 @@ mod tests {
         q.join(&"x".into());
         q.join(&"y".into());
         q.leave("x");
-        assert!(matches!(&q, Presence::One((u, 1)) if &**u == "y"), "one user left is held in place");
+        assert!(matches!(&q, Presence::One(u, 1) if &**u == "y"), "one user left is held in place");
         q.join(&"a".into());
         q.join(&"a".into());
         assert_eq!(q.iter().collect::<Vec<_>>(), [("a", 2), ("y", 1)]);
@@ -570,6 +572,6 @@ mod tests {
         q.leave("a");
         q.leave("y");
         assert!(q.is_empty());
-        assert!(matches!(&q, Presence::Small(v) if v.capacity() == 0), "an empty table holds no allocation");
+        assert!(matches!(&q, Presence::Small(v) if v.is_empty()), "an empty table holds no allocation");
     }
 }
