@@ -25,6 +25,8 @@ use counting_alloc::allocations;
 /// Subscribers (loopback TCP pairs: 2000 descriptors).
 const SUBSCRIBERS: usize = 1000;
 const CHANNEL: &str = "room:zero";
+/// The home's history bounds.
+const LIMITS: HistoryLimits = HistoryLimits { size: 16, ttl_ticks: u64::MAX / 2, bytes: 1 << 20 };
 
 /// Raises the open-file soft limit to the hard limit (the default soft limit may be 1024).
 fn raise_nofile_limit() {
@@ -58,7 +60,7 @@ impl Setup {
         let addr = listener.local_addr().expect("local_addr");
         let mut channels = Slab::new();
         let chan = channels.insert(LocalChannel::new(Arc::from(CHANNEL), SlowConsumerPolicy::Close));
-        let home = HomeChannel::new(CHANNEL, 0xe1, HistoryLimits { size: 16, ttl_ticks: u64::MAX / 2, bytes: 1 << 20 });
+        let home = HomeChannel::new(CHANNEL, 0xe1, 0);
         let mut conns = Slab::with_capacity(SUBSCRIBERS);
         let mut clients = Vec::with_capacity(SUBSCRIBERS);
         for i in 0..SUBSCRIBERS {
@@ -70,7 +72,7 @@ impl Setup {
             let slot = channels[chan].subscribe(key, home.offset);
             let mut conn = Conn::new(OwnedFd::from(server), 1, 0);
             conn.phase = Phase::V1;
-            conn.subs = vec![ConnSub { chan: chan as u32, slot: slot as u32 }];
+            conn.subs = std::iter::once(ConnSub { chan: chan as u32, slot: slot as u32 }).collect();
             conn.id = Some(std::sync::Arc::new(throng::auth::Identity::open("u")));
             let idx = conns.insert(conn);
             assert_eq!(idx, i);
@@ -95,7 +97,7 @@ impl Setup {
             .map(|_| {
                 let data =
                     format!("{{\"seq\":{},\"text\":\"the same bytes for every subscriber\"}}", self.home.offset + 1);
-                self.home.publish(data.as_bytes(), 0).0
+                self.home.publish(data.as_bytes(), 0, &LIMITS).0
             })
             .collect()
     }

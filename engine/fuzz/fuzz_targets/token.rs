@@ -152,10 +152,10 @@ impl Granted {
         let list = |l: &[Box<str>]| l.iter().map(|s| s.to_string()).collect();
         Granted {
             user: id.user.to_string(),
-            roles: list(&id.roles),
-            channels: list(&id.channels),
-            publish: list(&id.publish),
-            exp: id.exp,
+            roles: list(id.roles()),
+            channels: list(id.channels()),
+            publish: list(id.publish()),
+            exp: id.exp(),
         }
     }
 }
@@ -620,7 +620,7 @@ fn accepted(v: &Verifier, token: &str, id: &Identity, t0: u64, t1: u64) {
     // The identity alone.
     assert!(valid_user(&id.user) && user_rule(&id.user), "{}", ctx());
     assert!(!id.open && id.ip.is_none(), "{}", ctx());
-    for l in [&id.roles, &id.channels, &id.publish] {
+    for l in [id.roles(), id.channels(), id.publish()] {
         assert!(l.len() <= MAX_CLAIM_ITEMS && MAX_CLAIM_ITEMS == 64, "{}", ctx());
         assert!(l.iter().all(|s| (1..=MAX_CLAIM_ITEM_BYTES).contains(&s.len())) && MAX_CLAIM_ITEM_BYTES == 128);
     }
@@ -648,10 +648,10 @@ fn accepted(v: &Verifier, token: &str, id: &Identity, t0: u64, t1: u64) {
     };
     assert_eq!(claims.get("sub"), Some(&Value::String(id.user.to_string())), "{}", ctx());
     match claims.get("exp") {
-        None | Some(Value::Null) => assert_eq!(id.exp, None, "{}", ctx()),
+        None | Some(Value::Null) => assert_eq!(id.exp(), None, "{}", ctx()),
         Some(exp) => {
             let n = exp.as_u64().unwrap_or_else(|| panic!("{}: exp {exp} is not a NumericDate", ctx()));
-            assert_eq!(id.exp, Some(n), "{}", ctx());
+            assert_eq!(id.exp(), Some(n), "{}", ctx());
             assert!(n.saturating_add(v.leeway) >= t0, "{}: expired (now {t0})", ctx());
         }
     }
@@ -662,7 +662,7 @@ fn accepted(v: &Verifier, token: &str, id: &Identity, t0: u64, t1: u64) {
             assert!(n.is_finite() && n.round() <= (t1 + v.leeway) as f64, "{}: nbf {nbf} is in the future", ctx());
         }
     }
-    for (name, got) in [("roles", &id.roles), ("channels", &id.channels), ("publish", &id.publish)] {
+    for (name, got) in [("roles", id.roles()), ("channels", id.channels()), ("publish", id.publish())] {
         let want: Vec<Value> = got.iter().map(|s| Value::String(s.to_string())).collect();
         match claims.get(name) {
             None => assert!(got.is_empty(), "{}", ctx()),

@@ -15,6 +15,8 @@ pub mod limits;
 pub mod net;
 
 use std::net::IpAddr;
+use std::num::NonZeroU64;
+use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -82,20 +84,34 @@ pub enum TokenError {
 /// What a connection is and may do. One per `/ws` connection, shared (`Arc`) by its commands.
 #[derive(Debug)]
 pub struct Identity {
-    /// The user (`sub`, or `?user=` in the open development mode).
-    pub user: Box<str>,
+    /// The user (`sub`, or `?user=` in the open development mode). An `Arc`: every presence table the
+    /// connection is counted in holds this one allocation rather than a copy of the name.
+    pub user: Arc<str>,
+    /// The token's roles and patterns; `None` when it has none (and always in the open development mode):
+    /// one pointer here rather than three boxed slices, most connections never carry any.
+    pub grants: Option<Box<Grants>>,
+    /// `exp`, Unix seconds, if the token has one ([`Identity::exp`]; never 0, which is long past: 8 B).
+    pub exp: Option<NonZeroU64>,
+    /// The client address this connection is counted under in the per-address limit (`None`: not counted).
+    pub ip: Option<IpAddr>,
+    /// The open development mode: every channel but other users' personal ones.
+    pub open: bool,
+}
+
+/// Size budget of an [`Identity`] (one per `/ws` connection, in an `Arc`: 16 B of counts more, an 80 B heap
+/// block), checked at compile time.
+pub const IDENTITY_BUDGET: usize = 56;
+const _: () = assert!(std::mem::size_of::<Identity>() <= IDENTITY_BUDGET);
+
+/// What a token grants beyond its user: [`Identity::grants`].
+#[derive(Debug)]
+pub struct Grants {
     /// Token roles.
     pub roles: Box<[Box<str>]>,
     /// Patterns of channels the token lets it subscribe to (and read).
     pub channels: Box<[Box<str>]>,
     /// Patterns of channels the token lets it publish to.
     pub publish: Box<[Box<str>]>,
-    /// The open development mode: every channel but other users' personal ones.
-    pub open: bool,
-    /// `exp`, Unix seconds, if the token has one.
-    pub exp: Option<u64>,
-    /// The client address this connection is counted under in the per-address limit (`None`: not counted).
-    pub ip: Option<IpAddr>,
 }
 
 /// What a command wants to do with a channel.
@@ -167,15 +183,27 @@ fn grants(roles_allowed: &[String], roles: &[Box<str>]) -> bool {
 impl Identity {
     /// An identity of the open development mode.
     pub fn open(user: &str) -> Self {
-        Identity {
-            user: user.into(),
-            roles: Box::new([]),
-            channels: Box::new([]),
-            publish: Box::new([]),
-            open: true,
-            exp: None,
-            ip: None,
-        }
+        Identity { user: user.into(), grants: None, exp: None, ip: None, open: true }
+    }
+
+    /// `exp`, Unix seconds, if the token has one.
+    pub fn exp(&self) -> Option<u64> {
+        self.exp.map(NonZeroU64::get)
+    }
+
+    /// The token's roles (none in the open development mode).
+    pub fn roles(&self) -> &[Box<str>] {
+        self.grants.as_ref().map_or(&[], |g| &g.roles)
+    }
+
+    /// The token's `channels` patterns.
+    pub fn channels(&self) -> &[Box<str>] {
+        self.grants.as_ref().map_or(&[], |g| &g.channels)
+    }
+
+    /// The token's `publish` patterns.
+    pub fn publish(&self) -> &[Box<str>] {
+        self.grants.as_ref().map_or(&[], |g| &g.publish)
     }
 
     /// Whether this connection may do `action` on `channel` of namespace `ns`:
@@ -201,12 +229,13 @@ impl Identity {
         if self.open {
             return Ok(());
         }
-        let read = || self.channels.iter().any(|p| glob(p, channel)) || grants(&ns.subscribe_roles, &self.roles);
+        let roles = self.roles();
+        let read = || self.channels().iter().any(|p| glob(p, channel)) || grants(&ns.subscribe_roles, roles);
         let ok = match action {
             Action::Subscribe => read(),
-            Action::Publish => self.publish.iter().any(|p| glob(p, channel)) || grants(&ns.publish_roles, &self.roles),
-            Action::Presence => ns.presence_roles.as_ref().map_or_else(read, |r| grants(r, &self.roles)),
-            Action::History => ns.history_roles.as_ref().map_or_else(read, |r| grants(r, &self.roles)),
+            Action::Publish => self.publish().iter().any(|p| glob(p, channel)) || grants(&ns.publish_roles, roles),
+            Action::Presence => ns.presence_roles.as_ref().map_or_else(read, |r| grants(r, roles)),
+            Action::History => ns.history_roles.as_ref().map_or_else(read, |r| grants(r, roles)),
         };
         if ok {
             Ok(())
@@ -307,15 +336,18 @@ impl Auth {
             }
             Ok(v.into_iter().map(String::into_boxed_str).collect())
         };
-        Ok(Identity {
-            user: c.sub.into_boxed_str(),
+        let g = Grants {
             roles: items(c.roles, "roles (at most 64 of at most 128 bytes)")?,
             channels: items(c.channels, "channels (at most 64 patterns of at most 128 bytes)")?,
             publish: items(c.publish, "publish (at most 64 patterns of at most 128 bytes)")?,
-            open: false,
-            exp: c.exp,
-            ip: None,
-        })
+        };
+        let any = !(g.roles.is_empty() && g.channels.is_empty() && g.publish.is_empty());
+        // `exp` 0 is 1970: expired beyond any leeway (jsonwebtoken refuses it before this).
+        let exp = match c.exp {
+            Some(0) => return Err(TokenError::Expired),
+            e => e.and_then(NonZeroU64::new),
+        };
+        Ok(Identity { user: Arc::from(c.sub), grants: any.then(|| Box::new(g)), exp, ip: None, open: false })
     }
 }
 
@@ -361,15 +393,8 @@ mod tests {
 
     fn token_identity(roles: &[&str], channels: &[&str], publish: &[&str]) -> Identity {
         let b = |v: &[&str]| v.iter().map(|s| Box::<str>::from(*s)).collect();
-        Identity {
-            user: "alice".into(),
-            roles: b(roles),
-            channels: b(channels),
-            publish: b(publish),
-            open: false,
-            exp: None,
-            ip: None,
-        }
+        let g = Grants { roles: b(roles), channels: b(channels), publish: b(publish) };
+        Identity { user: "alice".into(), grants: Some(Box::new(g)), exp: None, ip: None, open: false }
     }
 
     #[test]

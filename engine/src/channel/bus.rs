@@ -86,8 +86,8 @@ pub enum ShardMsg {
         reply: ReplyTo,
         /// The client's last seen position (offset, epoch).
         since: Option<(u64, Box<str>)>,
-        /// The user, when the namespace tracks presence.
-        user: Option<Box<str>>,
+        /// The user, when the namespace tracks presence (the connection's identity's, shared).
+        user: Option<Arc<str>>,
     },
     /// Home -> the subscriber's shard: the subscription is in place from `offset` on.
     Subscribed {
@@ -102,7 +102,7 @@ pub enum ShardMsg {
         /// Missed messages to replay after it.
         missed: Vec<Bytes>,
         /// The user counted in presence (echoed from the request), to take back if the subscriber left.
-        user: Option<Box<str>>,
+        user: Option<Arc<str>>,
     },
     /// A shard -> the home: a connection left the channel (unsubscribe or disconnect).
     Unsubscribe {
@@ -110,8 +110,8 @@ pub enum ShardMsg {
         channel: Box<str>,
         /// The shard it left from.
         shard: u16,
-        /// The user, when the namespace tracks presence.
-        user: Option<Box<str>>,
+        /// The user, when the namespace tracks presence (the connection's identity's, shared).
+        user: Option<Arc<str>>,
         /// The shard has no subscribers left: stop sending it messages.
         last: bool,
     },

@@ -91,12 +91,18 @@ mod tests {
     use super::*;
     use crate::channel::home::HistoryLimits;
 
-    fn home(homes: &mut Slab<HomeChannel>, name: &str, epoch: u64, size: usize) -> usize {
-        homes.insert(HomeChannel::new(name, epoch, HistoryLimits { size, ttl_ticks: 1000, bytes: 1 << 20 }))
+    /// Test homes' bounds, by `HomeChannel::limits`: that many messages.
+    fn limits(size: u32) -> HistoryLimits {
+        HistoryLimits { size: size as usize, ttl_ticks: 1000, bytes: 1 << 20 }
+    }
+
+    fn home(homes: &mut Slab<HomeChannel>, name: &str, epoch: u64, size: u32) -> usize {
+        homes.insert(HomeChannel::new(name, epoch, size))
     }
 
     fn publish(b: &mut HistoryBudget, homes: &mut Slab<HomeChannel>, idx: usize, data: &[u8]) {
-        let (e, kept, freed) = homes[idx].publish(data, 0);
+        let l = limits(homes[idx].limits);
+        let (e, kept, freed) = homes[idx].publish(data, 0, &l);
         b.freed(freed);
         if kept {
             b.kept(idx, &homes[idx], e.offset, e.frame.len());
@@ -110,7 +116,7 @@ mod tests {
         let a = home(&mut homes, "a", 1, 100);
         let c = home(&mut homes, "c", 2, 100);
         let data = [b'1'; 80];
-        let frame = homes[a].publish(&data, 0).0.frame.len();
+        let frame = homes[a].publish(&data, 0, &limits(100)).0.frame.len();
         // Start over with a budget of three frames.
         homes[a].pop_oldest();
         let mut b = HistoryBudget::new(3 * frame);

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use slab::Slab;
+use smallvec::SmallVec;
 
 use crate::config::SlowConsumerPolicy;
 use crate::conn::ConnKey;
@@ -52,6 +52,116 @@ pub struct Sub {
     pub cursor: u64,
 }
 
+/// Subscribers up to which a channel's [`Subs`] grows by exactly one slot.
+pub const EXACT_SUBS: usize = 16;
+
+/// A channel's local subscribers: a slab (a subscriber keeps its slot number, which its connection's
+/// `ConnSub` holds, until it leaves; freed slots are reused, last freed first) whose first slot is held in
+/// place: a channel with one subscriber (a personal channel) has no heap block for it, in the 40 B the
+/// `slab::Slab` this replaces took. Past one the slots go to the heap, growing by exactly one slot up to
+/// [`EXACT_SUBS`] (a group of 10: 240 B, not the 384 of 16 slots), doubling after that.
+#[derive(Debug, Default)]
+pub struct Subs {
+    slots: SmallVec<[Slot; 1]>,
+    /// Occupied slots.
+    len: u32,
+    /// The first free slot (`slots.len()` when none is free).
+    next: u32,
+}
+
+/// A slot of [`Subs`].
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    /// Free; the next free slot.
+    Vacant(u32),
+    /// A subscriber.
+    Occupied(Sub),
+}
+
+impl Subs {
+    /// Adds a subscriber; returns its slot.
+    pub fn insert(&mut self, sub: Sub) -> usize {
+        let at = self.next as usize;
+        match self.slots.get(at).copied() {
+            Some(Slot::Vacant(next)) => {
+                self.slots[at] = Slot::Occupied(sub);
+                self.next = next;
+            }
+            _ => {
+                if self.slots.len() == self.slots.capacity() && self.slots.len() < EXACT_SUBS {
+                    self.slots.reserve_exact(1);
+                }
+                self.slots.push(Slot::Occupied(sub));
+                self.next = self.slots.len() as u32;
+            }
+        }
+        self.len += 1;
+        at
+    }
+
+    /// Removes the subscriber in slot `at`, if there is one.
+    pub fn try_remove(&mut self, at: usize) -> Option<Sub> {
+        let Some(&Slot::Occupied(sub)) = self.slots.get(at) else { return None };
+        self.slots[at] = Slot::Vacant(self.next);
+        self.next = at as u32;
+        self.len -= 1;
+        Some(sub)
+    }
+
+    /// The subscriber in slot `at`.
+    pub fn get(&self, at: usize) -> Option<&Sub> {
+        match self.slots.get(at) {
+            Some(Slot::Occupied(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The subscriber in slot `at`, to move its cursor.
+    pub fn get_mut(&mut self, at: usize) -> Option<&mut Sub> {
+        match self.slots.get_mut(at) {
+            Some(Slot::Occupied(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The subscribers and their slots, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &Sub)> {
+        self.slots.iter().enumerate().filter_map(|(at, s)| match s {
+            Slot::Occupied(s) => Some((at, s)),
+            Slot::Vacant(_) => None,
+        })
+    }
+
+    /// Subscribers.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// True with no subscriber.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots held (occupied or free), in place or on the heap.
+    pub fn capacity(&self) -> usize {
+        self.slots.capacity()
+    }
+}
+
+impl std::ops::Index<usize> for Subs {
+    type Output = Sub;
+
+    fn index(&self, at: usize) -> &Sub {
+        self.get(at).expect("no subscriber in this slot")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Subs {
+    fn index_mut(&mut self, at: usize) -> &mut Sub {
+        self.get_mut(at).expect("no subscriber in this slot")
+    }
+}
+
 /// A channel on a shard that has local subscribers (or is about to).
 #[derive(Debug)]
 pub struct LocalChannel {
@@ -66,7 +176,7 @@ pub struct LocalChannel {
     /// Bytes ever appended (the `start` the next entry will get).
     pub end_bytes: u64,
     /// Local subscribers.
-    pub subs: Slab<Sub>,
+    pub subs: Subs,
     /// Messages with offsets up to this were already covered when subscribers joined; older deliveries
     /// still in flight from the home are ignored. `u64::MAX` until the first subscription is confirmed.
     pub accept_after: u64,
@@ -77,15 +187,16 @@ pub struct LocalChannel {
 }
 
 /// Size budget of a [`LocalChannel`] (the slab entry of every channel with local subscribers), checked at
-/// compile time. Its heap: the name (shared with the home when it is on this shard), the subscriber slab
-/// (24 B a slot), the log (88 B a slot, kept once allocated unless it grew past 64 slots).
+/// compile time. Its heap: the name (shared with the home when it is on this shard), the subscribers past
+/// the first (24 B a slot, [`Subs`]), the log (88 B a slot, kept once allocated unless it grew past 64 slots).
 pub const LOCAL_CHANNEL_BUDGET: usize = 120;
-/// Size budget of a [`Sub`] (a slot of a channel's subscriber slab holds one, 24 B with the slab's tag).
+/// Size budget of a [`Sub`] (a slot of a channel's [`Subs`] holds one, 24 B with the slot's tag).
 pub const SUB_BUDGET: usize = 16;
 /// Size budget of a [`LogEntry`].
 pub const LOG_ENTRY_BUDGET: usize = 88;
 const _: () = assert!(std::mem::size_of::<LocalChannel>() <= LOCAL_CHANNEL_BUDGET);
 const _: () = assert!(std::mem::size_of::<Sub>() <= SUB_BUDGET);
+const _: () = assert!(std::mem::size_of::<Subs>() <= 40);
 const _: () = assert!(std::mem::size_of::<LogEntry>() <= LOG_ENTRY_BUDGET);
 
 impl LocalChannel {
@@ -97,9 +208,7 @@ impl LocalChannel {
             log: VecDeque::new(),
             base: 0,
             end_bytes: 0,
-            // Room for one subscriber (24 B) rather than the four a first insert would reserve: most channels
-            // of a chat-shaped load (a personal channel) have exactly one.
-            subs: Slab::with_capacity(1),
+            subs: Subs::default(),
             accept_after: u64::MAX,
             pending: 0,
             dirty: false,
@@ -222,6 +331,38 @@ mod tests {
         assert!(c.log.is_empty());
         assert!(c.sub_of(a, key(1)).is_some());
         assert!(c.sub_of(a, key(2)).is_none(), "a slot names one connection");
+    }
+
+    /// Subscriber slots: the first in place, then exactly one more slot at a time up to `EXACT_SUBS`; a
+    /// slot number stays its subscriber's; freed slots are reused, the last freed first (as `slab::Slab`).
+    #[test]
+    fn subs_keep_their_slots() {
+        let mut s = Subs::default();
+        let sub = |i: u32| Sub { conn: key(i), cursor: u64::from(i) };
+        assert_eq!((s.insert(sub(0)), s.capacity(), s.len()), (0, 1, 1), "one subscriber, in place");
+        for i in 1..10 {
+            assert_eq!(s.insert(sub(i)), i as usize);
+            assert_eq!(s.capacity(), i as usize + 1, "exact growth");
+        }
+        assert_eq!(s.try_remove(3).map(|x| x.cursor), Some(3));
+        assert_eq!(s.try_remove(7).map(|x| x.cursor), Some(7));
+        assert!(s.try_remove(7).is_none() && s.try_remove(99).is_none() && s.get(3).is_none());
+        assert_eq!(s.len(), 8);
+        assert_eq!(s.iter().map(|(at, x)| (at, x.cursor)).filter(|&(at, c)| at as u64 == c).count(), 8);
+        assert_eq!(s.insert(sub(70)), 7, "the last freed slot first");
+        assert_eq!(s.insert(sub(30)), 3);
+        assert_eq!(s.insert(sub(10)), 10);
+        assert_eq!((s[7].cursor, s[3].cursor, s[10].cursor), (70, 30, 10));
+        s[10].cursor = 11;
+        assert_eq!(s.get(10).map(|x| x.cursor), Some(11));
+        for at in 0..11 {
+            assert!(s.try_remove(at).is_some());
+        }
+        assert!(s.is_empty() && s.iter().next().is_none());
+        for i in 11..40 {
+            s.insert(sub(i));
+        }
+        assert_eq!((s.len(), s.capacity()), (29, 32), "past EXACT_SUBS the slots double");
     }
 
     /// A marker goes behind the frames logged before it, for every subscriber, and skipping over it

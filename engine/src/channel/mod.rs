@@ -18,10 +18,11 @@ pub mod history;
 pub mod home;
 pub mod local;
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 use slab::Slab;
 use throng_protocol::frame::{frame_with, OpCode};
 use throng_protocol::message;
@@ -141,17 +142,35 @@ pub fn history_frame<'m>(
     frame_bytes(|o| message::encode_history(o, id, name, offset, epoch, fit.iter().copied(), recovered, truncated))
 }
 
+/// A channel's entries on this shard, [`Ix::NONE`] for either it lacks: a bucket of [`Channels`]' index.
+#[derive(Clone, Copy, Debug)]
+struct Ix {
+    /// Index in `homes`.
+    home: u32,
+    /// Index in `locals`.
+    local: u32,
+}
+
+impl Ix {
+    const NONE: u32 = u32::MAX;
+}
+
 /// A shard's channel state.
 #[derive(Debug)]
 pub struct Channels {
     /// Channels with local subscribers, and their delivery logs.
     pub locals: Slab<LocalChannel>,
-    /// Channel name -> index in `locals`.
-    pub local_index: HashMap<Arc<str>, usize>,
     /// Channels whose home is this shard.
     pub homes: Slab<HomeChannel>,
-    /// Channel name -> index in `homes`.
-    pub home_index: HashMap<Arc<str>, usize>,
+    /// Channel name -> its home and its local channel on this shard ([`Channels::home_idx`],
+    /// [`Channels::local_idx`]): one table for both, 8 B a bucket, the names compared and hashed where the
+    /// slabs hold them (a channel with both shares one name).
+    index: HashTable<Ix>,
+    /// Hashes `index`'s names (seeded per process: client-chosen names cannot aim at one bucket chain).
+    hasher: RandomState,
+    /// The distinct history bounds of the homes here ([`HomeChannel::limits`] indexes it): one entry per
+    /// namespace at most, never shrinks.
+    pub limits: Vec<HistoryLimits>,
     /// History bytes over all homes, oldest first.
     pub budget: HistoryBudget,
     /// Local channels with frames appended since their last flush.
@@ -172,9 +191,10 @@ impl Channels {
     pub fn new(outbox: Outbox, max_history_bytes: usize) -> Self {
         Self {
             locals: Slab::new(),
-            local_index: HashMap::new(),
             homes: Slab::new(),
-            home_index: HashMap::new(),
+            index: HashTable::new(),
+            hasher: RandomState::new(),
+            limits: Vec::new(),
             budget: HistoryBudget::new(max_history_bytes),
             dirty: Vec::new(),
             outbox,
@@ -182,6 +202,64 @@ impl Channels {
             epoch_state: crate::sys::random_u64(),
             aged_at: 0,
         }
+    }
+
+    fn hash(&self, name: &str) -> u64 {
+        self.hasher.hash_one(name)
+    }
+
+    /// The name an index entry stands for: its local channel's, else its home's (one allocation when both).
+    fn name_of<'a>(homes: &'a Slab<HomeChannel>, locals: &'a Slab<LocalChannel>, ix: Ix) -> &'a str {
+        if ix.local == Ix::NONE {
+            &homes[ix.home as usize].name
+        } else {
+            &locals[ix.local as usize].name
+        }
+    }
+
+    fn ix(&self, name: &str) -> Option<Ix> {
+        let (homes, locals) = (&self.homes, &self.locals);
+        self.index.find(self.hash(name), |&ix| Self::name_of(homes, locals, ix) == name).copied()
+    }
+
+    /// The home of `name` in `homes`, if this shard holds it.
+    pub fn home_idx(&self, name: &str) -> Option<usize> {
+        self.ix(name).map(|ix| ix.home).filter(|&h| h != Ix::NONE).map(|h| h as usize)
+    }
+
+    /// The local channel `name` in `locals`, if this shard has one.
+    pub fn local_idx(&self, name: &str) -> Option<usize> {
+        self.ix(name).map(|ix| ix.local).filter(|&l| l != Ix::NONE).map(|l| l as usize)
+    }
+
+    /// Records a home or local channel of `name` just put in its slab (`set` fills in its index).
+    fn set_ix(&mut self, name: &str, set: impl FnOnce(&mut Ix)) {
+        let hash = self.hash(name);
+        let (homes, locals, hasher) = (&self.homes, &self.locals, &self.hasher);
+        let eq = |ix: &Ix| Self::name_of(homes, locals, *ix) == name;
+        let rehash = |ix: &Ix| hasher.hash_one(Self::name_of(homes, locals, *ix));
+        let mut e = self.index.entry(hash, eq, rehash).or_insert(Ix { home: Ix::NONE, local: Ix::NONE });
+        set(e.get_mut());
+    }
+
+    /// Forgets a home or local channel of `name` (`clear` sets its index to [`Ix::NONE`]) while it is still
+    /// in its slab: the index compares names where the slabs hold them. The entry goes with the last of the two.
+    fn clear_ix(&mut self, name: &str, clear: impl FnOnce(&mut Ix)) {
+        let hash = self.hash(name);
+        let (homes, locals) = (&self.homes, &self.locals);
+        if let Ok(mut e) = self.index.find_entry(hash, |ix| Self::name_of(homes, locals, *ix) == name) {
+            clear(e.get_mut());
+            if e.get().home == Ix::NONE && e.get().local == Ix::NONE {
+                e.remove();
+            }
+        }
+    }
+
+    /// Removes the local channel `idx` and its index.
+    fn remove_local(&mut self, idx: usize) {
+        let name = self.locals[idx].name.clone();
+        self.clear_ix(&name, |ix| ix.local = Ix::NONE);
+        self.locals.remove(idx);
     }
 
     /// A fresh random epoch (SplitMix64: distinct outputs for every step of one shard's sequence).
@@ -195,7 +273,7 @@ impl Channels {
 
     /// The home of `name` on this shard, created if needed (within `max_channels`).
     fn home_entry(&mut self, env: &Env, name: &str) -> Result<usize, Refusal> {
-        if let Some(&i) = self.home_index.get(name) {
+        if let Some(i) = self.home_idx(name) {
             return Ok(i);
         }
         if self.homes.len() >= env.cfg().max_channels {
@@ -206,20 +284,25 @@ impl Channels {
             env.cfg().namespaces.of_channel(name).map_or(HistoryLimits { size: 0, ttl_ticks: 1, bytes: 0 }, |ns| {
                 HistoryLimits { size: ns.history_size, ttl_ticks: Env::ticks(ns.history_ttl), bytes: ns.history_bytes }
             });
+        let limits = match self.limits.iter().position(|l| *l == limits) {
+            Some(at) => at,
+            None => {
+                self.limits.push(limits);
+                self.limits.len() - 1
+            }
+        } as u32;
         let epoch = self.next_epoch();
         // One allocation of the name for the home and the local channel on this shard.
-        let name = match self.local_index.get_key_value(name) {
-            Some((n, _)) => n.clone(),
-            None => Arc::from(name),
-        };
-        let i = self.homes.insert(HomeChannel::named(name, epoch, limits));
-        self.home_index.insert(self.homes[i].name.clone(), i);
+        let local = self.local_idx(name);
+        let shared = local.map_or_else(|| Arc::from(name), |l| self.locals[l].name.clone());
+        let i = self.homes.insert(HomeChannel::named(shared, epoch, limits));
+        self.set_ix(name, |ix| ix.home = i as u32);
         Ok(i)
     }
 
     /// The local channel `name`, created if needed (within `max_channels`).
     pub fn local_entry(&mut self, env: &Env, name: &str, ns: &Namespace) -> Result<usize, Refusal> {
-        if let Some(&i) = self.local_index.get(name) {
+        if let Some(i) = self.local_idx(name) {
             return Ok(i);
         }
         if self.locals.len() >= env.cfg().max_channels {
@@ -227,12 +310,9 @@ impl Channels {
             return Err(CHANNEL_LIMIT);
         }
         // One allocation of the name for the local channel and its home, when the home is this shard.
-        let name: Arc<str> = match self.home_index.get_key_value(name) {
-            Some((n, _)) => n.clone(),
-            None => Arc::from(name),
-        };
-        let i = self.locals.insert(LocalChannel::new(name.clone(), ns.slow_consumer));
-        self.local_index.insert(name, i);
+        let shared = self.home_idx(name).map_or_else(|| Arc::from(name), |h| self.homes[h].name.clone());
+        let i = self.locals.insert(LocalChannel::new(shared, ns.slow_consumer));
+        self.set_ix(name, |ix| ix.local = i as u32);
         Ok(i)
     }
 
@@ -241,9 +321,7 @@ impl Channels {
     pub fn drop_local_if_unused(&mut self, idx: usize) {
         let ch = &self.locals[idx];
         if ch.subs.is_empty() && ch.pending == 0 {
-            let name = ch.name.clone();
-            self.local_index.remove(&name);
-            self.locals.remove(idx);
+            self.remove_local(idx);
         }
     }
 
@@ -268,7 +346,7 @@ impl Channels {
     pub fn publish_at(&mut self, env: &Env, name: &str, data: &[u8], born: u64) -> Result<u64, Refusal> {
         let i = self.home_entry(env, name)?;
         let home = &mut self.homes[i];
-        let (entry, kept, freed) = home.publish(data, env.now);
+        let (entry, kept, freed) = home.publish(data, env.now, &self.limits[home.limits as usize]);
         self.budget.freed(freed);
         if kept {
             self.budget.kept(i, home, entry.offset, entry.frame.len());
@@ -276,7 +354,7 @@ impl Channels {
         let (channel, interested) = (home.name.clone(), home.interested);
         let evicted = self.budget.enforce(&mut self.homes);
         ShardMetrics::add(&env.metrics.history_evicted_total, evicted as u64);
-        if let Some(&idx) = self.local_index.get(name) {
+        if let Some(idx) = self.local_idx(name) {
             if self.locals[idx].append(entry.offset, &entry.frame, born) {
                 self.mark_dirty(idx);
             }
@@ -298,7 +376,7 @@ impl Channels {
         name: &str,
         reply: ReplyTo,
         since: Option<(u64, &str)>,
-        user: Option<&str>,
+        user: Option<&Arc<str>>,
     ) -> Result<(Bytes, Vec<Bytes>, u64), Refusal> {
         let i = self.home_entry(env, name)?;
         let home = &mut self.homes[i];
@@ -308,7 +386,8 @@ impl Channels {
         if usize::from(reply.shard) != env.id {
             home.interested |= 1 << reply.shard;
         }
-        let (rec, freed) = home.recover(since, env.now, env.cfg().max_reply_bytes());
+        let limits = &self.limits[home.limits as usize];
+        let (rec, freed) = home.recover(since, env.now, env.cfg().max_reply_bytes(), limits);
         self.budget.freed(freed);
         let recovered = since.is_some() && rec.recovered;
         let (offset, epoch) = (home.offset, home.epoch_str());
@@ -318,7 +397,7 @@ impl Channels {
 
     /// A subscriber left (`last`: the shard `from` has no subscribers of the channel any more).
     pub fn unsubscribe_at_home(&mut self, name: &str, from: usize, user: Option<&str>, last: bool, me: usize) {
-        if let Some(&i) = self.home_index.get(name) {
+        if let Some(i) = self.home_idx(name) {
             let home = &mut self.homes[i];
             if let Some(u) = user {
                 home.leave(u);
@@ -332,11 +411,12 @@ impl Channels {
     /// The `presence` reply ([`presence_frame`]). A channel with no state is not created: it has no
     /// subscribers.
     pub fn presence_reply(&self, env: &Env, name: &str, id: Option<u64>) -> Bytes {
-        let Some(home) = self.home_index.get(name).map(|&i| &self.homes[i]) else {
+        let Some(home) = self.home_idx(name).map(|i| &self.homes[i]) else {
             return presence_frame(env.cfg().max_reply_bytes(), name, id, 0, std::iter::empty(), 0);
         };
         let users = home.presence.iter();
-        presence_frame(env.cfg().max_reply_bytes(), name, id, home.connections, users, home.presence.len())
+        let connections = u64::from(home.connections);
+        presence_frame(env.cfg().max_reply_bytes(), name, id, connections, users, home.presence.len())
     }
 
     /// The `history` reply: the newest messages (after `since`, when given), at most `limit`, as many as fit
@@ -350,11 +430,11 @@ impl Channels {
         limit: u32,
     ) -> Bytes {
         let max = env.cfg().max_reply_bytes();
-        let Some(&i) = self.home_index.get(name) else {
+        let Some(i) = self.home_idx(name) else {
             return history_frame(max, name, id, (0, ""), std::iter::empty(), 0, since.map(|_| false));
         };
         let home = &mut self.homes[i];
-        self.budget.freed(home.trim(env.now));
+        self.budget.freed(home.trim(env.now, &self.limits[home.limits as usize]));
         let (start, recovered) = match since {
             Some(s) => match home.after(s) {
                 Some(start) => (start, Some(true)),
@@ -371,8 +451,9 @@ impl Channels {
     }
 
     /// Removes one subscription of a connection (unsubscribe, or the connection closing). Tells the home
-    /// when presence is tracked or this was the shard's last subscriber of the channel.
-    pub fn leave(&mut self, env: &Env, user: &str, sub: ConnSub) {
+    /// when presence is tracked or this was the shard's last subscriber of the channel. `user`: the
+    /// connection's ([`crate::conn::Conn::presence_user`]).
+    pub fn leave(&mut self, env: &Env, user: &Arc<str>, sub: ConnSub) {
         let idx = sub.chan as usize;
         let Some(ch) = self.locals.get_mut(idx) else { return };
         // A pending subscription is undone when its confirmation arrives (see `v1::on_subscribed`).
@@ -386,10 +467,9 @@ impl Channels {
         let last = ch.subs.is_empty() && ch.pending == 0;
         let presence = env.cfg().namespaces.of_channel(&name).is_some_and(|n| n.presence);
         if last {
-            self.local_index.remove(&name);
-            self.locals.remove(idx);
+            self.remove_local(idx);
         }
-        let user = presence.then(|| Box::<str>::from(user));
+        let user = presence.then(|| user.clone());
         let home = env.home(&name);
         if home == env.id {
             self.unsubscribe_at_home(&name, env.id, user.as_deref(), last, env.id);
@@ -400,12 +480,11 @@ impl Channels {
     }
 
     /// Takes back at the home what it counted for a subscription that ended before it was confirmed.
-    pub fn undo_subscription(&mut self, env: &Env, idx: usize, channel: &Arc<str>, user: Option<Box<str>>) {
+    pub fn undo_subscription(&mut self, env: &Env, idx: usize, channel: &Arc<str>, user: Option<Arc<str>>) {
         let ch = &self.locals[idx];
         let last = ch.subs.is_empty() && ch.pending == 0;
         if last {
-            self.local_index.remove(channel);
-            self.locals.remove(idx);
+            self.remove_local(idx);
         }
         let home = env.home(channel);
         if home == env.id {
@@ -418,7 +497,7 @@ impl Channels {
 
     /// A message published at another shard, for the local subscribers.
     pub fn deliver(&mut self, name: &str, offset: u64, frame: &Bytes, born: u64) {
-        if let Some(&idx) = self.local_index.get(name) {
+        if let Some(idx) = self.local_idx(name) {
             if self.locals[idx].append(offset, frame, born) {
                 self.mark_dirty(idx);
             }
@@ -428,7 +507,7 @@ impl Channels {
     /// Deliveries `from..=to` were dropped on their way here: every local subscriber gets a `gap` marker,
     /// in the log, behind the frames before it.
     pub fn lost(&mut self, env: &Env, name: &str, from: u64, to: u64) {
-        let Some(&idx) = self.local_index.get(name) else { return };
+        let Some(idx) = self.local_idx(name) else { return };
         let gap = frame_bytes(|o| message::encode_gap(o, name, from, to));
         if self.locals[idx].append_marker(gap) {
             ShardMetrics::inc(&env.metrics.gaps_total);
@@ -440,7 +519,7 @@ impl Channels {
     /// local subscriber gets a `gap` marker (their positions belong to the old epoch), and messages are
     /// accepted again from `offset` on.
     pub fn reset(&mut self, env: &Env, name: &str, offset: u64) {
-        let Some(&idx) = self.local_index.get(name) else { return };
+        let Some(idx) = self.local_idx(name) else { return };
         let ch = &mut self.locals[idx];
         let after = if ch.accept_after == u64::MAX { 0 } else { ch.accept_after + 1 };
         let gap = frame_bytes(|o| message::encode_gap(o, name, after, after));
@@ -461,15 +540,18 @@ impl Channels {
             self.aged_at = env.now;
             let mut forget = Vec::new();
             for (i, h) in self.homes.iter_mut() {
-                let freed = h.trim(env.now);
+                let freed = h.trim(env.now, &self.limits[h.limits as usize]);
                 self.budget.freed(freed);
-                if h.is_idle() && !self.local_index.contains_key(&h.name) {
+                if h.is_idle() {
                     forget.push(i);
                 }
             }
             for i in forget {
-                let h = self.homes.remove(i);
-                self.home_index.remove(&h.name);
+                let name = self.homes[i].name.clone();
+                if self.local_idx(&name).is_none() {
+                    self.clear_ix(&name, |ix| ix.home = Ix::NONE);
+                    self.homes.remove(i);
+                }
             }
         }
         ShardMetrics::set(&env.metrics.history_bytes, self.budget.total() as u64);

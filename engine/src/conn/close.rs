@@ -81,8 +81,9 @@ pub fn close(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, how: Close
         closed(env, conn, how);
     }
     // No channel data after this point.
+    let user = conn.presence_user();
     for sub in std::mem::take(&mut conn.subs) {
-        ctx.chans.leave(env, conn.user(), sub);
+        ctx.chans.leave(env, &user, sub);
     }
     // An SSE stream says goodbye with an event, not a close frame.
     let sse = if conn.phase == Phase::Sse { ctx.sse.remove(&key) } else { None };
@@ -256,8 +257,9 @@ pub fn remove(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey) -> bool
         ShardMetrics::dec(&env.metrics.http_connections);
     }
     ctx.queues.bytes = ctx.queues.bytes.saturating_sub(u64::from(c.queued));
+    let user = c.presence_user();
     for sub in std::mem::take(&mut c.subs) {
-        ctx.chans.leave(env, c.user(), sub);
+        ctx.chans.leave(env, &user, sub);
     }
     if let Some(id) = &c.id {
         env.shared.limits.release(&id.user, id.ip);

@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use slab::Slab;
+use smallvec::SmallVec;
 use throng_protocol::conn::WsConn;
 
 use crate::auth::Identity;
@@ -165,8 +166,9 @@ pub struct Conn {
     pub strikes: u8,
     /// The last flush pass that wrote this connection (one write per connection per pass).
     pub flush_mark: u32,
-    /// Channels subscribed to (`/ws` only); empty, unallocated, otherwise.
-    pub subs: Vec<ConnSub>,
+    /// Channels subscribed to (`/ws` and SSE only; empty otherwise). The first two in place, in the 24 B a
+    /// `Vec` takes anyway (a personal channel and a group: no heap block); more spill to the heap.
+    pub subs: SmallVec<[ConnSub; 2]>,
     /// Who this `/ws` connection is and what it may do (`None` before the upgrade and for `/echo`).
     pub id: Option<Arc<Identity>>,
     /// Tick at which its token expires ([`timers::NO_EXPIRY`]: never): then it is closed with 4001 unless a
@@ -198,7 +200,7 @@ impl Conn {
             flags: 0,
             strikes: 0,
             flush_mark: 0,
-            subs: Vec::new(),
+            subs: SmallVec::new(),
             id: None,
             expires_at: timers::NO_EXPIRY,
             opened: now as u32,
@@ -208,6 +210,12 @@ impl Conn {
     /// The user this connection belongs to (empty before the upgrade and for `/echo`).
     pub fn user(&self) -> &str {
         self.id.as_ref().map_or("", |i| &i.user)
+    }
+
+    /// The user as presence tables hold it: the identity's own name, shared (an empty name before the
+    /// upgrade and for `/echo`, which never subscribe).
+    pub fn presence_user(&self) -> Arc<str> {
+        self.id.as_ref().map_or_else(|| Arc::from(""), |i| i.user.clone())
     }
 
     /// The length (head and body) of the HTTP request whose body is still arriving; 0 when none is.
@@ -245,6 +253,7 @@ impl Conn {
 
 const _: () = assert!(std::mem::size_of::<Conn>() <= Conn::SIZE_BUDGET);
 const _: () = assert!(std::mem::size_of::<ConnSub>() <= 8);
+const _: () = assert!(std::mem::size_of::<SmallVec<[ConnSub; 2]>>() == std::mem::size_of::<Vec<ConnSub>>());
 
 /// The shard's connections: a slab addressed by [`ConnKey`], every lookup checking the generation.
 #[derive(Debug)]

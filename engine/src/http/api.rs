@@ -331,7 +331,7 @@ fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Refused> {
 /// Publishes at the home on this shard: the offset and the channel's epoch.
 fn publish_here(env: &Env, ctx: &mut Ctx, channel: &str, data: &[u8], born: u64) -> Published {
     let offset = ctx.chans.publish_at(env, channel, data, born)?;
-    let epoch = ctx.chans.home_index.get(channel).map_or(0, |&i| ctx.chans.homes[i].epoch);
+    let epoch = ctx.chans.home_idx(channel).map_or(0, |i| ctx.chans.homes[i].epoch);
     Ok((offset, epoch))
 }
 

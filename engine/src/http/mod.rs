@@ -143,7 +143,7 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     let ping = cfg.ping_interval.as_secs() as u32;
     text_frame(&mut ctx.out, |o| throng_protocol::message::encode_welcome(o, &client, &identity.user, ping));
     tracing::debug!(shard = env.id, %client_addr, %client, user = &*identity.user, "connected");
-    conn.expires_at = timers::expiry_tick(env, identity.exp);
+    conn.expires_at = timers::expiry_tick(env, identity.exp());
     conn.id = Some(Arc::new(identity));
     conn.phase = Phase::V1;
     // A new connection starts with full buckets: a second's worth of messages and bytes.

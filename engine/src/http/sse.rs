@@ -464,7 +464,7 @@ pub fn on_request(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, req: 
     }
     identity.ip = Some(ip);
     let user: Box<str> = identity.user.as_ref().into();
-    conn.expires_at = timers::expiry_tick(env, identity.exp);
+    conn.expires_at = timers::expiry_tick(env, identity.exp());
     conn.id = Some(Arc::new(identity));
     conn.phase = Phase::Sse;
     if poll {
@@ -548,13 +548,13 @@ fn subscribe(
         Ok(i) => i,
         Err(Refusal { code, reason }) => return Subscribed::Refused(code, reason),
     };
-    let user = ns.presence.then(|| Box::<str>::from(conn.user()));
+    let user = ns.presence.then(|| conn.presence_user());
     let home = env.home(channel);
     let reply = ReplyTo { shard: env.id as u16, conn: key, id: None };
     let epoch = since.map(|(e, _)| EpochStr::new(e));
     let since_ref = since.zip(epoch.as_ref()).map(|((_, o), e)| (o, e.as_str()));
     if home == env.id {
-        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_deref()) {
+        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_ref()) {
             Ok((frame, missed, offset)) => {
                 let slot = ctx.chans.locals[idx].subscribe(key, offset);
                 conn.subs.push(ConnSub { chan: idx as u32, slot: slot as u32 });
@@ -674,8 +674,9 @@ fn ready(s: &Stream) -> bool {
 fn answer(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, later: bool) {
     let Some(stream) = ctx.sse.remove(&key) else { return };
     let Some(p) = stream.poll else { return };
+    let user = conn.presence_user();
     for sub in std::mem::take(&mut conn.subs) {
-        ctx.chans.leave(env, conn.user(), sub);
+        ctx.chans.leave(env, &user, sub);
     }
     if let Some(id) = conn.id.take() {
         env.shared.limits.release(&id.user, id.ip);

@@ -34,8 +34,8 @@ pub struct SubReq {
     pub reply: ReplyTo,
     /// Its last seen position (offset, epoch).
     pub since: Option<(u64, Box<str>)>,
-    /// The user to count in presence.
-    pub user: Option<Box<str>>,
+    /// The user to count in presence (the connection's identity's, shared).
+    pub user: Option<std::sync::Arc<str>>,
 }
 
 /// Where the channel stands.

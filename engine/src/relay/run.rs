@@ -180,8 +180,8 @@ struct Relay {
     publishing: bool,
     /// This node's subscribed connections per channel and user (presence), and what changed since the
     /// last write.
-    present: HashMap<Arc<str>, HashMap<Box<str>, u32>>,
-    changed: HashMap<Arc<str>, HashSet<Box<str>>>,
+    present: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
+    changed: HashMap<Arc<str>, HashSet<Arc<str>>>,
     writing: bool,
     written_at: Instant,
     touched_at: Instant,
@@ -422,7 +422,7 @@ impl Relay {
         self.act(&name, out);
     }
 
-    fn unsubscribe(&mut self, channel: &str, shard: u16, user: Option<Box<str>>, last: bool) {
+    fn unsubscribe(&mut self, channel: &str, shard: u16, user: Option<Arc<str>>, last: bool) {
         if let Some(u) = user {
             self.presence_change(channel, u, -1);
         }
@@ -439,7 +439,7 @@ impl Relay {
         }
     }
 
-    fn presence_change(&mut self, channel: &str, user: Box<str>, by: i32) {
+    fn presence_change(&mut self, channel: &str, user: Arc<str>, by: i32) {
         let name = match self.present.get_key_value(channel) {
             Some((k, _)) => k.clone(),
             None if by > 0 => Arc::from(channel),

@@ -40,7 +40,7 @@ pub fn handle(env: &Env, ctx: &mut Ctx, conns: &mut Conns, msg: ShardMsg) {
         ShardMsg::Subscribe { channel, reply, since, user } => {
             let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
             let name: Arc<str> = Arc::from(&*channel);
-            let msg = match ctx.chans.subscribe_at_home(env, &channel, reply, since_ref, user.as_deref()) {
+            let msg = match ctx.chans.subscribe_at_home(env, &channel, reply, since_ref, user.as_ref()) {
                 Ok((frame, missed, offset)) => {
                     ShardMsg::Subscribed { channel: name, reply, offset, frame, missed, user }
                 }
@@ -118,7 +118,7 @@ fn on_refused(
     reason: &'static str,
 ) {
     if subscribe {
-        if let Some(&idx) = ctx.chans.local_index.get(channel) {
+        if let Some(idx) = ctx.chans.local_idx(channel) {
             ctx.chans.locals[idx].pending = ctx.chans.locals[idx].pending.saturating_sub(1);
             if let Some(conn) = conns.get_mut(reply.conn) {
                 if let Some(pos) = conn.subs.iter().position(|s| s.chan as usize == idx && !s.is_active()) {
@@ -158,7 +158,7 @@ fn on_refused(
 /// when Redis went away are refused) stops sending it the channel.
 fn drop_refused_local(env: &Env, ctx: &mut Ctx, idx: usize, channel: &Arc<str>) {
     ctx.chans.drop_local_if_unused(idx);
-    if !ctx.chans.local_index.contains_key(channel) {
+    if ctx.chans.local_idx(channel).is_none() {
         let home = env.home(channel);
         if home != env.id {
             let msg = ShardMsg::Unsubscribe {
@@ -184,9 +184,9 @@ fn on_subscribed(
     reply: ReplyTo,
     offset: u64,
     (frame, missed): (&Bytes, &[Bytes]),
-    user: Option<Box<str>>,
+    user: Option<Arc<str>>,
 ) {
-    let Some(&idx) = ctx.chans.local_index.get(channel) else { return };
+    let Some(idx) = ctx.chans.local_idx(channel) else { return };
     ctx.chans.locals[idx].pending = ctx.chans.locals[idx].pending.saturating_sub(1);
     let Some(conn) = conns.get_mut(reply.conn).filter(|c| c.phase.is_open()) else {
         ctx.chans.cancelled.retain(|&(k, c, _)| !(k == reply.conn && c == idx));

@@ -206,7 +206,7 @@ fn refresh(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u
     close::forgive(conn);
     // Counted under the same user and address as before.
     fresh.ip = ip;
-    let expires = fresh.exp;
+    let expires = fresh.exp();
     conn.expires_at = timers::expiry_tick(env, expires);
     conn.id = Some(Arc::new(fresh));
     timers::expiry_moved(ctx, conn);
@@ -224,7 +224,7 @@ fn subscribe(
     since: Option<(u64, Box<str>)>,
 ) {
     let Some(ns) = check_channel(env, ctx, key, conn, id, channel, Action::Subscribe) else { return };
-    let existing = ctx.chans.local_index.get(channel).copied();
+    let existing = ctx.chans.local_idx(channel);
     if existing.is_some_and(|i| conn.subs.iter().any(|s| s.chan as usize == i)) {
         refuse(env, ctx, key, conn, id, "already_subscribed", "already subscribed to this channel");
         return;
@@ -242,12 +242,12 @@ fn subscribe(
             return;
         }
     };
-    let user = ns.presence.then(|| Box::<str>::from(conn.user()));
+    let user = ns.presence.then(|| conn.presence_user());
     let home = env.home(channel);
     let reply = ReplyTo { shard: env.id as u16, conn: key, id };
     if home == env.id {
         let since_ref = since.as_ref().map(|(o, e)| (*o, &**e));
-        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_deref()) {
+        match ctx.chans.subscribe_at_home(env, channel, reply, since_ref, user.as_ref()) {
             Ok((frame, missed, offset)) => {
                 close::forgive(conn);
                 let slot = ctx.chans.locals[idx].subscribe(key, offset);
@@ -277,7 +277,7 @@ fn subscribe(
 }
 
 fn unsubscribe(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Option<u64>, channel: &str) {
-    let found = ctx.chans.local_index.get(channel).copied().and_then(|idx| {
+    let found = ctx.chans.local_idx(channel).and_then(|idx| {
         conn.subs.iter().position(|s| s.chan as usize == idx && s.slot != ConnSub::CANCELLED).map(|p| (idx, p))
     });
     let Some((idx, pos)) = found else {
@@ -292,7 +292,7 @@ fn unsubscribe(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, id: Opti
         return;
     }
     let sub = conn.subs.swap_remove(pos);
-    ctx.chans.leave(env, conn.user(), sub);
+    ctx.chans.leave(env, &conn.presence_user(), sub);
     text_frame(&mut ctx.out, |o| message::encode_unsubscribed(o, id, channel));
 }
 
