@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use throng_protocol::handshake::{self, Status};
 
 use super::poller::{Poller, Ready};
-use super::uring::Ring;
 use super::{Ctx, Env};
 use crate::conn::{close, timers, Conn, ConnKey, Conns};
 use crate::metrics::ShardMetrics;
@@ -98,14 +97,12 @@ impl Acceptor {
 /// The accept step of a turn. Each new connection is put at the front of `ready`, so its request (usually
 /// already there) is read in this turn's connection step: a connection's first read, like its handshake
 /// deadline, does not wait behind a backlog of busy connections (at most [`ACCEPT_BUDGET`] go first). With
-/// the io_uring ring its receive is armed instead (submitted before the connection step reaps completions).
-#[allow(clippy::too_many_arguments)]
+/// the io_uring driver the listeners are not in the set and this step has nothing to do (see the module doc).
 pub fn accept_turn(
     env: &Env,
     ctx: &mut Ctx,
     conns: &mut Conns,
     poller: &Poller,
-    mut ring: Option<&mut Ring>,
     acc: &mut Acceptor,
     scratch: &mut [u8],
     ready: &mut VecDeque<(ConnKey, Ready)>,
@@ -113,7 +110,11 @@ pub fn accept_turn(
     let Some(listener) = &acc.listener else { return };
     for _ in 0..ACCEPT_BUDGET {
         match sys::accept(listener.as_fd()) {
-            Accept::Conn(fd) => take(env, ctx, conns, poller, ring.as_deref_mut(), acc, scratch, ready, fd),
+            Accept::Conn(fd) => {
+                if let Some(key) = take(env, ctx, conns, poller, acc, scratch, fd) {
+                    ready.push_front((key, Ready { read: true, write: false }));
+                }
+            }
             Accept::WouldBlock => {
                 acc.ready = false;
                 return;
@@ -128,35 +129,26 @@ pub fn accept_turn(
 }
 
 /// A connection the listener gave (`accept4`, or the io_uring driver's multishot accept): refused with 503
-/// over `max_connections`, else registered, its first read arranged (its receive armed on the ring, or put
-/// first in `ready`).
-#[allow(clippy::too_many_arguments)]
+/// over `max_connections`, else registered. Returns its key; the caller arranges its first read (put first
+/// in the connection step's queue, or read at once and its receive armed on the ring).
 pub fn take(
     env: &Env,
     ctx: &mut Ctx,
     conns: &mut Conns,
     poller: &Poller,
-    ring: Option<&mut Ring>,
     acc: &Acceptor,
     scratch: &mut [u8],
-    ready: &mut VecDeque<(ConnKey, Ready)>,
     fd: OwnedFd,
-) {
+) -> Option<ConnKey> {
     ShardMetrics::inc(&env.metrics.accepted_total);
     let shared = &env.shared;
     let max = shared.config.max_connections.unwrap_or(usize::MAX);
     if shared.open_connections.fetch_add(1, Ordering::Relaxed) >= max {
         shared.open_connections.fetch_sub(1, Ordering::Relaxed);
         refuse(env, ctx, &acc.over_capacity, fd, scratch);
-        return;
+        return None;
     }
-    if let Some(key) = register(env, ctx, conns, poller, fd) {
-        match (ring, conns.get(key)) {
-            (Some(r), Some(conn)) => r.arm_recv(conn.fd(), key),
-            (Some(_), None) => {}
-            (None, _) => ready.push_front((key, Ready { read: true, write: false })),
-        }
-    }
+    register(env, ctx, conns, poller, fd)
 }
 
 /// Out of file descriptors: accepting pauses for [`OUT_OF_FDS_PAUSE`] (or until a connection closes),

@@ -159,12 +159,12 @@ pub async fn run(mut sh: Shard) {
 
         // 3. Accept.
         if sh.acceptor.has_work(Instant::now()) {
-            let Shard { env, ctx, conns, poller, ring, acceptor, scratch, .. } = &mut sh;
-            accept::accept_turn(env, ctx, conns, poller, ring.as_mut(), acceptor, scratch, &mut t.ready);
+            let Shard { env, ctx, conns, poller, acceptor, scratch, .. } = &mut sh;
+            accept::accept_turn(env, ctx, conns, poller, acceptor, scratch, &mut t.ready);
         }
-        if let Shard { env, ctx, conns, poller, ring, admin: Some(admin), scratch, .. } = &mut sh {
+        if let Shard { env, ctx, conns, poller, admin: Some(admin), scratch, .. } = &mut sh {
             if admin.has_work(Instant::now()) {
-                accept::accept_turn(env, ctx, conns, poller, ring.as_mut(), admin, scratch, &mut t.ready);
+                accept::accept_turn(env, ctx, conns, poller, admin, scratch, &mut t.ready);
             }
         }
 
@@ -425,7 +425,22 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
                 if res >= 0 {
                     // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
                     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
-                    accept::take(env, ctx, conns, poller, Some(&mut *ring), acc, scratch, &mut t.ready, fd);
+                    if let Some(key) = accept::take(env, ctx, conns, poller, acc, scratch, fd) {
+                        // Its request is usually there already: read at once (as the epoll driver reads a
+                        // new connection first), then the ring takes over the socket.
+                        match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
+                            Flow::End => {
+                                if close::remove(env, ctx, conns, key) {
+                                    acceptor.fd_released();
+                                }
+                            }
+                            Flow::Continue | Flow::More => {
+                                if let Some(conn) = conns.get(key) {
+                                    ring.arm_recv(conn.fd(), key);
+                                }
+                            }
+                        }
+                    }
                 } else if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
                     accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
                 } else if res != -libc::ECANCELED && res != -libc::EINVAL {
