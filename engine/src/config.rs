@@ -121,6 +121,12 @@ pub struct Cli {
     /// io_uring driver: bytes per receive buffer, 512 to 65536. [default: 4096]
     #[arg(long, env = "THRONG_URING_BUFFER_SIZE")]
     pub uring_buffer_size: Option<u32>,
+    /// io_uring driver: a delivery write with a frame of at least this many bytes is sent zero-copy
+    /// (IORING_OP_SENDMSG_ZC: the kernel sends from the frame's own pages instead of copying them; worth it
+    /// for large frames on a real NIC, never over loopback, where the kernel copies anyway); 0 disables,
+    /// else at least 4096. [default: 0]
+    #[arg(long, env = "THRONG_URING_ZEROCOPY_THRESHOLD")]
+    pub uring_zerocopy_threshold: Option<u32>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "THRONG_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -271,6 +277,7 @@ struct FileConfig {
     flush_pacing: Option<f64>,
     uring_buffers: Option<u32>,
     uring_buffer_size: Option<u32>,
+    uring_zerocopy_threshold: Option<u32>,
     log_format: Option<LogFormat>,
     max_history_bytes: Option<usize>,
     max_channels: Option<usize>,
@@ -462,6 +469,8 @@ pub struct Config {
     pub uring_buffers: u32,
     /// Bytes per receive buffer of that ring.
     pub uring_buffer_size: u32,
+    /// Frame size from which a delivery write goes zero-copy on io_uring (0: never).
+    pub uring_zerocopy_threshold: u32,
     /// Log format.
     pub log_format: LogFormat,
     /// Channel namespaces.
@@ -640,6 +649,7 @@ impl Config {
             flush_pacing: cli.flush_pacing.or(file.flush_pacing).unwrap_or(0.33),
             uring_buffers: cli.uring_buffers.or(file.uring_buffers).unwrap_or(1024),
             uring_buffer_size: cli.uring_buffer_size.or(file.uring_buffer_size).unwrap_or(4096),
+            uring_zerocopy_threshold: cli.uring_zerocopy_threshold.or(file.uring_zerocopy_threshold).unwrap_or(0),
             log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             namespaces: namespaces(&file.namespace)?,
             max_history_bytes: cli.max_history_bytes.or(file.max_history_bytes).unwrap_or(64 << 20),
@@ -721,6 +731,9 @@ impl Config {
             bail!("uring_buffers must be a power of two from 2 to 32768, got {}", self.uring_buffers);
         }
         within("uring_buffer_size", self.uring_buffer_size as usize, 512, 65_536)?;
+        if self.uring_zerocopy_threshold != 0 && self.uring_zerocopy_threshold < 4096 {
+            bail!("uring_zerocopy_threshold must be 0 (off) or at least 4096, got {}", self.uring_zerocopy_threshold);
+        }
         if !(0.0..=4.0).contains(&self.flush_pacing) {
             bail!("flush_pacing must be between 0 and 4, got {}", self.flush_pacing);
         }

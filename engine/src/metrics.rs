@@ -112,6 +112,10 @@ counters! {
     uring_send_batches_total: "counter",
     /// io_uring driver: connection writes sent in those batches.
     uring_batched_writes_total: "counter",
+    /// io_uring driver: writes sent zero-copy (a buffer of at least uring_zerocopy_threshold bytes).
+    uring_zerocopy_sends_total: "counter",
+    /// io_uring driver: zero-copy writes the kernel copied after all (loopback always does).
+    uring_zerocopy_copied_total: "counter",
     /// Bytes of channel history held.
     history_bytes: "gauge",
     /// Channels held (homes plus channels with local subscribers).

@@ -68,7 +68,7 @@ fn gather<'a>(
     max: usize,
     is_sse: bool,
     mut ahead: Option<&mut crate::http::sse::Ahead<'_>>,
-    mut push: impl FnMut(&'a [u8]),
+    mut push: impl FnMut(&'a Bytes),
 ) -> (usize, usize) {
     let (mut n, mut total, mut entries) = (0, 0, 0);
     for b in conn.outq.iter().take(max) {
@@ -336,9 +336,9 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The batch and its ring.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self { ring: SendRing::new()?, conns: Vec::with_capacity(BATCH_CONNS), trims: Vec::new() })
+    /// The batch and its ring; writes with a buffer of `zc_threshold` bytes or more go zero-copy (0: none).
+    pub fn new(zc_threshold: usize) -> std::io::Result<Self> {
+        Ok(Self { ring: SendRing::new(zc_threshold)?, conns: Vec::with_capacity(BATCH_CONNS), trims: Vec::new() })
     }
 }
 
@@ -398,6 +398,8 @@ fn send_batch(env: &Env, ctx: &mut Ctx, conns: &mut Conns) {
         results[..n].copy_from_slice(unsafe { batch.ring.send() });
         ShardMetrics::inc(&env.metrics.uring_send_batches_total);
         ShardMetrics::add(&env.metrics.uring_batched_writes_total, n as u64);
+        ShardMetrics::set(&env.metrics.uring_zerocopy_sends_total, batch.ring.zc_sent);
+        ShardMetrics::set(&env.metrics.uring_zerocopy_copied_total, batch.ring.zc_copied);
     }
     let list = std::mem::take(&mut batch.conns);
     for (i, &(key, ch_idx, slot, entries, gathered, full)) in list.iter().enumerate() {

@@ -34,7 +34,7 @@ pub struct LogEntry {
 
 impl LogEntry {
     /// The bytes a subscriber gets: the WebSocket frame, or (`sse`) its Server-Sent Event.
-    pub fn wire(&self, sse: bool) -> &[u8] {
+    pub fn wire(&self, sse: bool) -> &Bytes {
         if sse {
             self.sse.get_or_init(|| crate::http::sse::event_of(&self.frame))
         } else {

@@ -324,7 +324,9 @@ async fn run(id: usize, shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyh
                 chans: Channels::new(outbox, cfg.max_history_bytes),
                 unfinished: 0,
                 flush: FlushState::new(match &ring {
-                    Some(_) => Some(Batch::new().context("creating the io_uring send ring")?),
+                    Some(_) => Some(
+                        Batch::new(cfg.uring_zerocopy_threshold as usize).context("creating the io_uring send ring")?,
+                    ),
                     None => None,
                 }),
                 queues: Default::default(),

@@ -29,6 +29,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 
+use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::conn::ConnKey;
@@ -365,6 +366,24 @@ impl Ring {
     }
 }
 
+impl Drop for SendRing {
+    fn drop(&mut self) {
+        // Zero-copy writes whose notification has not come: the kernel may still read their buffers. Wait a
+        // little for them; what is still held then is leaked rather than freed under the kernel.
+        for _ in 0..100 {
+            let mut got = 0;
+            while let Some(c) = self.ring.completion().next() {
+                self.complete(c.user_data(), c.result(), c.flags(), 0, &mut got);
+            }
+            if self.held.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::mem::forget(std::mem::take(&mut self.held));
+    }
+}
+
 /// Connections one [`SendRing`] batch holds at most.
 pub const BATCH_CONNS: usize = 64;
 /// Buffers one batch holds at most (over all its connections).
@@ -387,7 +406,29 @@ pub struct SendRing {
     results: Vec<i32>,
     /// A submit failed: not used again.
     pub broken: bool,
+    /// Zero-copy send for a connection's write that has a buffer of at least this many bytes (0: never).
+    zc_threshold: usize,
+    /// The buffers of the connection being gathered (kept only while zero-copy is on: a zero-copy write's
+    /// buffers must outlive the batch, until the kernel's notification).
+    cur: Vec<Bytes>,
+    /// Per connection of the batch: its buffers when its write goes zero-copy.
+    zc: Vec<Option<Vec<Bytes>>>,
+    /// Zero-copy writes sent whose notification has not come: their id and buffers.
+    held: Vec<(u64, Vec<Bytes>)>,
+    /// Id of the batch's first request (ids grow, so a late notification names its write).
+    seq: u64,
+    /// Zero-copy writes sent, and those the kernel copied after all (notification with the copied flag).
+    pub zc_sent: u64,
+    /// (See `zc_sent`.)
+    pub zc_copied: u64,
 }
+
+/// `IORING_CQE_F_NOTIF`: the completion is a zero-copy send's notification (its buffers are released).
+const CQE_F_NOTIF: u32 = 1 << 3;
+/// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the kernel copied after all.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 impl std::fmt::Debug for SendRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -396,8 +437,8 @@ impl std::fmt::Debug for SendRing {
 }
 
 impl SendRing {
-    /// Creates the ring.
-    pub fn new() -> io::Result<Self> {
+    /// Creates the ring; writes with a buffer of `zc_threshold` bytes or more go zero-copy (0: none).
+    pub fn new(zc_threshold: usize) -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_cqsize(2 * BATCH_CONNS as u32)
@@ -410,6 +451,13 @@ impl SendRing {
             hdrs: Vec::with_capacity(BATCH_CONNS),
             results: Vec::with_capacity(BATCH_CONNS),
             broken: false,
+            zc_threshold,
+            cur: Vec::new(),
+            zc: Vec::with_capacity(BATCH_CONNS),
+            held: Vec::new(),
+            seq: 0,
+            zc_sent: 0,
+            zc_copied: 0,
         })
     }
 
@@ -429,14 +477,50 @@ impl SendRing {
     }
 
     /// Adds one buffer of the connection being gathered (after [`SendRing::has_room`] for all of them).
-    pub fn push(&mut self, b: &[u8]) {
+    pub fn push(&mut self, b: &Bytes) {
         debug_assert!(self.iov.len() < BATCH_IOVS);
         self.iov.push(libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() });
+        if self.zc_threshold > 0 {
+            self.cur.push(b.clone());
+        }
     }
 
-    /// Ends the connection whose buffers were pushed since `from` (`iov_len()` before them).
+    /// Ends the connection whose buffers were pushed since `from` (`iov_len()` before them). Its write goes
+    /// zero-copy when one of them reaches the threshold.
     pub fn end(&mut self, fd: BorrowedFd<'_>, from: usize) {
         self.msgs.push((fd.as_raw_fd(), from, self.iov.len() - from));
+        let zc = self.zc_threshold > 0 && self.cur.iter().any(|b| b.len() >= self.zc_threshold);
+        self.zc.push(zc.then(|| std::mem::take(&mut self.cur)));
+        self.cur.clear();
+    }
+
+    /// Zero-copy writes waiting for their notification.
+    pub fn zc_pending(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Handles a notification or a result; `n` requests of the batch from `self.seq`.
+    fn complete(&mut self, data: u64, res: i32, flags: u32, n: usize, got: &mut usize) {
+        if flags & CQE_F_NOTIF != 0 {
+            if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+                self.zc_copied += 1;
+            }
+            // The kernel is done with the write's buffers.
+            if let Some(pos) = self.held.iter().position(|(id, _)| *id == data) {
+                self.held.swap_remove(pos);
+            }
+            return;
+        }
+        let Some(i) = data.checked_sub(self.seq).map(|i| i as usize).filter(|&i| i < n) else { return };
+        self.results[i] = res;
+        *got += 1;
+        if let Some(bufs) = self.zc[i].take() {
+            self.zc_sent += 1;
+            if cqueue::more(flags) {
+                // A notification follows: the buffers stay until it comes.
+                self.held.push((data, bufs));
+            }
+        }
     }
 
     /// Buffers pushed so far.
@@ -461,7 +545,12 @@ impl SendRing {
         }
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         for (i, &(fd, from, len)) in self.msgs.iter().enumerate() {
-            let e = if len == 1 {
+            let e = if self.zc[i].is_some() {
+                opcode::SendMsgZc::new(types::Fd(fd), &self.hdrs[i])
+                    .flags(flags as u32)
+                    .ioprio(SEND_ZC_REPORT_USAGE)
+                    .build()
+            } else if len == 1 {
                 // One buffer (one frame: the common case at moderate rates): a plain send, which spares the
                 // kernel the message header and the iovec import.
                 let b = self.iov[from];
@@ -469,9 +558,10 @@ impl SendRing {
             } else {
                 opcode::SendMsg::new(types::Fd(fd), &self.hdrs[i]).flags(flags as u32).build()
             }
-            .user_data(i as u64);
+            .user_data(self.seq + i as u64);
             // SAFETY: the header and the iovecs it points to live in `self` (capacities fixed: they do not
-            // move) until every completion is reaped below; the buffers are the caller's promise.
+            // move) until every completion is reaped below; the buffers are the caller's promise until then,
+            // and a zero-copy write's are held here (`held`) until its notification.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
                 unreachable!("the submission queue holds a whole batch");
             }
@@ -495,14 +585,12 @@ impl SendRing {
                     break;
                 }
             }
-            for c in self.ring.completion() {
-                let i = c.user_data() as usize;
-                if i < n {
-                    self.results[i] = c.result();
-                    got += 1;
-                }
+            while let Some(c) = self.ring.completion().next() {
+                self.complete(c.user_data(), c.result(), c.flags(), n, &mut got);
             }
         }
+        self.seq += n as u64;
+        self.zc.clear();
         self.iov.clear();
         self.msgs.clear();
         &self.results
