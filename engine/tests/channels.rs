@@ -846,7 +846,16 @@ fn malformed_flood(driver: Driver, n: usize) {
 fn zero_copy_deliveries_arrive_whole() {
     let srv = Server::start(
         Driver::Uring,
-        &["--shards", "1", "--uring-zerocopy-threshold", "8192", "--max-messages-per-second", "0", "--max-bytes-per-second", "0"],
+        &[
+            "--shards",
+            "1",
+            "--uring-zerocopy-threshold",
+            "8192",
+            "--max-messages-per-second",
+            "0",
+            "--max-bytes-per-second",
+            "0",
+        ],
     );
     let mut subs: Vec<Ws> = (0..5).map(|i| Ws::connect(&srv, &format!("zc{i}"))).collect();
     for s in &mut subs {
@@ -854,7 +863,7 @@ fn zero_copy_deliveries_arrive_whole() {
         assert_eq!(r["type"], "subscribed", "{r}");
     }
     let mut publisher = Ws::connect(&srv, "zcpub");
-    let body = |m: usize| format!("{m:03}{}", "z".repeat(if m % 2 == 0 { 30_000 } else { 100 }));
+    let body = |m: usize| format!("{m:03}{}", "z".repeat(if m.is_multiple_of(2) { 30_000 } else { 100 }));
     for m in 0..20 {
         publisher.send(json!({"type": "publish", "channel": "zc:big", "data": body(m)}));
         let r = publisher.recv();

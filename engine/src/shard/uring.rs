@@ -372,7 +372,9 @@ impl Drop for SendRing {
         // little for them; what is still held then is leaked rather than freed under the kernel.
         for _ in 0..100 {
             let mut got = 0;
-            while let Some(c) = self.ring.completion().next() {
+            loop {
+                let next = self.ring.completion().next();
+                let Some(c) = next else { break };
                 self.complete(c.user_data(), c.result(), c.flags(), 0, &mut got);
             }
             if self.held.is_empty() {
@@ -585,7 +587,9 @@ impl SendRing {
                     break;
                 }
             }
-            while let Some(c) = self.ring.completion().next() {
+            loop {
+                let next = self.ring.completion().next();
+                let Some(c) = next else { break };
                 self.complete(c.user_data(), c.result(), c.flags(), n, &mut got);
             }
         }
