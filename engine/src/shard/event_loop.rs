@@ -97,10 +97,8 @@ struct Turns {
     events: Vec<libc::epoll_event>,
     /// The last look at the set filled the batch: more may be waiting there.
     set_full: bool,
-    /// The ring step stopped at its budget with completions left (in `ring_backlog`).
+    /// The ring step stopped at its budget with completions left.
     ring_left: bool,
-    /// Completions taken out of the ring and not handled yet, oldest first.
-    ring_backlog: VecDeque<Completion>,
     /// The timer step stopped at its budget with timers still due.
     timers_left: bool,
     /// The tick housekeeping last ran at.
@@ -122,7 +120,6 @@ pub async fn run(mut sh: Shard) {
         events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BUDGET],
         set_full: false,
         ring_left: false,
-        ring_backlog: VecDeque::new(),
         timers_left: false,
         housekept: u64::MAX,
         drain_deadline: None,
@@ -382,55 +379,17 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
     if let Some(l) = admin.as_mut().and_then(|a| a.to_arm(now)) {
         ring.arm_accept(l, true);
     }
+    t.ring_left = false;
     // Receives armed by the accept step go in, and what arrived since the last step is posted.
     ring.submit();
-    let mut app = App;
-    // Every completion is taken out of the ring now, and the listeners' are handled at once: a new
-    // connection is read first (as the epoll driver's accept step reads it), not behind a backlog of other
-    // connections' input. The rest waits in `ring_backlog` (its buffers out of the ring meanwhile: the ring
-    // runs dry sooner, never unboundedly) for the budgeted loop below.
-    while let Some(c) = ring.reap() {
-        let Completion::Accept { admin: is_admin, res, more } = c else {
-            t.ring_backlog.push_back(c);
-            continue;
-        };
-        let Some(acc) = (if is_admin { admin.as_mut() } else { Some(&mut *acceptor) }) else { continue };
-        if !more {
-            // Ended (out of descriptors, the drain, an error): armed again by a later step.
-            acc.armed = false;
-        }
-        if res >= 0 {
-            // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
-            if let Some(key) = accept::take(env, ctx, conns, poller, acc, scratch, fd) {
-                // Its request is usually there already: read at once, then the ring takes over the socket.
-                match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
-                    Flow::End => {
-                        if close::remove(env, ctx, conns, key) {
-                            acceptor.fd_released();
-                        }
-                    }
-                    Flow::Continue | Flow::More => {
-                        if let Some(conn) = conns.get(key) {
-                            ring.arm_recv(conn.fd(), key);
-                        }
-                    }
-                }
-            }
-        } else if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
-            accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
-        } else if res != -libc::ECANCELED && res != -libc::EINVAL {
-            ShardMetrics::inc(&env.metrics.io_errors_total);
-        }
-    }
-    t.ring_left = false;
     let until = Instant::now() + STEP_SLICE;
+    let mut app = App;
     for n in 0..=RING_BUDGET {
         if n == RING_BUDGET || (n % 16 == 15 && Instant::now() >= until) {
-            t.ring_left = !t.ring_backlog.is_empty();
+            t.ring_left = true;
             break;
         }
-        let Some(c) = t.ring_backlog.pop_front() else { break };
+        let Some(c) = ring.reap() else { break };
         let end = match c {
             Completion::Data { key, bid, len, more } => {
                 read::on_data(env, ctx, conns, scratch, key, ring.buffer(bid, len), &mut app);
@@ -456,7 +415,39 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
                 }
                 Some(key)
             }
-            Completion::Cancelled | Completion::Accept { .. } => None,
+            Completion::Cancelled => None,
+            Completion::Accept { admin: is_admin, res, more } => {
+                let Some(acc) = (if is_admin { admin.as_mut() } else { Some(&mut *acceptor) }) else { continue };
+                if !more {
+                    // Ended (out of descriptors, the drain, an error): armed again by a later step.
+                    acc.armed = false;
+                }
+                if res >= 0 {
+                    // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
+                    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
+                    if let Some(key) = accept::take(env, ctx, conns, poller, acc, scratch, fd) {
+                        // Its request is usually there already: read at once (as the epoll driver reads a
+                        // new connection first), then the ring takes over the socket.
+                        match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
+                            Flow::End => {
+                                if close::remove(env, ctx, conns, key) {
+                                    acceptor.fd_released();
+                                }
+                            }
+                            Flow::Continue | Flow::More => {
+                                if let Some(conn) = conns.get(key) {
+                                    ring.arm_recv(conn.fd(), key);
+                                }
+                            }
+                        }
+                    }
+                } else if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
+                    accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
+                } else if res != -libc::ECANCELED && res != -libc::EINVAL {
+                    ShardMetrics::inc(&env.metrics.io_errors_total);
+                }
+                None
+            }
         };
         if let Some(key) = end {
             if close::remove(env, ctx, conns, key) {
