@@ -327,12 +327,24 @@ pub struct FlushState {
 #[derive(Debug)]
 pub struct Batch {
     ring: SendRing,
-    /// Per connection in the batch, in order: its key, the subscription the pass reached it through (for the
-    /// slow-consumer check), the log entries and bytes gathered, and whether the gather was cut at
-    /// `MAX_IOV` buffers.
-    conns: Vec<(ConnKey, usize, usize, usize, usize, bool)>,
+    /// The connections in the batch, in the ring's order.
+    conns: Vec<Batched>,
     /// Channels whose trim waits for the batch (their subscribers' cursors move when it has been sent).
     trims: Vec<usize>,
+}
+
+/// One connection's write in a [`Batch`].
+#[derive(Clone, Copy, Debug)]
+struct Batched {
+    key: ConnKey,
+    /// The subscription the pass reached it through (channel, slot): for the slow-consumer check.
+    ch_idx: usize,
+    slot: usize,
+    /// Log entries and bytes gathered.
+    entries: usize,
+    gathered: usize,
+    /// The gather stopped at `MAX_IOV` buffers: more may be unsent.
+    full: bool,
 }
 
 impl Batch {
@@ -340,20 +352,6 @@ impl Batch {
     pub fn new(zc_threshold: usize) -> std::io::Result<Self> {
         Ok(Self { ring: SendRing::new(zc_threshold)?, conns: Vec::with_capacity(BATCH_CONNS), trims: Vec::new() })
     }
-}
-
-/// Buffers a connection's next write would gather (its queue and its channels' unsent entries), at most
-/// `MAX_IOV`.
-fn pending_bufs(conn: &Conn, channels: &Slab<LocalChannel>) -> usize {
-    let mut n = conn.outq.iter().count();
-    for s in conn.subs.iter().filter(|s| s.is_active()) {
-        let ch = &channels[s.chan as usize];
-        n += (ch.end() - ch.subs[s.slot as usize].cursor) as usize;
-        if n >= MAX_IOV {
-            return MAX_IOV;
-        }
-    }
-    n
 }
 
 /// Adds a WebSocket subscriber the pass reached (through subscription `slot` of channel `ch_idx`) to the
@@ -365,8 +363,8 @@ fn batch_add(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey, ch_idx: 
     if conn.flush_mark == ctx.flush.pass || conn.writer_active() || conn.phase == crate::conn::Phase::Sse {
         return false;
     }
-    let need = pending_bufs(conn, &ctx.chans.locals);
-    if !batch.ring.has_room(need) {
+    // Room for the largest gather (a connection's writes are a few buffers: batches fill by connections).
+    if !batch.ring.has_room(MAX_IOV) {
         send_batch(env, ctx, conns);
     }
     let (Some(conn), Some(batch)) = (conns.get_mut(key), ctx.flush.batch.as_mut()) else { return false };
@@ -379,7 +377,7 @@ fn batch_add(env: &Env, ctx: &mut Ctx, conns: &mut Conns, key: ConnKey, ch_idx: 
         return true;
     }
     ring.end(conn.fd(), from);
-    batch.conns.push((key, ch_idx, slot, entries, total, bufs >= MAX_IOV));
+    batch.conns.push(Batched { key, ch_idx, slot, entries, gathered: total, full: bufs >= MAX_IOV });
     true
 }
 
@@ -401,22 +399,21 @@ fn send_batch(env: &Env, ctx: &mut Ctx, conns: &mut Conns) {
         ShardMetrics::set(&env.metrics.uring_zerocopy_sends_total, batch.ring.zc_sent);
         ShardMetrics::set(&env.metrics.uring_zerocopy_copied_total, batch.ring.zc_copied);
     }
-    let list = std::mem::take(&mut batch.conns);
-    for (i, &(key, ch_idx, slot, entries, gathered, full)) in list.iter().enumerate() {
-        let Some(conn) = conns.get_mut(key) else { continue };
-        let res = results[i];
+    let mut list = std::mem::take(&mut batch.conns);
+    for (&res, b) in results.iter().zip(&list) {
+        let Some(conn) = conns.get_mut(b.key) else { continue };
         let flushed = if res == -libc::EAGAIN {
             Flushed::Blocked
         } else if res < 0 {
             Flushed::Failed
         } else {
             let w = res as usize;
-            account(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics, &mut ctx.rec, w, entries, None);
-            if w < gathered {
+            account(conn, &mut ctx.chans.locals, &mut ctx.queues, &env.metrics, &mut ctx.rec, w, b.entries, None);
+            if w < b.gathered {
                 Flushed::Blocked
-            } else if full {
+            } else if b.full {
                 // More than one write's worth: the rest at once, as `flush_stream` would have.
-                flush_of(env, ctx, key, conn)
+                flush_of(env, ctx, b.key, conn)
             } else {
                 Flushed::Done
             }
@@ -424,27 +421,21 @@ fn send_batch(env: &Env, ctx: &mut Ctx, conns: &mut Conns) {
         match flushed {
             Flushed::Done => {}
             Flushed::Blocked => write::wait_writable(env, conn),
-            Flushed::Failed => write::socket_failed(env, ctx, key, conn),
+            Flushed::Failed => write::socket_failed(env, ctx, b.key, conn),
         }
         if conn.writer_active() {
-            check_lag(env, ctx, key, conn, ch_idx, slot);
+            check_lag(env, ctx, b.key, conn, b.ch_idx, b.slot);
         }
     }
-    let Some(batch) = ctx.flush.batch.as_mut() else { return };
-    let mut list = list;
     list.clear();
+    let Some(batch) = ctx.flush.batch.as_mut() else { return };
     batch.conns = list;
-    let trims = std::mem::take(&mut batch.trims);
-    for &ch_idx in &trims {
+    for &ch_idx in &batch.trims {
         if let Some(ch) = ctx.chans.locals.get_mut(ch_idx) {
             ch.trim();
         }
     }
-    if let Some(batch) = ctx.flush.batch.as_mut() {
-        let mut trims = trims;
-        trims.clear();
-        batch.trims = trims;
-    }
+    batch.trims.clear();
 }
 
 impl FlushState {

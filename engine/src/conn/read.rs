@@ -181,21 +181,12 @@ pub fn on_data(
         conn.pending.extend_from_slice(&data[used..]);
     } else if conn.pending.capacity() <= SMALL_PENDING && old + n <= scratch.len() {
         // Behind the (small) unfinished bytes, in the scratch buffer, as a read would have put them.
-        scratch[..old].copy_from_slice(&conn.pending);
         scratch[old..old + n].copy_from_slice(data);
-        conn.pending.clear();
-        let used = process(env, ctx, key, conn, &mut scratch[..old + n], old, sink);
-        conn.pending.extend_from_slice(&scratch[used..old + n]);
-        if conn.pending.is_empty() {
-            conn.pending = Vec::new();
-        }
+        process_behind_pending(env, ctx, key, conn, &mut scratch[..old + n], sink);
     } else {
         // A large frame reserved whole: appended to it.
         conn.pending.extend_from_slice(data);
-        let mut pending = std::mem::take(&mut conn.pending);
-        let used = process(env, ctx, key, conn, &mut pending, old, sink);
-        pending.drain(..used);
-        conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+        process_pending(env, ctx, key, conn, old, sink);
     }
     write::send_out(env, ctx, key, conn);
     held_check(env, ctx, key, conn, held_before);
@@ -248,10 +239,7 @@ pub fn resume(
     };
     if conn.phase == Phase::Handshake && conn.flags & flag::HTTP_WAITING == 0 && !conn.pending.is_empty() {
         let held_before = conn.held_bytes();
-        let mut pending = std::mem::take(&mut conn.pending);
-        let used = process(env, ctx, key, conn, &mut pending, 0, sink);
-        pending.drain(..used);
-        conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+        process_pending(env, ctx, key, conn, 0, sink);
         ctx.unfinished = ctx.unfinished - held_before + conn.held_bytes();
         write::send_out(env, ctx, key, conn);
     }
@@ -297,15 +285,7 @@ fn read_loop(
             match sys::recv(conn.fd(), &mut scratch[old..]) {
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
-                    scratch[..old].copy_from_slice(&conn.pending);
-                    conn.pending.clear();
-                    let end = old + n;
-                    let used = process(env, ctx, key, conn, &mut scratch[..end], old, sink);
-                    conn.pending.extend_from_slice(&scratch[used..end]);
-                    if conn.pending.is_empty() {
-                        // An idle connection keeps no buffer.
-                        conn.pending = Vec::new();
-                    }
+                    process_behind_pending(env, ctx, key, conn, &mut scratch[..old + n], sink);
                     (Some(n), offered)
                 }
                 Ok(Recv::WouldBlock) => return Flow::Continue,
@@ -320,10 +300,7 @@ fn read_loop(
                 Ok(Recv::Data(n)) => {
                     ShardMetrics::add(&env.metrics.bytes_in_total, n as u64);
                     conn.pending.truncate(old + n);
-                    let mut pending = std::mem::take(&mut conn.pending);
-                    let used = process(env, ctx, key, conn, &mut pending, old, sink);
-                    pending.drain(..used);
-                    conn.pending = if pending.is_empty() { Vec::new() } else { pending };
+                    process_pending(env, ctx, key, conn, old, sink);
                     (Some(n), offered)
                 }
                 Ok(Recv::WouldBlock) => {
@@ -342,6 +319,36 @@ fn read_loop(
         }
     }
     Flow::More
+}
+
+/// Handles `buf`, whose first `conn.pending.len()` bytes are free for the unfinished bytes (copied there
+/// now) and whose rest just arrived; what is left unfinished goes back to `conn.pending` (no buffer kept when
+/// nothing is).
+fn process_behind_pending(
+    env: &Env,
+    ctx: &mut Ctx,
+    key: ConnKey,
+    conn: &mut Conn,
+    buf: &mut [u8],
+    sink: &mut impl Sink,
+) {
+    let old = conn.pending.len();
+    buf[..old].copy_from_slice(&conn.pending);
+    conn.pending.clear();
+    let used = process(env, ctx, key, conn, buf, old, sink);
+    conn.pending.extend_from_slice(&buf[used..]);
+    if conn.pending.is_empty() {
+        // An idle connection keeps no buffer.
+        conn.pending = Vec::new();
+    }
+}
+
+/// Handles `conn.pending` in place (`pending[fresh..]` just arrived) and keeps what is left unfinished.
+fn process_pending(env: &Env, ctx: &mut Ctx, key: ConnKey, conn: &mut Conn, fresh: usize, sink: &mut impl Sink) {
+    let mut pending = std::mem::take(&mut conn.pending);
+    let used = process(env, ctx, key, conn, &mut pending, fresh, sink);
+    pending.drain(..used);
+    conn.pending = if pending.is_empty() { Vec::new() } else { pending };
 }
 
 /// Handles the bytes in `buf` (`buf[fresh..]` arrived with this read). Returns how many were consumed; the

@@ -25,7 +25,7 @@
 //! [`ACCEPT_BUDGET`]: super::accept::ACCEPT_BUDGET
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ use super::{Ctx, Env, Shard, TICK};
 use crate::channel::delivery;
 use crate::conn::close::{self, Close};
 use crate::conn::read::{self, Flow, Sink};
-use crate::conn::{timers, Conn, ConnKey, Phase};
+use crate::conn::{timers, Conn, ConnKey, Conns, Phase};
 use crate::metrics::{Observed, ShardMetrics, LAG_DEGRADED};
 use crate::sys;
 
@@ -331,11 +331,7 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
         match read::resume(env, ctx, conns, scratch, key, &mut app) {
             Flow::Continue => {}
             Flow::More => t.again.push(key),
-            Flow::End => {
-                if close::remove(env, ctx, conns, key) {
-                    acceptor.fd_released();
-                }
-            }
+            Flow::End => remove(env, ctx, conns, acceptor, key),
         }
     }
     for n in 0..EVENT_BUDGET {
@@ -352,13 +348,16 @@ fn event_step(sh: &mut Shard, t: &mut Turns) {
             match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
                 Flow::Continue => {}
                 Flow::More => t.again.push(key),
-                Flow::End => {
-                    if close::remove(env, ctx, conns, key) {
-                        acceptor.fd_released();
-                    }
-                }
+                Flow::End => remove(env, ctx, conns, acceptor, key),
             }
         }
+    }
+}
+
+/// Removes a finished connection; its descriptor is free again (an accept paused for want of one resumes).
+fn remove(env: &Env, ctx: &mut Ctx, conns: &mut Conns, acceptor: &mut accept::Acceptor, key: ConnKey) {
+    if close::remove(env, ctx, conns, key) {
+        acceptor.fd_released();
     }
 }
 
@@ -417,53 +416,62 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
             }
             Completion::Cancelled => None,
             Completion::Accept { admin: is_admin, res, more } => {
-                let Some(acc) = (if is_admin { admin.as_mut() } else { Some(&mut *acceptor) }) else { continue };
-                if !more {
-                    // Ended (out of descriptors, the drain, an error): armed again by a later step.
-                    acc.armed = false;
-                }
-                if res >= 0 {
-                    // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
-                    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
-                    if let Some(key) = accept::take(env, ctx, conns, poller, acc, scratch, fd) {
-                        // Its request is usually there already: read at once (as the epoll driver reads a
-                        // new connection first), then the ring takes over the socket.
-                        match read::on_readable(env, ctx, conns, scratch, key, &mut app) {
-                            Flow::End => {
-                                if close::remove(env, ctx, conns, key) {
-                                    acceptor.fd_released();
-                                }
-                            }
-                            Flow::Continue | Flow::More => {
-                                if let Some(conn) = conns.get(key) {
-                                    ring.arm_recv(conn.fd(), key);
-                                }
-                            }
-                        }
-                    }
-                } else if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
-                    accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
-                } else if res != -libc::ECANCELED && res != -libc::EINVAL {
-                    ShardMetrics::inc(&env.metrics.io_errors_total);
-                }
+                let listener = if is_admin { admin.as_mut() } else { None };
+                ring_accept(env, ctx, conns, scratch, poller, ring, acceptor, listener, is_admin, (res, more));
                 None
             }
         };
         if let Some(key) = end {
-            if close::remove(env, ctx, conns, key) {
-                acceptor.fd_released();
-            }
+            remove(env, ctx, conns, acceptor, key);
         }
     }
-    let rearm = ring.take_rearm();
-    for &key in &rearm {
-        if let Some(conn) = conns.get(key) {
-            ring.arm_recv(conn.fd(), key);
-        }
-    }
-    ring.put_rearm(rearm);
+    ring.rearm_noted(|key| conns.get(key).map(|c| c.fd().as_raw_fd()));
     for key in ctx.ring_cancels.drain(..) {
         ring.cancel(key);
     }
     ring.submit();
+}
+
+/// A completion of the (admin) listener's multishot accept: the new connection is registered and read at once
+/// (its request is usually there already, and the epoll driver reads a new connection first too), then the
+/// ring takes over its socket; out of descriptors, accepting pauses. An accept that ended is armed again by
+/// a later ring step.
+#[allow(clippy::too_many_arguments)]
+fn ring_accept(
+    env: &Env,
+    ctx: &mut Ctx,
+    conns: &mut Conns,
+    scratch: &mut [u8],
+    poller: &super::poller::Poller,
+    ring: &mut super::uring::Ring,
+    acceptor: &mut accept::Acceptor,
+    admin: Option<&mut accept::Acceptor>,
+    is_admin: bool,
+    (res, more): (i32, bool),
+) {
+    let Some(acc) = (if is_admin { admin } else { Some(&mut *acceptor) }) else { return };
+    if !more {
+        acc.armed = false;
+    }
+    if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&-res) {
+        accept::out_of_fds(env, acc, &std::io::Error::from_raw_os_error(-res));
+        return;
+    }
+    if res < 0 {
+        if res != -libc::ECANCELED && res != -libc::EINVAL {
+            ShardMetrics::inc(&env.metrics.io_errors_total);
+        }
+        return;
+    }
+    // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(res) };
+    let Some(key) = accept::take(env, ctx, conns, poller, acc, scratch, fd) else { return };
+    match read::on_readable(env, ctx, conns, scratch, key, &mut App) {
+        Flow::End => remove(env, ctx, conns, acceptor, key),
+        Flow::Continue | Flow::More => {
+            if let Some(conn) = conns.get(key) {
+                ring.arm_recv(conn.fd(), key);
+            }
+        }
+    }
 }

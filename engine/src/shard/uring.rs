@@ -117,11 +117,6 @@ impl BufRing {
         let tail = unsafe { &*tail };
         tail.store(self.tail, Ordering::Release);
     }
-
-    /// Bytes held by the ring and its buffers.
-    pub fn bytes(&self) -> usize {
-        self.layout.size() + self.bufs.len()
-    }
 }
 
 impl Drop for BufRing {
@@ -206,7 +201,7 @@ impl Ring {
     fn self_test(&mut self) -> io::Result<()> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
         let probe = ConnKey { idx: u32::MAX - 7, gen: 0 };
-        self.arm(b.as_raw_fd(), probe);
+        self.arm_recv(b.as_fd(), probe);
         std::io::Write::write_all(&mut &a, b"x")?;
         self.ring.submit_and_wait(1)?;
         let cqe = self.ring.completion().next().ok_or_else(|| io::Error::other("no completion"))?;
@@ -238,11 +233,6 @@ impl Ring {
         self.efd.as_fd()
     }
 
-    /// Bytes of the buffer ring (fixed per shard).
-    pub fn buffer_bytes(&self) -> usize {
-        self.bufs.bytes()
-    }
-
     fn push(&mut self, e: &squeue::Entry) {
         loop {
             // SAFETY: the entries pushed here point at no memory of ours (a multishot receive takes its
@@ -255,14 +245,10 @@ impl Ring {
         }
     }
 
-    fn arm(&mut self, fd: RawFd, key: ConnKey) {
-        let e = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(key.to_u64());
-        self.push(&e);
-    }
-
     /// Arms connection `key`'s receive (submitted at the next [`Ring::submit`]).
     pub fn arm_recv(&mut self, fd: BorrowedFd<'_>, key: ConnKey) {
-        self.arm(fd.as_raw_fd(), key);
+        let e = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), GROUP).build().user_data(key.to_u64());
+        self.push(&e);
     }
 
     /// Arms a multishot accept on a listener (the admin one when `admin`): every connection it takes comes
@@ -292,17 +278,17 @@ impl Ring {
         self.rearm.push(key);
     }
 
-    /// Connections waiting to be re-armed (taken).
-    pub fn take_rearm(&mut self) -> Vec<ConnKey> {
-        std::mem::take(&mut self.rearm)
-    }
-
-    /// Gives the list back (its allocation reused).
-    pub fn put_rearm(&mut self, mut v: Vec<ConnKey>) {
-        v.clear();
-        if self.rearm.is_empty() {
-            self.rearm = v;
+    /// Arms again the receives noted by [`Ring::rearm_later`] of the connections `fd_of` still knows.
+    pub fn rearm_noted(&mut self, fd_of: impl Fn(ConnKey) -> Option<RawFd>) {
+        let mut keys = std::mem::take(&mut self.rearm);
+        for &key in &keys {
+            if let Some(fd) = fd_of(key) {
+                let e = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(key.to_u64());
+                self.push(&e);
+            }
         }
+        keys.clear();
+        self.rearm = keys;
     }
 
     /// Submits what was pushed and runs the receives' deferred work (the kernel copies what arrived into
@@ -363,26 +349,6 @@ impl Ring {
     pub fn give_back(&mut self, bid: u16) {
         self.bufs.give(bid);
         self.bufs.publish();
-    }
-}
-
-impl Drop for SendRing {
-    fn drop(&mut self) {
-        // Zero-copy writes whose notification has not come: the kernel may still read their buffers. Wait a
-        // little for them; what is still held then is leaked rather than freed under the kernel.
-        for _ in 0..100 {
-            let mut got = 0;
-            loop {
-                let next = self.ring.completion().next();
-                let Some(c) = next else { break };
-                self.complete(c.user_data(), c.result(), c.flags(), 0, &mut got);
-            }
-            if self.held.is_empty() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        std::mem::forget(std::mem::take(&mut self.held));
     }
 }
 
@@ -496,11 +462,6 @@ impl SendRing {
         self.cur.clear();
     }
 
-    /// Zero-copy writes waiting for their notification.
-    pub fn zc_pending(&self) -> usize {
-        self.held.len()
-    }
-
     /// Handles a notification or a result; `n` requests of the batch from `self.seq`.
     fn complete(&mut self, data: u64, res: i32, flags: u32, n: usize, got: &mut usize) {
         if flags & CQE_F_NOTIF != 0 {
@@ -598,6 +559,26 @@ impl SendRing {
         self.iov.clear();
         self.msgs.clear();
         &self.results
+    }
+}
+
+impl Drop for SendRing {
+    fn drop(&mut self) {
+        // Zero-copy writes whose notification has not come: the kernel may still read their buffers. Wait a
+        // little for them; what is still held then is leaked rather than freed under the kernel.
+        for _ in 0..100 {
+            let mut got = 0;
+            loop {
+                let next = self.ring.completion().next();
+                let Some(c) = next else { break };
+                self.complete(c.user_data(), c.result(), c.flags(), 0, &mut got);
+            }
+            if self.held.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::mem::forget(std::mem::take(&mut self.held));
     }
 }
 
