@@ -6,7 +6,7 @@
 //! | 1. timers | advance the shard clock; fire due connection timers (handshake, heartbeat, message deadline, close grace); once per tick: ring retries, history ageing, the drain's closing phase | [`TIMER_BUDGET`] timers or [`STEP_SLICE`] |
 //! | 2. inbox | messages from other shards (deliveries, requests for channels homed here, answers) | [`INBOX_BUDGET`] messages or [`STEP_SLICE`] |
 //! | 3. accept | new connections (epoll; on io_uring they come as ring completions in step 4) | [`ACCEPT_BUDGET`] connections |
-//! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes; on io_uring then the ring's completions (input, accepted connections) | [`EVENT_BUDGET`] events or [`STEP_SLICE`]; `RING_BUDGET` completions |
+//! | 4. connections | readiness events: reads (each at most [`READS_PER_EVENT`] reads of 64 KiB), writes; on io_uring then the ring's completions (input; accepted connections once the completions taken before them are handled, else first in the next turn) | [`EVENT_BUDGET`] events or [`STEP_SLICE`]; `RING_BUDGET` completions |
 //! | 5. flush | the broadcast flush pass, resumed where the last turn left it (unless paced) | [`FLUSH_SLICE`] |
 //!
 //! Work left over by a step (a budget used up, a connection stopped at its read bound, more events in the
@@ -97,8 +97,11 @@ struct Turns {
     events: Vec<libc::epoll_event>,
     /// The last look at the set filled the batch: more may be waiting there.
     set_full: bool,
-    /// The ring step stopped at its budget with completions left.
-    ring_left: bool,
+    /// Completions taken out of the ring and not handled yet, oldest first (the accepts' apart).
+    ring_backlog: VecDeque<Completion>,
+    /// The listeners' completions taken out of the ring after the backlog's: handled once everything before
+    /// them is, or at the start of the next ring step, whichever comes first (see [`ring_step`]).
+    ring_accepts: Vec<Completion>,
     /// The timer step stopped at its budget with timers still due.
     timers_left: bool,
     /// The tick housekeeping last ran at.
@@ -119,7 +122,8 @@ pub async fn run(mut sh: Shard) {
         again: Vec::new(),
         events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENT_BUDGET],
         set_full: false,
-        ring_left: false,
+        ring_backlog: VecDeque::new(),
+        ring_accepts: Vec::new(),
         timers_left: false,
         housekept: u64::MAX,
         drain_deadline: None,
@@ -184,7 +188,8 @@ pub async fn run(mut sh: Shard) {
         let now = Instant::now();
         let dirty = !sh.ctx.chans.dirty.is_empty();
         let busy = !t.ready.is_empty()
-            || t.ring_left
+            || !t.ring_backlog.is_empty()
+            || !t.ring_accepts.is_empty()
             || !t.again.is_empty()
             || t.set_full
             || t.timers_left
@@ -369,6 +374,13 @@ const RING_BUDGET: usize = 4 * EVENT_BUDGET;
 /// accepts' connections (the accept step's work on this driver; armed again here after they end, unless
 /// paused for want of descriptors or closed by the drain). Then the receives to arm again and the cancels of
 /// removed connections, submitted together.
+///
+/// Order, as on the epoll driver: every completion is taken out of the ring at once (the kernel's deferred
+/// receive work for all connections runs in that one `io_uring_enter`) into `ring_backlog`, handled oldest
+/// first within the step's budget; the listeners' completions are set apart and handled once everything taken
+/// before them is (a connection closed by its client before it asked `/stats` is counted out first), or at
+/// the start of the next ring step, ahead of what is left of the backlog. So a saturated shard still accepts
+/// (and answers `/health`) once per turn, not after the whole backlog, as the epoll driver's accept step does.
 fn ring_step(sh: &mut Shard, t: &mut Turns) {
     let Shard { env, ctx, conns, scratch, acceptor, admin, poller, ring: Some(ring), .. } = sh else { return };
     let now = Instant::now();
@@ -378,17 +390,26 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
     if let Some(l) = admin.as_mut().and_then(|a| a.to_arm(now)) {
         ring.arm_accept(l, true);
     }
-    t.ring_left = false;
+    // The connections accepted in an earlier step, behind a backlog then: their turn now.
+    for c in t.ring_accepts.drain(..) {
+        ring_accept(env, ctx, conns, scratch, poller, ring, acceptor, admin.as_mut(), c);
+    }
     // Receives armed by the accept step go in, and what arrived since the last step is posted.
     ring.submit();
+    while let Some(c) = ring.reap() {
+        match c {
+            Completion::Accept { .. } => t.ring_accepts.push(c),
+            Completion::Cancelled => {}
+            _ => t.ring_backlog.push_back(c),
+        }
+    }
     let until = Instant::now() + STEP_SLICE;
     let mut app = App;
-    for n in 0..=RING_BUDGET {
-        if n == RING_BUDGET || (n % 16 == 15 && Instant::now() >= until) {
-            t.ring_left = true;
+    for n in 0..RING_BUDGET {
+        if n % 16 == 15 && Instant::now() >= until {
             break;
         }
-        let Some(c) = ring.reap() else { break };
+        let Some(c) = t.ring_backlog.pop_front() else { break };
         let end = match c {
             Completion::Data { key, bid, len, more } => {
                 read::on_data(env, ctx, conns, scratch, key, ring.buffer(bid, len), &mut app);
@@ -414,15 +435,15 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
                 }
                 Some(key)
             }
-            Completion::Cancelled => None,
-            Completion::Accept { admin: is_admin, res, more } => {
-                let listener = if is_admin { admin.as_mut() } else { None };
-                ring_accept(env, ctx, conns, scratch, poller, ring, acceptor, listener, is_admin, (res, more));
-                None
-            }
+            Completion::Cancelled | Completion::Accept { .. } => None,
         };
         if let Some(key) = end {
             remove(env, ctx, conns, acceptor, key);
+        }
+    }
+    if t.ring_backlog.is_empty() {
+        for c in t.ring_accepts.drain(..) {
+            ring_accept(env, ctx, conns, scratch, poller, ring, acceptor, admin.as_mut(), c);
         }
     }
     ring.rearm_noted(|key| conns.get(key).map(|c| c.fd().as_raw_fd()));
@@ -446,9 +467,9 @@ fn ring_accept(
     ring: &mut super::uring::Ring,
     acceptor: &mut accept::Acceptor,
     admin: Option<&mut accept::Acceptor>,
-    is_admin: bool,
-    (res, more): (i32, bool),
+    c: Completion,
 ) {
+    let Completion::Accept { admin: is_admin, res, more } = c else { return };
     let Some(acc) = (if is_admin { admin } else { Some(&mut *acceptor) }) else { return };
     if !more {
         acc.armed = false;
