@@ -14,7 +14,7 @@
 //! unmasked in place) and gives the buffer back to the ring at once, so only completions reaped and not yet
 //! handled hold buffers. The ring is small on purpose: the kernel takes its buffers in turn, so a busy shard
 //! writes to all of them in a cycle, and a ring larger than the cache makes every receive's copy miss it
-//! (a saturated echo shard spent 11% more CPU per message with 1024 buffers than with 128).
+//! (a saturated echo shard spent 11-15% more CPU per message with 1024 buffers than with 128).
 //!
 //! When the ring runs dry (more connections' data arrived between two reapings than there are buffers), the
 //! kernel ends the receives that found it empty with `ENOBUFS`. Their data stays in the sockets (TCP flow
