@@ -35,7 +35,7 @@ use throng_protocol::handshake::Request;
 
 use super::accept;
 use super::poller::{Ready, ADMIN_LISTENER, DOORBELL, LISTENER, RING};
-use super::uring::Completion;
+use super::uring::{Accepted, Completion};
 use super::{Ctx, Env, Shard, TICK};
 use crate::channel::delivery;
 use crate::conn::close::{self, Close};
@@ -101,7 +101,7 @@ struct Turns {
     ring_backlog: VecDeque<Completion>,
     /// The listeners' completions taken out of the ring after the backlog's: handled once everything before
     /// them is, or at the start of the next ring step, whichever comes first (see [`ring_step`]).
-    ring_accepts: Vec<Completion>,
+    ring_accepts: Vec<Accepted>,
     /// The timer step stopped at its budget with timers still due.
     timers_left: bool,
     /// The tick housekeeping last ran at.
@@ -398,7 +398,7 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
     ring.submit();
     while let Some(c) = ring.reap() {
         match c {
-            Completion::Accept { .. } => t.ring_accepts.push(c),
+            Completion::Accept(a) => t.ring_accepts.push(a),
             Completion::Cancelled => {}
             _ => t.ring_backlog.push_back(c),
         }
@@ -435,7 +435,8 @@ fn ring_step(sh: &mut Shard, t: &mut Turns) {
                 }
                 Some(key)
             }
-            Completion::Cancelled | Completion::Accept { .. } => None,
+            // Set apart when reaped: never in the backlog.
+            Completion::Cancelled | Completion::Accept(_) => None,
         };
         if let Some(key) = end {
             remove(env, ctx, conns, acceptor, key);
@@ -467,9 +468,8 @@ fn ring_accept(
     ring: &mut super::uring::Ring,
     acceptor: &mut accept::Acceptor,
     admin: Option<&mut accept::Acceptor>,
-    c: Completion,
+    Accepted { admin: is_admin, res, more }: Accepted,
 ) {
-    let Completion::Accept { admin: is_admin, res, more } = c else { return };
     let Some(acc) = (if is_admin { admin } else { Some(&mut *acceptor) }) else { return };
     if !more {
         acc.armed = false;

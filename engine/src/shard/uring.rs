@@ -18,9 +18,10 @@
 //!
 //! When the ring runs dry (more connections' data arrived between two reapings than there are buffers), the
 //! kernel ends the receives that found it empty with `ENOBUFS`. Their data stays in the sockets (TCP flow
-//! control holds the senders back), and the shard re-arms them after the completions it reaped have given
-//! their buffers back ([`Ring::rearm`]): a burst larger than the ring is delayed, never lost. Counted in
-//! `throng_uring_buffers_empty_total`.
+//! control holds the senders back), and the shard re-arms them at the end of its ring step, after the
+//! completions it handled have given their buffers back ([`Ring::rearm_later`], [`Ring::rearm_noted`];
+//! completions still waiting in the step's backlog hold theirs until their turn): a burst larger than the
+//! ring is delayed, never lost. Counted in `throng_uring_buffers_empty_total`.
 //!
 //! A connection removed while its receive is armed: the shard cancels the receive (the request holds the
 //! socket open until it ends); late completions name a key whose generation no longer matches and are
@@ -151,9 +152,19 @@ pub enum Completion {
     Failed(ConnKey, i32),
     /// A cancel request's own completion.
     Cancelled,
-    /// The (admin) listener's multishot accept: a new connection's fd, or `-errno`; `more` while it stays
-    /// armed.
-    Accept { admin: bool, res: i32, more: bool },
+    /// The (admin) listener's multishot accept.
+    Accept(Accepted),
+}
+
+/// A completion of a listener's multishot accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The admin listener's.
+    pub admin: bool,
+    /// A new connection's fd, or `-errno`.
+    pub res: i32,
+    /// The accept stays armed.
+    pub more: bool,
 }
 
 /// A shard's receive ring. Field order matters: the ring is dropped (and with it the kernel's reference to
@@ -249,7 +260,11 @@ impl Ring {
 
     /// Arms connection `key`'s receive (submitted at the next [`Ring::submit`]).
     pub fn arm_recv(&mut self, fd: BorrowedFd<'_>, key: ConnKey) {
-        let e = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), GROUP).build().user_data(key.to_u64());
+        self.arm(fd.as_raw_fd(), key);
+    }
+
+    fn arm(&mut self, fd: RawFd, key: ConnKey) {
+        let e = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(key.to_u64());
         self.push(&e);
     }
 
@@ -285,8 +300,7 @@ impl Ring {
         let mut keys = std::mem::take(&mut self.rearm);
         for &key in &keys {
             if let Some(fd) = fd_of(key) {
-                let e = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(key.to_u64());
-                self.push(&e);
+                self.arm(fd, key);
             }
         }
         keys.clear();
@@ -329,7 +343,7 @@ impl Ring {
             return Some(Completion::Cancelled);
         }
         if data == ACCEPT || data == ADMIN_ACCEPT {
-            return Some(Completion::Accept { admin: data == ADMIN_ACCEPT, res, more: cqueue::more(flags) });
+            return Some(Completion::Accept(Accepted { admin: data == ADMIN_ACCEPT, res, more: cqueue::more(flags) }));
         }
         let key = ConnKey::from_u64(data);
         Some(match (res, cqueue::buffer_select(flags)) {
