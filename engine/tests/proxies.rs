@@ -313,7 +313,10 @@ impl Proxy {
             .find(|f| f.len() > 2 && f[0] == "throng" && f[1] == "throng1")
             .ok_or(format!("no throng/throng1 row: {csv}"))?;
         let field = |i: usize| row.get(i).map_or(String::new(), |v| v.to_string());
-        Ok(ServerState { status: field(status), check_status: field(check_status), check_code: field(check_code) })
+        // HAProxy writes "* " before the last check's status while the next check is running (CI once read
+        // "* L7STS"): the status is the same result.
+        let last_check = field(check_status).trim_start_matches("* ").to_string();
+        Ok(ServerState { status: field(status), check_status: last_check, check_code: field(check_code) })
     }
 }
 
